@@ -1,0 +1,54 @@
+"""``build_model``: one entry point for CIFAR ResNets, Wide ResNets and torchvision models."""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import KdrayError
+from .cifar import CIFAR_RESNETS, cifar_resnet, wide_resnet
+from .staged import StagedModel
+from .tv import build_torchvision, supported, torchvision_names
+
+WRN_EXAMPLES = ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10")
+_WRN = re.compile(r"wrn_(\d+)_(\d+)")
+
+
+def _unknown(name) -> KdrayError:
+    return KdrayError(
+        f"unknown model {name!r}; allowed: {', '.join(CIFAR_RESNETS)}, wrn_D_K (e.g. wrn_16_2), "
+        "or a torchvision classification model (e.g. resnet18, mobilenet_v3_small)"
+    )
+
+
+def available_models() -> list[str]:
+    """CIFAR ResNets, example Wide ResNets, then the supported torchvision models."""
+    return [*CIFAR_RESNETS, *WRN_EXAMPLES, *(n for n in torchvision_names() if supported(n))]
+
+
+def build_model(name: str, num_classes: int) -> StagedModel:
+    """Build a freshly initialised :class:`StagedModel` by name (see ``available_models``)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise KdrayError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not isinstance(name, str):
+        raise _unknown(name)
+    if name in CIFAR_RESNETS:
+        return cifar_resnet(name, num_classes)
+    if name.startswith("wrn"):
+        m = _WRN.fullmatch(name)
+        if not m:
+            raise KdrayError(
+                f"bad wide resnet name {name!r}; "
+                "expected wrn_D_K with integers D and K, e.g. wrn_16_2"
+            )
+        depth, width = int(m.group(1)), int(m.group(2))
+        if depth < 10 or (depth - 4) % 6:
+            raise KdrayError(
+                f"bad wide resnet depth {depth} in {name!r}; depth D must satisfy (D - 4) % 6 == 0 "
+                "and D >= 10 (e.g. 10, 16, 22, 28, 40)"
+            )
+        if width < 1:
+            raise KdrayError(f"bad wide resnet width {width} in {name!r}; width K must be >= 1")
+        return wide_resnet(depth, width, num_classes, name)
+    if name in torchvision_names():
+        return build_torchvision(name, num_classes)
+    raise _unknown(name)
