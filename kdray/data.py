@@ -1,0 +1,618 @@
+"""Datasets decoded once into uint8 tensors, seeded stratified splits, and a tensor batch loader.
+
+Every dataset becomes ``uint8 [N,3,S,S]`` tensors at load time (no per-sample PIL in the hot
+loop). :class:`BatchLoader` keeps a whole split on the training device and does random crop and
+flip as batch tensor ops, sharded across DDP ranks like ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import KdrayError, choice_error
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
+DEFAULT_IMAGE_SIZE = 32
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+TEST_FRACTION = 0.2  # held-out test share for datasets without an official test split
+_TEST_SPLIT_SEED = 20240601  # fixed forever: the test split never changes
+_CACHE_VERSION = 1
+_DOWNLOAD_SOCKET_TIMEOUT = 60.0  # seconds per socket operation while torchvision downloads
+
+
+@dataclass
+class Split:
+    """One split: ``x`` uint8 [N,3,H,W] (CPU, contiguous) and ``y`` int64 [N]."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class DataBundle:
+    """A loaded dataset: three splits, class names, train-split statistics and augmentation defaults."""
+
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    mean: tuple[float, float, float]  # per channel, [0,1] pixel units, from the train split
+    std: tuple[float, float, float]
+    image_size: int
+    crop_padding: int
+    hflip: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# seeding and splits
+
+
+def _seed(*parts) -> int:
+    """A 63-bit seed mixed from ints/strings (stable across processes and platforms)."""
+    digest = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*parts))
+
+
+def _stratified_take(y: torch.Tensor, fraction: float, gen: torch.Generator, *, keep_one: bool):
+    """Per class, a seeded permutation split into (taken, rest) index tensors into ``y``.
+
+    A class of n samples gives ``round(fraction * n)`` to ``taken``, clamped so that both parts
+    keep at least one sample when n >= 2 (``keep_one``: the rest keeps one) or, without it, so
+    that ``taken`` has at least one.
+    """
+    taken, rest = [], []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n = len(idx)
+        k = int(round(fraction * n))
+        if keep_one:
+            k = min(max(k, 1 if n >= 2 else 0), n - 1)
+        else:
+            k = min(max(k, 1), n)
+        taken.append(idx[:k])
+        rest.append(idx[k:])
+    cat = lambda parts: torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long)
+    return cat(taken), cat(rest)
+
+
+def split_indices(
+    y: torch.Tensor,
+    *,
+    val_fraction: float,
+    train_fraction: float = 1.0,
+    data_seed: int = 0,
+    test_fraction: Optional[float] = None,
+) -> dict[str, torch.Tensor]:
+    """Sorted int64 indices into ``y`` for ``train``, ``val`` and (with ``test_fraction``) ``test``.
+
+    Test is a fixed-seed stratified share (never depends on ``data_seed``); validation is a
+    ``data_seed``-seeded stratified share of the rest; ``train_fraction`` then takes a seeded
+    stratified subset of what remains (at least one per class). Validation does not depend on
+    ``train_fraction``, and smaller fractions give nested subsets.
+    """
+    y = torch.as_tensor(y, dtype=torch.long).cpu()
+    out = {}
+    pool = torch.arange(len(y))
+    if test_fraction is not None:
+        test, pool = _stratified_take(y, test_fraction, _generator("test", _TEST_SPLIT_SEED), keep_one=True)
+        out["test"] = test
+    val, rest = _stratified_take(y[pool], val_fraction, _generator("val", int(data_seed)), keep_one=True)
+    out["val"] = pool[val]
+    rest = pool[rest]
+    if train_fraction < 1.0:
+        sub, _ = _stratified_take(y[rest], train_fraction, _generator("train", int(data_seed)), keep_one=False)
+        rest = rest[sub]
+    out["train"] = rest
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# image helpers
+
+
+def _resize_batch(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize uint8 [N,3,H,W] to [N,3,size,size] with antialiased bilinear (no-op when equal)."""
+    if x.shape[-2:] == (size, size):
+        return x.contiguous()
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, x.shape[0], chunk):
+        part = F.interpolate(x[i : i + chunk].float(), size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False)
+        out[i : i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _fit_image(img: torch.Tensor, size: int) -> torch.Tensor:
+    """One uint8 [3,H,W] image to [3,size,size]: shorter side to ``size``, then centre crop."""
+    h, w = img.shape[-2:]
+    if (h, w) == (size, size):
+        return img
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    out = out[:, top : top + size, left : left + size]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _channel_stats(x: torch.Tensor):
+    """Per-channel mean and std of uint8 [N,3,H,W] in [0,1] units (exact, via histograms)."""
+    if x.shape[0] == 0:
+        return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    values = torch.arange(256, dtype=torch.float64)
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        hist = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        m = float((hist * values).sum() / hist.sum())
+        var = float((hist * (values - m).square()).sum() / hist.sum())
+        mean.append(m / 255)
+        std.append(max(math.sqrt(var), 1e-3 * 255) / 255)
+    return tuple(mean), tuple(std)
+
+
+def _log(msg: str) -> None:
+    print(f"kdray.data: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets: each returns (classes, train_x, train_y, test_x | None, test_y | None)
+
+
+def _load_digits(cfg, size):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = torch.from_numpy(d.images).double().mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
+    x = img[:, None].expand(-1, 3, -1, -1)
+    y = torch.from_numpy(d.target).long()
+    return [str(i) for i in range(10)], _resize_batch(x, size), y, None, None
+
+
+def _load_fake(cfg, size, n_train=600, n_test=200, num_classes=10):
+    g = _generator("fake", 0)
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1, size=(size, size),
+                             mode="bilinear", align_corners=False)
+    protos = 0.5 * colours + 0.5 * patterns
+
+    def make(n):
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = 128 + 70 * protos[y] + 40 * torch.randn(n, 3, size, size, generator=g)
+        return x.round().clamp(0, 255).to(torch.uint8), y.long()
+
+    tx, ty = make(n_train)
+    vx, vy = make(n_test)
+    return [f"class{i}" for i in range(num_classes)], tx, ty, vx, vy
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _load_cifar(cfg, size, name):
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    root = Path(getattr(cfg, "data_dir", None) or "~/.cache/kdray/data").expanduser()
+    download = bool(getattr(cfg, "download", True))
+    hint = (f"put the '{label} python version' ({folder}/, from {cls.url}) there or pass --data-dir, "
+            "or use --dataset imagefolder --data-dir TREE")
+    old_timeout = socket.getdefaulttimeout()
+    try:
+        if download and old_timeout is None:
+            socket.setdefaulttimeout(_DOWNLOAD_SOCKET_TIMEOUT)  # a stalled connection fails instead of hanging
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except Exception as exc:
+        if download:
+            raise KdrayError(f"{name}: dataset not found under {root} and download failed "
+                             f"({_one_line(exc)}); {hint}") from None
+        raise KdrayError(f"{name}: dataset not found under {root} (download is off); {hint}, "
+                         "or turn download on") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+    def tensors(ds):
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+        return _resize_batch(x, size), torch.as_tensor(ds.targets, dtype=torch.long)
+
+    tx, ty = tensors(train)
+    vx, vy = tensors(test)
+    return list(train.classes), tx, ty, vx, vy
+
+
+# ---------------------------------------------------------------------------------------------
+# imagefolder
+
+
+def _scan_tree(root: Path, where: str):
+    """Class names and [(path, label, size, mtime_ns)] for a class-per-folder tree."""
+    if not root.is_dir():
+        raise KdrayError(f"imagefolder: {where} {root} is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise KdrayError(f"imagefolder: no class folders in {root}; expected {root}/<class>/<image> "
+                         f"(or {root}/train/<class>/... and {root}/test/<class>/...)")
+    files, empty = [], []
+    for label, cname in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / cname, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if fn.startswith(".") or not fn.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                path = os.path.join(dirpath, fn)
+                st = os.stat(path)
+                found.append((path, label, st.st_size, st.st_mtime_ns))
+        if not found:
+            empty.append(cname)
+        files.extend(found)
+    if not files:
+        raise KdrayError(f"imagefolder: no images found under {root} "
+                         f"(looked for {', '.join(IMG_EXTENSIONS)} in {len(classes)} class folders)")
+    if empty:
+        raise KdrayError(f"imagefolder: class folder(s) with no images under {root}: {', '.join(empty)}")
+    return classes, files
+
+
+def _tv_decoders():
+    """torchvision.io's (ImageReadMode, decode_image, decode_jpeg), or None where unavailable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        return ImageReadMode, decode_image, decode_jpeg
+    except Exception:  # torchvision.io decoding is deprecated since 0.29 (moving to torchcodec)
+        return None
+
+
+def _as_tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _decode_one(path: str, raw: bytes, tv) -> torch.Tensor:
+    """Decode one file's bytes to uint8 [3,H,W] RGB: torchvision.io first, PIL as the fallback."""
+    if tv is not None and raw:
+        try:
+            return tv[1](_as_tensor(raw), mode=tv[0].RGB)
+        except Exception:
+            pass
+    try:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(io.BytesIO(raw)) as im:
+            arr = np.array(im.convert("RGB"))
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    except Exception as exc:
+        raise KdrayError(f"imagefolder: cannot decode image {path} ({_one_line(exc)})") from None
+
+
+def _decode_files(paths: list[str], size: int, chunk: int = 2048) -> torch.Tensor:
+    """Decode image files into uint8 [N,3,size,size]; JPEGs in batches, progress on stderr."""
+    tv = _tv_decoders()
+    n = len(paths)
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    t0, next_report = time.perf_counter(), 5000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for start in range(0, n, chunk):
+            part = paths[start : start + chunk]
+            raws = []
+            for p in part:
+                with open(p, "rb") as fh:
+                    raws.append(fh.read())
+            imgs: list[Optional[torch.Tensor]] = [None] * len(part)
+            jpeg = [i for i, p in enumerate(part) if p.lower().endswith((".jpg", ".jpeg")) and raws[i]]
+            if tv is not None and jpeg:
+                try:
+                    decoded = tv[2]([_as_tensor(raws[i]) for i in jpeg], mode=tv[0].RGB)
+                    for i, img in zip(jpeg, decoded):
+                        imgs[i] = img
+                except Exception:
+                    pass  # one bad file: decode this chunk one by one below
+            for i, img in enumerate(imgs):
+                imgs[i] = _fit_image(_decode_one(part[i], raws[i], tv) if img is None else img, size)
+            torch.stack(imgs, out=out[start : start + len(part)])
+            done = start + len(part)
+            if n >= 5000 and (done >= next_report or done == n):
+                _log(f"decoded {done}/{n} images ({time.perf_counter() - t0:.1f}s)")
+                next_report = done + 5000
+    return out
+
+
+def _cache_dirs(root: Path) -> list[Path]:
+    return [root / ".kdray-cache", Path("~/.cache/kdray/imagefolder").expanduser()]
+
+
+def _cache_key(root: Path, parts: dict, size: int) -> str:
+    h = hashlib.sha256()
+    count = total = newest = 0
+    for part, (classes, files) in sorted(parts.items()):
+        h.update(f"{part}\0{classes}\0".encode())
+        for path, label, nbytes, mtime in files:
+            h.update(f"{os.path.relpath(path, root)}\0{label}\0{nbytes}\0{mtime}\n".encode())
+            count, total, newest = count + 1, total + nbytes, max(newest, mtime)
+    h.update(f"{root}|{count}|{total}|{newest}|{size}|v{_CACHE_VERSION}".encode())
+    return h.hexdigest()[:24]
+
+
+def _valid_cache(obj, parts, size) -> bool:
+    if not isinstance(obj, dict) or obj.get("version") != _CACHE_VERSION:
+        return False
+    for part, (classes, files) in parts.items():
+        x, y = obj.get(f"{part}_x"), obj.get(f"{part}_y")
+        if obj.get(f"{part}_classes") != classes or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            return False
+        if x.dtype != torch.uint8 or tuple(x.shape) != (len(files), 3, size, size) or tuple(y.shape) != (len(files),):
+            return False
+    return True
+
+
+def _read_cache(root: Path, name: str, parts, size):
+    for d in _cache_dirs(root):
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            if _valid_cache(obj, parts, size):
+                return obj
+            _log(f"ignoring stale or malformed cache {f}; rebuilding")
+        except Exception as exc:
+            _log(f"ignoring unreadable cache {f} ({_one_line(exc)}); rebuilding")
+    return None
+
+
+def _write_cache(root: Path, name: str, obj) -> Optional[Path]:
+    for d in _cache_dirs(root):
+        tmp = None
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=name + ".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(obj, fh)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, d / name)
+            for old in d.glob(name.rsplit("-", 1)[0] + "-*.pt"):  # older caches of this tree and size
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+            return d / name
+        except Exception:
+            if tmp is not None and os.path.exists(tmp):
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+    _log(f"could not write a decode cache for {root} (no writable cache directory)")
+    return None
+
+
+def _load_imagefolder(cfg, size):
+    data_dir = getattr(cfg, "data_dir", None)
+    if not data_dir:
+        raise KdrayError("imagefolder: --data-dir is required: a tree DIR/<class>/<image> "
+                         "or DIR/train/<class>/... plus DIR/test/<class>/...")
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise KdrayError(f"imagefolder: data dir {root} does not exist or is not a directory")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        parts = {"train": _scan_tree(root / "train", "train dir"), "test": _scan_tree(root / "test", "test dir")}
+        if parts["test"][0] != parts["train"][0]:
+            tr, te = set(parts["train"][0]), set(parts["test"][0])
+            raise KdrayError(f"imagefolder: test classes differ from train classes in {root}: "
+                             f"only in train: {sorted(tr - te) or '-'}; only in test: {sorted(te - tr) or '-'}")
+    else:
+        parts = {"train": _scan_tree(root, "data dir")}
+    classes = parts["train"][0]
+    if len(classes) < 2:
+        raise KdrayError(f"imagefolder: found only one class folder ({classes[0]}) in {root}; need at least 2")
+
+    root_id = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    name = f"imagefolder-{root_id}-{size}px-{_cache_key(root, parts, size)}.pt"
+    obj = _read_cache(root, name, parts, size)
+    if obj is None:
+        total = sum(len(f) for _, f in parts.values())
+        _log(f"decoding {total} images from {root} at {size}px (cached for next time)")
+        obj = {"version": _CACHE_VERSION}
+        for part, (cls_names, files) in parts.items():
+            obj[f"{part}_classes"] = cls_names
+            obj[f"{part}_x"] = _decode_files([f[0] for f in files], size)
+            obj[f"{part}_y"] = torch.tensor([f[1] for f in files], dtype=torch.long)
+        _write_cache(root, name, obj)
+    if "test" in parts:
+        return classes, obj["train_x"], obj["train_y"], obj["test_x"], obj["test_y"]
+    return classes, obj["train_x"], obj["train_y"], None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def default_crop_padding(image_size: int) -> int:
+    """Random-crop padding used when the config leaves it unset: 4 px at 32 px."""
+    return max(0, round(image_size / 8))
+
+
+def load_data(cfg) -> DataBundle:
+    """Load ``cfg.dataset`` as uint8 tensors, split train/val/test and compute train statistics."""
+    name = getattr(cfg, "dataset", "digits")
+    if name not in DATASETS:
+        raise choice_error("dataset", name, DATASETS)
+    size = int(getattr(cfg, "image_size", None) or DEFAULT_IMAGE_SIZE)
+    val_fraction = float(getattr(cfg, "val_fraction", 0.1))
+    train_fraction = float(getattr(cfg, "train_fraction", 1.0))
+    if not 0 < val_fraction < 1:
+        raise KdrayError(f"val_fraction={val_fraction!r} is out of range; allowed: 0 < val_fraction < 1")
+    if not 0 < train_fraction <= 1:
+        raise KdrayError(f"train_fraction={train_fraction!r} is out of range; allowed: 0 < train_fraction <= 1")
+    if size < 8:
+        raise KdrayError(f"image_size={size!r} is out of range; allowed: >= 8")
+
+    if name == "digits":
+        loaded = _load_digits(cfg, size)
+    elif name == "fake":
+        loaded = _load_fake(cfg, size)
+    elif name == "imagefolder":
+        loaded = _load_imagefolder(cfg, size)
+    else:
+        loaded = _load_cifar(cfg, size, name)
+    classes, x, y, test_x, test_y = loaded
+
+    idx = split_indices(y, val_fraction=val_fraction, train_fraction=train_fraction,
+                        data_seed=int(getattr(cfg, "data_seed", 0) or 0),
+                        test_fraction=TEST_FRACTION if test_x is None else None)
+    if test_x is None:
+        test_x, test_y = x[idx["test"]], y[idx["test"]]
+    split = lambda i: Split(x[i].contiguous(), y[i].contiguous())
+    train = split(idx["train"])
+    mean, std = _channel_stats(train.x)
+    crop = getattr(cfg, "crop_padding", None)
+    hflip = getattr(cfg, "hflip", None)
+    return DataBundle(
+        name=name,
+        classes=list(classes),
+        train=train,
+        val=split(idx["val"]),
+        test=Split(test_x.contiguous(), test_y.long().contiguous()),
+        mean=mean,
+        std=std,
+        image_size=size,
+        crop_padding=default_crop_padding(size) if crop is None else int(crop),
+        hflip=(name not in ("digits", "fake")) if hflip is None else bool(hflip),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation and batching
+
+
+def augment_batch(
+    x: torch.Tensor, crop_padding: int, hflip: bool, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Random crop (zero padding ``crop_padding``) and random horizontal flip of a uint8 batch.
+
+    One gather over the whole batch on ``x``'s device; offsets and flips are drawn from
+    ``generator`` (on any device). Returns a new contiguous [B,C,H,W] tensor (``x`` itself when
+    both augmentations are off).
+    """
+    p = int(crop_padding)
+    if p <= 0 and not hflip:
+        return x
+    b, c, h, w = x.shape
+    dev = x.device
+    gdev = generator.device if generator is not None else dev
+    if p > 0:
+        x = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev).to(dev)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev).to(dev)
+    else:
+        dy = dx = torch.zeros(b, dtype=torch.long, device=dev)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if hflip:
+        flip = (torch.rand(b, generator=generator, device=gdev) < 0.5).to(dev)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+    rows = dy[:, None] + torch.arange(h, device=dev)
+    cols = dx[:, None] + cols
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(c, device=dev)[None, :, None, None]
+    return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class BatchLoader:
+    """Batches from a whole split held on ``device``; DistributedSampler-style sharding.
+
+    Training: a permutation seeded by (seed, epoch), identical on every rank, padded to a multiple
+    of ``world_size`` by repeating its start, then ``perm[rank::world_size]``; batches are augmented
+    with :func:`augment_batch`. Call :meth:`set_epoch` before each epoch. Eval: no shuffle, no
+    augmentation, no duplicates: rank r takes samples r, r+world_size, ... Yields
+    ``(x float32 normalised [B,3,H,W], y int64)`` on ``device``; the last batch may be smaller.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, mean, std, device="cpu", train: bool,
+                 crop_padding=0, hflip=False, seed=0, rank=0, world_size=1, channels_last=False):
+        if batch_size < 1:
+            raise KdrayError(f"batch_size={batch_size!r} is out of range; allowed: >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size} is not a valid shard")
+        self.device = torch.device(device)
+        self.x = split.x.to(self.device)
+        self.y = split.y.to(self.device)
+        self.batch_size = int(batch_size)
+        self.train = bool(train)
+        self.crop_padding = int(crop_padding)
+        self.hflip = bool(hflip)
+        self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.channels_last = bool(channels_last)
+        self.epoch = 0
+        n = len(self.y)
+        self.num_samples = math.ceil(n / self.world_size) if self.train else len(range(self.rank, n, self.world_size))
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = mean_t / std_t
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle and augmentation stream of ``epoch`` (training mode)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in batch order (CPU int64)."""
+        n = len(self.y)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size)
+        perm = torch.randperm(n, generator=_generator("shuffle", self.seed, self.epoch))
+        total = self.num_samples * self.world_size
+        if total > n:
+            perm = perm.repeat(math.ceil(total / n))[:total]
+        return perm[self.rank : total : self.world_size]
+
+    def __iter__(self):
+        idx = self.indices().to(self.device)
+        gen = None
+        if self.train and (self.crop_padding > 0 or self.hflip):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_seed("augment", self.seed, self.epoch, self.rank))
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for start in range(0, len(idx), self.batch_size):
+            b = idx[start : start + self.batch_size]
+            xb = self.x.index_select(0, b)
+            if gen is not None:
+                xb = augment_batch(xb, self.crop_padding, self.hflip, gen)
+            xb = xb.contiguous(memory_format=fmt).float().mul_(self._scale).sub_(self._shift)
+            yield xb, self.y.index_select(0, b)
