@@ -1,0 +1,13 @@
+"""Averaged multi-teacher KD: as ``kd``, the teacher side the mean of the K softened outputs."""
+
+from .base import register
+from .kd import KD
+from .losses import soften
+
+
+@register
+class AvgKD(KD):
+    name = "avg_kd"
+
+    def teacher_probs(self, t_out):
+        return soften(t_out["logits"], self.T).mean(0)

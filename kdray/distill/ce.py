@@ -1,0 +1,14 @@
+"""Baseline: cross-entropy on the labels only."""
+
+import torch.nn.functional as F
+
+from .base import Method, register
+
+
+@register
+class CE(Method):
+    name = "ce"
+    min_teachers = 0
+
+    def forward(self, y, s_out, t_out):
+        return s_out["logits"], {"ce": F.cross_entropy(s_out["logits"], y)}

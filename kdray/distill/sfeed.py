@@ -1,0 +1,15 @@
+"""Sequential FEED: G generations of the same student; generation 1 learns from the teacher
+ensemble by parallel FEED, generation g > 1 from generation g-1 alone. Each generation is a full
+training run; the engine runs them in turn and reports every generation's accuracy."""
+
+from .base import Generation, register
+from .feed import FEED
+
+
+@register
+class SFEED(FEED):
+    name = "sfeed"
+
+    @classmethod
+    def generations(cls, cfg):
+        return [Generation(0, "ensemble")] + [Generation(g, "previous") for g in range(1, cfg.generations)]
