@@ -1,0 +1,228 @@
+"""The `kdray` command line: the only door users knock on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import KdrayError
+
+DEFAULT_WORKDIR = "kdray-work"
+
+
+def workdir(args) -> Path:
+    return Path(getattr(args, "workdir", None) or os.environ.get("KDRAY_WORKDIR") or DEFAULT_WORKDIR)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_set(items) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise KdrayError(f"--set {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# shared option groups
+# --------------------------------------------------------------------------------------------
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="digits (embedded default), cifar10, cifar100, imagefolder, fake")
+    g.add_argument("--data-dir", help="where the dataset lives (cifar: download root; imagefolder: the class-per-folder tree)")
+    g.add_argument("--no-download", dest="download", action="store_const", const=False,
+                   help="never download (cifar); fail with a message if the files are missing")
+    g.add_argument("--train-fraction", type=float, help="stratified fraction of the training split to use (0-1], for limited-data runs")
+    g.add_argument("--val-fraction", type=float, help="fraction of the training split held out for validation (default 0.1)")
+    g.add_argument("--data-seed", type=int, help="seed of the validation split and the train-fraction subset (default 0)")
+    g.add_argument("--image-size", type=int, help="resize images once to this size (default 32)")
+
+
+def add_optim_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    g.add_argument("--batch-size", type=int, help="global batch size, split across workers (default 64)")
+    g.add_argument("--lr", type=float, help="learning rate (default 0.05)")
+    g.add_argument("--optimizer", help="sgd (default) or adamw")
+    g.add_argument("--schedule", help="cosine (default), step or constant")
+    g.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    g.add_argument("--seed", type=int, help="seed for initialisation, shuffling and augmentation (default 0)")
+    g.add_argument("--device", help="auto (default: cuda if visible), cpu, cuda, cuda:N")
+    g.add_argument("--amp", help="auto (bf16 autocast on GPU), bf16, off")
+    g.add_argument("--config", help="YAML file of config keys (read with safe_load); flags override it")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="set any config key (repeatable), e.g. --set feat_weight=0.1")
+
+
+def collect(args, keys) -> dict:
+    return {k: getattr(args, k, None) for k in keys}
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+DATA_KEYS = ("dataset", "data_dir", "download", "train_fraction", "val_fraction", "data_seed", "image_size")
+OPTIM_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "seed", "device", "amp")
+METHOD_KEYS = ("method", "student", "teachers", "branches", "split_stage", "temperature", "alpha",
+               "feat_weight", "ens_ce_weight", "ens_kd_weight", "feed_weight", "generations", "workers")
+
+
+def build_config(args, keys, extra=None):
+    from .config import load_config
+
+    overrides = collect(args, keys)
+    overrides.update(parse_set(getattr(args, "set", None)))
+    overrides.update(extra or {})
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + METHOD_KEYS)
+    from .distill import get_method
+
+    method = get_method(cfg.method)
+    if method.min_teachers > 0 and not cfg.teachers:
+        raise KdrayError(f"method {cfg.method!r} needs teachers: pass --teachers DIR (see `kdray teachers train`)")
+    name = args.name or f"{cfg.method}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else workdir(args) / "runs" / name
+    if args.resume:
+        cfg = cfg.replace(resume=True)
+    cfg = cfg.replace(checkpoint_dir=str(out / "checkpoints"))
+
+    from .runner import run_training
+
+    result = run_training(cfg, out=out, run_name=name, tracking=args, log=log)
+    m = result["metrics"]
+    summary = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+    summary.update({"student_path": result["student_path"], "method": cfg.method, "student": cfg.student,
+                    "dataset": cfg.dataset, "seed": cfg.seed, "run_id": result.get("run_id")})
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        branch = f", best branch {m['test_acc_best_branch']:.4f}" if "test_acc_best_branch" in m else ""
+        print(f"done: {cfg.method} {cfg.student} on {cfg.dataset}: test acc {m['test_acc']:.4f}{branch}, "
+              f"val acc {m['val_acc']:.4f}, {m['params']} params; student at {result['student_path']}")
+    return 0
+
+
+def cmd_teachers_train(args) -> int:
+    cfg = build_config(args, DATA_KEYS + OPTIM_KEYS)
+    from .teachers import train_teachers
+
+    out = Path(args.out) if args.out else workdir(args) / "teachers" / cfg.dataset
+    manifest = train_teachers(cfg, args.arch or ["resnet20"], args.count, out, log=log)
+    if args.json:
+        print(json.dumps({"out": str(out), **manifest}, sort_keys=True))
+    else:
+        for t in manifest["teachers"]:
+            print(f"{t['file']}: {t['arch']} seed {t['seed']} test acc {t['test_acc']:.4f} ({t['params']} params)")
+        print(f"teachers written to {out}")
+    return 0
+
+
+def cmd_teachers_show(args) -> int:
+    from .teachers import load_teachers, read_manifest
+
+    manifest = read_manifest(args.dir)
+    load_teachers(args.dir)  # verifies every checksum and state dict
+    if args.json:
+        print(json.dumps(manifest, sort_keys=True))
+    else:
+        print(f"{args.dir}: {len(manifest['teachers'])} teachers on {manifest['dataset']} ({len(manifest['classes'])} classes), all verified")
+        for t in manifest["teachers"]:
+            print(f"  {t['file']}: {t['arch']} seed {t['seed']} test acc {t['test_acc']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="kdray",
+        description="Distil teacher ensembles into small image classifiers (EKD, FEED and baselines), "
+        "search the distillation's hyperparameters with Ray Tune + Optuna, and track everything in MLflow.",
+    )
+    p.add_argument("--version", action="version", version=f"kdray {__version__}")
+    p.add_argument("--workdir", help=f"kdray working directory for teachers, runs and local stores (default ./{DEFAULT_WORKDIR} or $KDRAY_WORKDIR)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    # train ----------------------------------------------------------------------------------
+    t = sub.add_parser("train", help="distil one student (one run)", description="Train one student with a distillation method; one progress line per epoch, a summary at the end.")
+    m = t.add_argument_group("method")
+    m.add_argument("--method", help="ce, kd, avg_kd, ekd (default), feed, sfeed")
+    m.add_argument("--student", help="student architecture, e.g. resnet8 (default), resnet8x4, wrn_16_2, mobilenet_v3_small")
+    m.add_argument("--teachers", help="teacher directory written by `kdray teachers train`")
+    m.add_argument("--branches", type=int, help="EKD branch count B, 1-8 (default 3)")
+    m.add_argument("--split-stage", type=int, help="EKD: stages in the shared trunk (default 1)")
+    m.add_argument("--temperature", type=float, help="distillation temperature T (default 4)")
+    m.add_argument("--alpha", type=float, help="KD weight a, 0-1 (default: 0.9 kd/avg_kd/ekd, 0 feed)")
+    m.add_argument("--feat-weight", type=float, help="EKD feature term weight g (default 0)")
+    m.add_argument("--ens-ce-weight", type=float, help="EKD ensemble CE weight d (default 1)")
+    m.add_argument("--ens-kd-weight", type=float, help="EKD ensemble KD weight e (default 0)")
+    m.add_argument("--feed-weight", type=float, help="FEED weight b (default 500)")
+    m.add_argument("--generations", type=int, help="sequential FEED generations (default 2)")
+    m.add_argument("--workers", type=int, help="Ray Train DDP workers (default 1: in this process)")
+    add_data_args(t)
+    add_optim_args(t)
+    o = t.add_argument_group("output")
+    o.add_argument("--out", help="run folder for checkpoints and the student (default WORKDIR/runs/NAME)")
+    o.add_argument("--name", help="run name (default METHOD-STUDENT-sSEED-TIME)")
+    o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    o.add_argument("--json", action="store_true", help="print one JSON object of final metrics on stdout")
+    add_tracking_args(t)
+    t.set_defaults(func=cmd_train)
+
+    # teachers -------------------------------------------------------------------------------
+    te = sub.add_parser("teachers", help="train or inspect teacher ensembles", description="Train or inspect teacher ensembles.")
+    tsub = te.add_subparsers(dest="teachers_command", metavar="ACTION")
+    tt = tsub.add_parser("train", help="train K teachers and write weights + manifest",
+                         description="Train K teachers (architectures cycled, seeds SEED..SEED+K-1) and write their weights and a manifest with arch, dataset, classes, accuracy, seed and sha256.")
+    tt.add_argument("--arch", action="append", help="teacher architecture (repeatable; cycled over --count), default resnet20")
+    tt.add_argument("--count", type=int, default=3, help="number of teachers K (default 3)")
+    tt.add_argument("--out", help="output directory (default WORKDIR/teachers/DATASET)")
+    tt.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    add_data_args(tt)
+    add_optim_args(tt)
+    tt.set_defaults(func=cmd_teachers_train)
+    ts = tsub.add_parser("show", help="verify and list a teacher directory", description="Verify checksums and weights of a teacher directory and list its teachers.")
+    ts.add_argument("dir", help="teacher directory")
+    ts.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ts.set_defaults(func=cmd_teachers_show)
+    te.set_defaults(func=lambda a: (te.print_help(), 2)[1])
+    return p
+
+
+def add_tracking_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tracking (MLflow)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
+    g.add_argument("--experiment", help="MLflow experiment name (default kdray)")
+    g.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KdrayError as exc:
+        print(f"kdray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

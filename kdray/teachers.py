@@ -1,0 +1,146 @@
+"""Teachers: trained once by kdray (or loaded from state dicts), frozen, verified by manifest.
+
+A teacher directory holds ``manifest.json`` and one ``teacher_<i>.pt`` state dict per teacher.
+The ensemble is a frozen module list: eval mode, no grad, never wrapped in DDP, never in the
+optimizer, and run under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_save, safe_load, sha256_file
+from .distill.base import TeacherInfo
+from .errors import KdrayError
+from .models import StagedModel, build_model
+
+MANIFEST = "manifest.json"
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers. ``forward(x, feats)`` returns ``{"logits": [K,N,C], "feats": [K maps]}``."""
+
+    def __init__(self, models: list[StagedModel]):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # teachers never leave eval mode
+        return super().train(False)
+
+    @property
+    def info(self) -> TeacherInfo:
+        return TeacherInfo(len(self.members), tuple(int(m.stage_channels[-1]) for m in self.members))
+
+    def forward(self, x: torch.Tensor, feats: bool = False) -> dict:
+        with torch.inference_mode():
+            if feats:
+                outs = [m.forward_features(x) for m in self.members]
+                logits = torch.stack([o[0] for o in outs])
+                maps = [o[1][-1] for o in outs]
+            else:
+                logits = torch.stack([m(x) for m in self.members])
+                maps = []
+        # clone outside inference mode so the tensors may enter the student's autograd graph
+        return {"logits": logits.clone(), "feats": [f.clone() for f in maps]}
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise KdrayError(f"teachers: {mf} not found; create teachers with `kdray teachers train --out {path}`")
+    try:
+        manifest = json.loads(mf.read_text())
+        assert isinstance(manifest.get("teachers"), list) and manifest["teachers"]
+        assert isinstance(manifest.get("classes"), list)
+    except (ValueError, AssertionError):
+        raise KdrayError(f"teachers: {mf} is not a valid kdray teacher manifest") from None
+    return manifest
+
+
+def load_teachers(path: str | Path, classes: Optional[list] = None, device="cpu") -> TeacherEnsemble:
+    """Load and verify a teacher directory; ``classes`` must match the dataset's when given."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if classes is not None and list(manifest["classes"]) != list(classes):
+        raise KdrayError(
+            f"teachers in {path} were trained on {manifest.get('dataset')!r} with classes "
+            f"{_short(manifest['classes'])}, but the dataset has classes {_short(classes)}"
+        )
+    models = []
+    for entry in manifest["teachers"]:
+        file = path / entry["file"]
+        if not file.is_file():
+            raise KdrayError(f"teachers: {file} listed in the manifest is missing")
+        digest = sha256_file(file)
+        if digest != entry.get("sha256"):
+            raise KdrayError(f"teachers: {file} is corrupt (sha256 {digest[:12]}... does not match the manifest)")
+        state = safe_load(file, "teacher file")
+        model = build_model(entry["arch"], len(manifest["classes"]))
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as exc:
+            raise KdrayError(f"teachers: {file} does not fit arch {entry['arch']!r} ({str(exc).splitlines()[0]})") from None
+        models.append(model)
+    return TeacherEnsemble(models).to(device)
+
+
+def _short(items, n=4) -> str:
+    items = list(items)
+    return "[" + ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "") + "]"
+
+
+def train_teachers(
+    cfg,
+    archs: list[str],
+    count: int,
+    out: str | Path,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train ``count`` teachers (archs cycled, seed cfg.seed + i) with plain CE; write the manifest."""
+    from .engine import fit  # engine imports this module
+
+    if count < 1:
+        raise KdrayError(f"--count {count} is out of range; allowed: >= 1")
+    for arch in archs:
+        build_model(arch, 2)  # fail on an unknown arch before any training
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    classes = None
+    for i in range(count):
+        arch = archs[i % len(archs)]
+        tcfg = cfg.replace(method="ce", student=arch, seed=cfg.seed + i, teachers=None,
+                           checkpoint_dir=str(out / f".work_teacher_{i}"), resume=False)
+        log(f"teacher {i + 1}/{count}: {arch} seed {tcfg.seed}, {tcfg.epochs} epochs on {cfg.dataset}")
+        t0 = time.time()
+        result = fit(tcfg, log=log, keep_checkpoints=0)
+        classes = result["classes"]
+        file = out / f"teacher_{i}.pt"
+        atomic_save(result["student"].model.state_dict(), file)
+        m = result["metrics"]
+        entries.append({
+            "file": file.name, "arch": arch, "seed": tcfg.seed, "epochs": tcfg.epochs,
+            "val_acc": m["val_acc"], "test_acc": m["test_acc"], "params": m["params"],
+            "sha256": sha256_file(file), "train_time_s": round(time.time() - t0, 2),
+        })
+    manifest = {
+        "format": "kdray-teachers/1", "kdray_version": __version__, "dataset": cfg.dataset,
+        "train_fraction": cfg.train_fraction, "image_size": result["image_size"],
+        "classes": classes, "teachers": entries,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
