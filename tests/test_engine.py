@@ -1,0 +1,108 @@
+"""The training loop: determinism, metrics, checkpoints, resume, NaN handling, generations."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import small_cfg
+from kdray.checkpoint import safe_load
+from kdray.engine import NonFiniteLoss, fit, lr_factor, rebuild_student
+from kdray.errors import KdrayError
+from kdray.teachers import load_teachers
+
+quiet = dict(log=lambda s: None)
+
+
+def test_deterministic_given_seed(tmp_path):
+    a = fit(small_cfg(method="ce"), checkpoint_root=str(tmp_path / "a"), **quiet)["history"]
+    b = fit(small_cfg(method="ce"), checkpoint_root=str(tmp_path / "b"), **quiet)["history"]
+    c = fit(small_cfg(method="ce", seed=1), checkpoint_root=str(tmp_path / "c"), **quiet)["history"]
+    keys = ["train_loss", "val_acc", "loss_ce", "test_acc"]
+    assert [[h.get(k) for k in keys] for h in a] == [[h.get(k) for k in keys] for h in b]
+    assert a[-1]["train_loss"] != c[-1]["train_loss"]
+
+
+def test_learns_above_chance(tmp_path):
+    m = fit(small_cfg(method="ce", epochs=4), checkpoint_root=str(tmp_path), **quiet)["metrics"]
+    assert m["test_acc"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_ekd_reports_every_term_and_branch(tmp_path, fake_teachers):
+    cfg = small_cfg(method="ekd", branches=3, teachers=str(fake_teachers), feat_weight=0.5, ens_kd_weight=0.5)
+    seen = []
+    res = fit(cfg, checkpoint_root=str(tmp_path), reporter=lambda m, d: seen.append((m, d)), **quiet)
+    m = res["metrics"]
+    for key in ("loss_ce", "loss_kd", "loss_feat", "loss_ens_ce", "loss_ens_kd", "val_acc", "val_acc_b0",
+                "val_acc_b2", "val_acc_best_branch", "test_acc", "test_acc_best_branch", "lr",
+                "epoch_time_s", "images_per_s", "params", "branch_params"):
+        assert key in m, key
+    assert abs(m["train_loss"] - sum(v for k, v in m.items() if k.startswith("loss_"))) < 1e-4
+    assert len(seen) == cfg.epochs and all(d is not None for _, d in seen)
+    assert m["params"] > m["branch_params"]
+
+
+def test_checkpoint_student_reloads_with_same_accuracy(tmp_path, fake_teachers):
+    cfg = small_cfg(method="ekd", branches=2, teachers=str(fake_teachers))
+    res = fit(cfg, checkpoint_root=str(tmp_path), **quiet)
+    record = safe_load(tmp_path / "epoch_0002" / "student.pt")
+    student = rebuild_student(record)
+    for a, b in zip(student.state_dict().values(), res["student"].state_dict().values()):
+        assert torch.equal(a, b)
+    assert record["metrics"]["test_acc"] == res["metrics"]["test_acc"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, fake_teachers):
+    cfg = small_cfg(method="kd", epochs=3, teachers=str(fake_teachers))
+    full = fit(cfg, checkpoint_root=str(tmp_path / "full"), **quiet)["history"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(m, d):
+        if m["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(cfg, checkpoint_root=str(tmp_path / "cut"), reporter=stop_after_first, **quiet)
+    resumed = fit(cfg.replace(resume=True), checkpoint_root=str(tmp_path / "cut"), **quiet)["history"]
+    assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    assert resumed[-1]["train_loss"] == pytest.approx(full[-1]["train_loss"], abs=1e-6)
+    assert resumed[-1]["test_acc"] == full[-1]["test_acc"]
+
+
+def test_nan_loss_stops_with_reason(tmp_path):
+    with pytest.raises(NonFiniteLoss, match="non-finite"):
+        fit(small_cfg(method="ce", lr=1e12, weight_decay=0), checkpoint_root=str(tmp_path), **quiet)
+
+
+def test_sfeed_runs_every_generation(tmp_path, fake_teachers):
+    cfg = small_cfg(method="sfeed", generations=2, epochs=1, teachers=str(fake_teachers))
+    res = fit(cfg, checkpoint_root=str(tmp_path), **quiet)
+    m = res["metrics"]
+    assert m["generation"] == 1 and m["epoch"] == 2
+    assert "gen1_test_acc" in m and "gen2_test_acc" in m
+
+
+def test_method_needing_teachers_without_them(tmp_path):
+    with pytest.raises(KdrayError, match="needs at least 1 teacher"):
+        fit(small_cfg(method="kd"), checkpoint_root=str(tmp_path), **quiet)
+
+
+def test_teacher_manifest_and_frozen_ensemble(fake_teachers):
+    manifest = json.loads((fake_teachers / "manifest.json").read_text())
+    assert [t["arch"] for t in manifest["teachers"]] == ["resnet8", "resnet14"]
+    assert len(manifest["teachers"][0]["sha256"]) == 64
+    ens = load_teachers(fake_teachers, manifest["classes"])
+    ens.train()
+    assert not ens.training and not any(p.requires_grad for p in ens.parameters())
+    out = ens(torch.randn(2, 3, 16, 16), feats=True)
+    assert out["logits"].shape == (2, 2, 10) and len(out["feats"]) == 2
+    assert not out["logits"].is_inference()
+
+
+def test_lr_schedules():
+    cfg = small_cfg(epochs=4)
+    assert [lr_factor(cfg, e) for e in (0, 2)] == [1.0, pytest.approx(0.5)]
+    step = cfg.replace(schedule="step", lr_milestones=[0.5, 0.75])
+    assert [lr_factor(step, e) for e in range(4)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.01)]
