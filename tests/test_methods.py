@@ -1,0 +1,498 @@
+"""Tests for the distillation methods (kdray.distill) against methods.md.
+
+Expected values are computed independently here: logit losses in plain python (exp/log sums),
+feature losses with explicit tensor arithmetic (manual conv/BN/pooling/normalisation).
+"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdray.config import RunConfig
+from kdray.distill import METHODS, Generation, Method, TeacherInfo, check_teacher_count, get_method, register
+from kdray.distill.avg_kd import AvgKD
+from kdray.distill.ce import CE
+from kdray.distill.ekd import EKD
+from kdray.distill.feed import FEED
+from kdray.distill.kd import KD
+from kdray.distill.sfeed import SFEED
+from kdray.errors import KdrayError
+
+ALL = {"ce", "kd", "avg_kd", "ekd", "feed", "sfeed"}
+
+
+# --- independent references ------------------------------------------------------------------
+
+
+def py_softmax(row, T=1.0):
+    m = max(row)
+    ex = [math.exp((v - m) / T) for v in row]
+    s = sum(ex)
+    return [v / s for v in ex]
+
+
+def py_kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def py_ce(z, y):
+    """Mean over rows of -log softmax(z)[y]."""
+    z, y = z.tolist(), y.tolist()
+    out = 0.0
+    for row, label in zip(z, y):
+        m = max(row)
+        lse = m + math.log(sum(math.exp(v - m) for v in row))
+        out += lse - row[label]
+    return out / len(z)
+
+
+def py_kd(z, p_rows, T):
+    """T^2 * mean_n KL(p_n || softmax(z_n / T)); p_rows: list of probability rows."""
+    z = z.tolist()
+    return T * T * sum(py_kl(p, py_softmax(r, T)) for p, r in zip(p_rows, z)) / len(z)
+
+
+def py_soft_rows(logits, T):
+    return [py_softmax(r, T) for r in logits.tolist()]
+
+
+def py_mean_rows(rows_list):
+    k = len(rows_list)
+    return [[sum(rs[n][c] for rs in rows_list) / k for c in range(len(rows_list[0][0]))]
+            for n in range(len(rows_list[0]))]
+
+
+def pool_to(x, hw):
+    """Adaptive average pooling by block means (integer ratios only)."""
+    n, c, h, w = x.shape
+    th, tw = hw
+    if (h, w) == (th, tw):
+        return x
+    return x.reshape(n, c, th, h // th, tw, w // tw).mean(dim=(3, 5))
+
+
+def ref_norm(x):
+    flat = x.reshape(x.shape[0], -1)
+    return flat / flat.pow(2).sum(1, keepdim=True).sqrt()
+
+
+def ref_match(s, t):
+    if s.shape[-2] * s.shape[-1] > t.shape[-2] * t.shape[-1]:
+        return pool_to(s, t.shape[-2:]), t
+    return s, pool_to(t, s.shape[-2:])
+
+
+def cfg_for(**kw):
+    return RunConfig().replace(**kw)
+
+
+def student_ns(branches=1, feat_channels=4):
+    return SimpleNamespace(num_branches=branches, feat_channels=feat_channels)
+
+
+# --- registry --------------------------------------------------------------------------------
+
+
+def test_registry_has_all_six():
+    assert set(METHODS) == ALL
+    for name in ALL:
+        cls = get_method(name)
+        assert cls is METHODS[name] and cls.name == name and issubclass(cls, Method)
+    assert (get_method("ce"), get_method("kd"), get_method("avg_kd")) == (CE, KD, AvgKD)
+    assert (get_method("ekd"), get_method("feed"), get_method("sfeed")) == (EKD, FEED, SFEED)
+
+
+def test_unknown_method_lists_allowed():
+    with pytest.raises(KdrayError) as ei:
+        get_method("fitnet")
+    msg = str(ei.value)
+    assert "fitnet" in msg and "allowed" in msg
+    for name in ALL:
+        assert name in msg
+    assert "\n" not in msg
+
+
+def test_register_rejects_duplicates_and_missing_name():
+    class Dup(Method):
+        name = "ce"
+
+    class NoName(Method):
+        pass
+
+    before = dict(METHODS)
+    with pytest.raises(ValueError):
+        register(Dup)
+    with pytest.raises(ValueError):
+        register(NoName)
+    assert METHODS == before
+
+
+def test_check_teacher_count():
+    check_teacher_count(get_method("ce"), 0)
+    for name in ("kd", "avg_kd", "ekd", "feed", "sfeed"):
+        check_teacher_count(get_method(name), 1)
+        with pytest.raises(KdrayError) as ei:
+            check_teacher_count(get_method(name), 0)
+        assert repr(name) in str(ei.value) and "at least 1" in str(ei.value)
+
+
+def test_flags_and_defaults():
+    assert EKD.multi_branch and not KD.multi_branch and not FEED.multi_branch
+    info = TeacherInfo(count=2, feat_channels=(5, 7))
+    assert KD(RunConfig(), student_ns(), info).alpha == 0.9
+    assert AvgKD(RunConfig(), student_ns(), info).alpha == 0.9
+    assert EKD(RunConfig(), student_ns(3), info).alpha == 0.9
+    assert FEED(RunConfig(), student_ns(), info).alpha == 0.0
+    assert KD(RunConfig(), student_ns(), info).T == 4.0
+    assert KD(cfg_for(alpha=0.25, temperature=2.0), student_ns(), info).alpha == 0.25
+    assert FEED(RunConfig(), student_ns(), info).b == 500.0
+    assert FEED(RunConfig(), student_ns(), info).uses_teacher_feats
+
+
+# --- ce / kd / avg_kd ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 3, generator=g) * 2
+    t = torch.randn(2, 4, 3, generator=g) * 3  # K=2 teachers
+    y = torch.tensor([0, 2, 1, 2])
+    return y, z, t
+
+
+def test_ce_is_cross_entropy(batch):
+    y, z, _ = batch
+    m = CE(RunConfig(), student_ns(), None)
+    logits, terms = m(y, {"logits": z}, None)
+    assert logits is z
+    assert set(terms) == {"ce"}
+    assert terms["ce"].item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
+    assert terms["ce"].item() == pytest.approx(py_ce(z, y), rel=1e-5)
+
+
+def test_kd_terms_use_first_teacher(batch):
+    y, z, t = batch
+    a, T = 0.7, 3.0
+    m = KD(cfg_for(alpha=a, temperature=T), student_ns(), TeacherInfo(2, (5, 7)))
+    logits, terms = m(y, {"logits": z}, {"logits": t, "feats": []})
+    assert logits is z and set(terms) == {"ce", "kd"}
+    assert terms["ce"].item() == pytest.approx((1 - a) * py_ce(z, y), rel=1e-5)
+    want = a * py_kd(z, py_soft_rows(t[0], T), T)
+    other = a * py_kd(z, py_soft_rows(t[1], T), T)
+    assert abs(want - other) > 1e-2  # the check below tells the teachers apart
+    assert terms["kd"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_kd_alpha_zero_drops_kd_term(batch):
+    y, z, t = batch
+    m = KD(cfg_for(alpha=0.0), student_ns(), TeacherInfo(2, (5, 7)))
+    _, terms = m(y, {"logits": z}, {"logits": t, "feats": []})
+    assert set(terms) == {"ce"}
+    assert terms["ce"].item() == pytest.approx(py_ce(z, y), rel=1e-5)
+
+
+def test_avg_kd_uses_mean_of_softened_probs(batch):
+    y, z, t = batch
+    a, T = 0.9, 2.0
+    m = AvgKD(cfg_for(temperature=T), student_ns(), TeacherInfo(2, (5, 7)))
+    _, terms = m(y, {"logits": z}, {"logits": t, "feats": []})
+    mean_probs = py_mean_rows([py_soft_rows(t[0], T), py_soft_rows(t[1], T)])
+    soft_mean = py_soft_rows((t[0] + t[1]) / 2, T)
+    want = a * py_kd(z, mean_probs, T)
+    assert abs(want - a * py_kd(z, soft_mean, T)) > 1e-2
+    assert terms["kd"].item() == pytest.approx(want, rel=1e-5)
+    assert terms["ce"].item() == pytest.approx((1 - a) * py_ce(z, y), rel=1e-5)
+
+
+# --- ekd -------------------------------------------------------------------------------------
+
+
+def ekd_data(B=3, K=2, N=2, C=3, cs=4, tch=(5, 7), seed=1, s_hw=4, t_hw=(2, 8)):
+    g = torch.Generator().manual_seed(seed)
+    zb = torch.randn(B, N, C, generator=g) * 2
+    t = torch.randn(K, N, C, generator=g) * 3
+    y = torch.randint(0, C, (N,), generator=g)
+    s_feats = [torch.randn(N, cs, s_hw, s_hw, generator=g) for _ in range(B)]
+    t_feats = [torch.randn(N, tch[k], t_hw[k], t_hw[k], generator=g) for k in range(K)]
+    return y, zb, t, s_feats, t_feats
+
+
+def test_ekd_pairing_b_mod_k():
+    # B=3, K=2 -> teachers 0, 1, 0. Branch logits copy their paired teacher, so the KD term is
+    # exactly 0 with the right pairing and clearly positive with any other.
+    y, _, t, _, _ = ekd_data()
+    m = EKD(cfg_for(alpha=1.0, ens_ce_weight=0.0), student_ns(3), TeacherInfo(2, (5, 7)))
+    assert m.pair == [0, 1, 0]
+    zb = torch.stack([t[0], t[1], t[0]])
+    logits, terms = m(y, {"branch_logits": zb, "logits": zb.mean(0), "feats": []}, {"logits": t, "feats": []})
+    assert terms["kd"].item() == pytest.approx(0.0, abs=1e-6)
+    T = 4.0
+    wrong = sum(py_kd(zb[b], py_soft_rows(t[k], T), T) for b, k in enumerate([0, 0, 0])) / 3
+    assert wrong > 1e-2
+    # and with other logits the value follows the same pairing
+    zb2 = torch.stack([t[1], t[0], t[1]])
+    _, terms2 = m(y, {"branch_logits": zb2, "feats": []}, {"logits": t, "feats": []})
+    want = sum(py_kd(zb2[b], py_soft_rows(t[k], T), T) for b, k in enumerate([0, 1, 0])) / 3
+    assert terms2["kd"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ekd_pairing_more_teachers_than_branches():
+    m = EKD(cfg_for(branches=2), student_ns(2), TeacherInfo(3, (4, 4, 4)))
+    assert m.pair == [0, 1]
+    m = EKD(cfg_for(branches=5), student_ns(5), TeacherInfo(2, (4, 4)))
+    assert m.pair == [0, 1, 0, 1, 0]
+
+
+def test_ekd_branch_alpha_per_branch():
+    y, zb, t, _, _ = ekd_data()
+    alphas, T = [0.2, 0.0, 1.0], 2.0
+    m = EKD(cfg_for(branch_alpha=alphas, temperature=T), student_ns(3), TeacherInfo(2, (5, 7)))
+    _, terms = m(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
+    kls = [py_kd(zb[b], py_soft_rows(t[b % 2], T), T) for b in range(3)]
+    want = sum(a * k for a, k in zip(alphas, kls)) / 3
+    swapped = sum(a * k for a, k in zip(alphas[::-1], kls)) / 3
+    assert abs(want - swapped) > 1e-2
+    assert terms["kd"].item() == pytest.approx(want, rel=1e-5)
+    # CE of every branch, averaged; unscaled by alpha (L_b = CE + a KL)
+    assert terms["ce"].item() == pytest.approx(sum(py_ce(zb[b], y) for b in range(3)) / 3, rel=1e-5)
+    m0 = EKD(cfg_for(branch_alpha=[0, 0, 0]), student_ns(3), TeacherInfo(2, (5, 7)))
+    _, terms0 = m0(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
+    assert "kd" not in terms0
+
+
+def test_ekd_ensemble_ce_on_mean_branch_logits():
+    y, zb, t, _, _ = ekd_data()
+    d = 0.6
+    m = EKD(cfg_for(ens_ce_weight=d), student_ns(3), TeacherInfo(2, (5, 7)))
+    logits, terms = m(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
+    z_ens = (zb[0] + zb[1] + zb[2]) / 3
+    assert torch.allclose(logits, z_ens, atol=1e-6)
+    assert terms["ens_ce"].item() == pytest.approx(d * py_ce(z_ens, y), rel=1e-5)
+    assert "ens_kd" not in terms  # e defaults to 0
+    m0 = EKD(cfg_for(ens_ce_weight=0.0), student_ns(3), TeacherInfo(2, (5, 7)))
+    _, terms0 = m0(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
+    assert "ens_ce" not in terms0
+
+
+def test_ekd_ensemble_kd_uses_softened_mean_teacher_logits():
+    y, zb, t, _, _ = ekd_data()
+    e, T = 0.4, 3.0
+    m = EKD(cfg_for(ens_kd_weight=e, temperature=T), student_ns(3), TeacherInfo(2, (5, 7)))
+    _, terms = m(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
+    z_ens = zb.mean(0)
+    want = e * py_kd(z_ens, py_soft_rows((t[0] + t[1]) / 2, T), T)
+    avg_probs = e * py_kd(z_ens, py_mean_rows([py_soft_rows(t[0], T), py_soft_rows(t[1], T)]), T)
+    assert abs(want - avg_probs) > 1e-2
+    assert terms["ens_kd"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ekd_no_adapters_when_g_zero():
+    m = EKD(RunConfig(), student_ns(3), TeacherInfo(2, (5, 7)))
+    assert not m.uses_teacher_feats
+    assert not hasattr(m, "adapters")
+    assert list(m.parameters()) == []
+    y, zb, t, _, _ = ekd_data()
+    _, terms = m(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
+    assert set(terms) == {"ce", "kd", "ens_ce"}
+
+
+def test_ekd_adapters_when_g_positive():
+    m = EKD(cfg_for(feat_weight=0.5), student_ns(3, feat_channels=4), TeacherInfo(2, (5, 7)))
+    assert m.uses_teacher_feats
+    assert len(m.adapters) == 3
+    for b, want_c in enumerate([5, 7, 5]):  # channels of teacher b mod 2
+        ad = m.adapters[b]
+        convs = [x for x in ad.modules() if isinstance(x, nn.Conv2d)]
+        bns = [x for x in ad.modules() if isinstance(x, nn.BatchNorm2d)]
+        assert len(convs) == 1 and len(bns) == 1
+        conv = convs[0]
+        assert conv.in_channels == 4 and conv.out_channels == want_c and conv.kernel_size == (1, 1)
+        assert bns[0].num_features == want_c
+    assert [type(x) for x in m.adapters[0]] == [nn.Conv2d, nn.BatchNorm2d]
+
+
+def ref_adapter(ad, x):
+    """conv1x1 then BatchNorm in training mode, written out."""
+    conv, bn = ad[0], ad[1]
+    out = torch.einsum("nchw,oc->nohw", x, conv.weight[:, :, 0, 0])
+    if conv.bias is not None:
+        out = out + conv.bias.view(1, -1, 1, 1)
+    mean = out.mean(dim=(0, 2, 3), keepdim=True)
+    var = (out - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+    out = (out - mean) / torch.sqrt(var + bn.eps)
+    return out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+
+
+def ref_feat_losses(m, s_feats, t_feats, pair):
+    out = []
+    for b, k in enumerate(pair):
+        s, tt = ref_match(ref_adapter(m.adapters[b], s_feats[b]), t_feats[k])
+        out.append((ref_norm(s) - ref_norm(tt)).pow(2).mean().item())
+    return out
+
+
+def make_ekd_full(g=0.5, a=0.7, T=3.0, d=0.8, e=0.3):
+    torch.manual_seed(0)
+    m = EKD(cfg_for(feat_weight=g, alpha=a, temperature=T, ens_ce_weight=d, ens_kd_weight=e),
+            student_ns(3, feat_channels=4), TeacherInfo(2, (5, 7)))
+    with torch.no_grad():  # non-trivial BN affine parameters
+        for ad in m.adapters:
+            ad[1].weight.uniform_(0.5, 1.5)
+            ad[1].bias.uniform_(-0.5, 0.5)
+    m.train()
+    return m
+
+
+def test_ekd_feat_term_value():
+    # teacher 0 maps are 2x2 (student's adapted 4x4 is pooled), teacher 1 maps are 8x8 (pooled to 4x4)
+    y, zb, t, s_feats, t_feats = ekd_data()
+    g = 0.5
+    m = make_ekd_full(g=g)
+    _, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
+    want = g * sum(ref_feat_losses(m, s_feats, t_feats, [0, 1, 0])) / 3
+    assert terms["feat"].item() == pytest.approx(want, rel=1e-4)
+
+
+def test_ekd_total_matches_independent_formula():
+    a, T, g, d, e = 0.7, 3.0, 0.5, 0.8, 0.3
+    y, zb, t, s_feats, t_feats = ekd_data()
+    m = make_ekd_full(g=g, a=a, T=T, d=d, e=e)
+    logits, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
+    assert set(terms) == {"ce", "kd", "feat", "ens_ce", "ens_kd"}
+    feats = ref_feat_losses(m, s_feats, t_feats, [0, 1, 0])
+    L = [py_ce(zb[b], y) + a * py_kd(zb[b], py_soft_rows(t[b % 2], T), T) + g * feats[b] for b in range(3)]
+    z_ens = zb.mean(0)
+    ens = d * py_ce(z_ens, y) + e * py_kd(z_ens, py_soft_rows(t.mean(0), T), T)
+    want = sum(L) / 3 + ens
+    assert sum(v.item() for v in terms.values()) == pytest.approx(want, rel=1e-4)
+
+
+def test_ekd_gradients_flow():
+    y, zb, t, s_feats, t_feats = ekd_data()
+    m = make_ekd_full()
+    zb.requires_grad_(True)
+    for f in s_feats:
+        f.requires_grad_(True)
+    _, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
+    sum(terms.values()).backward()
+    assert zb.grad is not None and all(zb.grad[b].abs().sum() > 0 for b in range(3))
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s_feats)
+    for p in m.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+# --- feed / sfeed ----------------------------------------------------------------------------
+
+
+def feed_data(N=2, C=3, cs=3, tch=(4, 2), s_hw=4, t_hw=(2, 8), seed=2):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, C, generator=g) * 2
+    t = torch.randn(len(tch), N, C, generator=g) * 3
+    y = torch.randint(0, C, (N,), generator=g)
+    x_s = torch.randn(N, cs, s_hw, s_hw, generator=g)
+    t_feats = [torch.randn(N, c, h, h, generator=g) for c, h in zip(tch, t_hw)]
+    return y, z, t, x_s, t_feats
+
+
+def test_feed_translator_structure():
+    m = FEED(RunConfig(), student_ns(feat_channels=3), TeacherInfo(2, (4, 2)))
+    assert len(m.translators) == 2
+    for ntl, ck in zip(m.translators, (4, 2)):
+        layers = list(ntl)
+        assert [type(x) for x in layers] == [nn.Conv2d, nn.LeakyReLU] * 3
+        convs = layers[0::2]
+        assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 3), (3, ck), (ck, ck)]
+        for c in convs:
+            assert c.kernel_size == (3, 3) and c.stride == (1, 1) and c.padding == (1, 1)
+        for act in layers[1::2]:
+            assert act.negative_slope == pytest.approx(0.1)
+
+
+def ref_translate(ntl, x):
+    convs = [c for c in ntl if isinstance(c, nn.Conv2d)]
+    for c in convs:
+        x = F.leaky_relu(F.conv2d(x, c.weight, c.bias, stride=1, padding=1), 0.1)
+    return x
+
+
+def ref_feed_sum(m, x_s, t_feats):
+    total = 0.0
+    for ntl, tf in zip(m.translators, t_feats):
+        s, tt = ref_match(ref_translate(ntl, x_s), tf)
+        total += (ref_norm(tt) - ref_norm(s)).abs().mean().item()
+    return total
+
+
+def test_feed_term_value_and_no_kd_by_default():
+    y, z, t, x_s, t_feats = feed_data()
+    b = 2.0
+    torch.manual_seed(0)
+    m = FEED(cfg_for(method="feed", feed_weight=b), student_ns(feat_channels=3), TeacherInfo(2, (4, 2)))
+    logits, terms = m(y, {"logits": z, "feats": [x_s]}, {"logits": t, "feats": t_feats})
+    assert logits is z
+    assert set(terms) == {"ce", "feed"}  # alpha defaults to 0
+    assert terms["ce"].item() == pytest.approx(py_ce(z, y), rel=1e-5)
+    per_k = []
+    for ntl, tf in zip(m.translators, t_feats):
+        s, tt = ref_match(ref_translate(ntl, x_s), tf)
+        per_k.append((ref_norm(tt) - ref_norm(s)).abs().mean().item())
+    assert terms["feed"].item() == pytest.approx(b * sum(per_k), rel=1e-4)
+
+
+def test_feed_default_weight_500():
+    y, z, t, x_s, t_feats = feed_data()
+    m = FEED(RunConfig(), student_ns(feat_channels=3), TeacherInfo(2, (4, 2)))
+    _, terms = m(y, {"logits": z, "feats": [x_s]}, {"logits": t, "feats": t_feats})
+    assert terms["feed"].item() == pytest.approx(500.0 * ref_feed_sum(m, x_s, t_feats), rel=1e-4)
+
+
+def test_feed_alpha_adds_kd_on_mean_teacher_logits():
+    y, z, t, x_s, t_feats = feed_data()
+    a, T = 0.5, 2.0
+    m = FEED(cfg_for(alpha=a, temperature=T, feed_weight=1.0), student_ns(feat_channels=3), TeacherInfo(2, (4, 2)))
+    _, terms = m(y, {"logits": z, "feats": [x_s]}, {"logits": t, "feats": t_feats})
+    assert set(terms) == {"ce", "feed", "kd"}
+    assert terms["ce"].item() == pytest.approx(py_ce(z, y), rel=1e-5)  # CE not scaled by (1-a)
+    want = a * py_kd(z, py_soft_rows(t.mean(0), T), T)
+    other = a * py_kd(z, py_mean_rows([py_soft_rows(t[0], T), py_soft_rows(t[1], T)]), T)
+    assert abs(want - other) > 1e-3
+    assert terms["kd"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_feed_gradients_and_detached_teacher_feats():
+    y, z, t, x_s, t_feats = feed_data()
+    m = FEED(cfg_for(alpha=0.5), student_ns(feat_channels=3), TeacherInfo(2, (4, 2)))
+    z.requires_grad_(True)
+    x_s.requires_grad_(True)
+    for f in t_feats:
+        f.requires_grad_(True)
+    _, terms = m(y, {"logits": z, "feats": [x_s]}, {"logits": t, "feats": t_feats})
+    sum(terms.values()).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert x_s.grad is not None and x_s.grad.abs().sum() > 0
+    assert all(f.grad is None for f in t_feats)
+    for p in m.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_sfeed_generations():
+    gens = SFEED.generations(cfg_for(generations=3))
+    assert gens == [Generation(0, "ensemble"), Generation(1, "previous"), Generation(2, "previous")]
+    assert [g.index for g in SFEED.generations(RunConfig())] == [0, 1]  # default 2
+    assert SFEED.generations(cfg_for(generations=1)) == [Generation(0, "ensemble")]
+    for cls in (CE, KD, AvgKD, EKD, FEED):
+        assert cls.generations(RunConfig()) == [Generation(0)]
+
+
+def test_sfeed_is_parallel_feed_per_generation():
+    y, z, t, x_s, t_feats = feed_data(tch=(4,), t_hw=(4,))
+    assert issubclass(SFEED, FEED)
+    m = SFEED(cfg_for(feed_weight=3.0), student_ns(feat_channels=3), TeacherInfo(1, (4,)))
+    _, terms = m(y, {"logits": z, "feats": [x_s]}, {"logits": t, "feats": t_feats})
+    assert len(m.translators) == 1
+    assert terms["feed"].item() == pytest.approx(3.0 * ref_feed_sum(m, x_s, t_feats), rel=1e-4)
