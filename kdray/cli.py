@@ -100,7 +100,8 @@ def cmd_train(args) -> int:
 
     from .runner import run_training
 
-    result = run_training(cfg, out=out, run_name=name, tracking=args, log=log)
+    result = run_training(cfg, out=out, run_name=name, tracking=args, log=log, address=args.address,
+                          gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
     m = result["metrics"]
     summary = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     summary.update({"student_path": result["student_path"], "method": cfg.method, "student": cfg.student,
@@ -143,6 +144,40 @@ def cmd_teachers_show(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .tune import run_sweep
+
+    result = run_sweep(
+        args.space, workdir=workdir(args), samples=args.samples, concurrency=args.concurrency,
+        workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        experiment=args.experiment, address=args.address, resume=args.resume,
+        optuna_storage=args.optuna_storage, max_failures=args.max_failures, log=log,
+    )
+    if args.json:
+        print(json.dumps(result, sort_keys=True, default=str))
+        return 0
+    counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result["study_counts"].items()))
+    print(f"sweep {result['experiment']}: {counts}")
+    for row in result["trials"]:
+        m = row["metrics"]
+        state = f"failed: {row['error']}" if row["error"] else (
+            "pruned" if m.get("epoch", 0) < m.get("total_epochs", 0) else "completed")
+        print(f"  {m.get('trial_id', '?')}: val_acc={m.get('val_acc', float('nan')):.4f} "
+              f"epochs={m.get('epoch', 0)} node={m.get('node_ip', '?')} {state}")
+    if "best" in result:
+        b = result["best"]
+        params = {k: v for k, v in b["config"].items()}
+        metric = result["metrics"][0][0]
+        print(f"best trial {b['metrics'].get('trial_id')}: {metric}={b['metrics'].get(metric):.4f} "
+              f"params={json.dumps(params, default=str)}")
+        print(f"  student: {b['metrics'].get('checkpoint_dir_name') or b['metrics'].get('checkpoint_path', '?')}")
+    if "pareto_front" in result:
+        print("Pareto front (" + ", ".join(f"{m} {d}" for m, d in result["metrics"]) + "):")
+        for t in result["pareto_front"]:
+            print(f"  trial #{t['number']}: values={t['values']} params={t['params']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -171,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--feed-weight", type=float, help="FEED weight b (default 500)")
     m.add_argument("--generations", type=int, help="sequential FEED generations (default 2)")
     m.add_argument("--workers", type=int, help="Ray Train DDP workers (default 1: in this process)")
+    m.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker when --workers > 1 (default 0)")
+    m.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default 1)")
+    m.add_argument("--address", help="Ray cluster address for --workers > 1 (default: a local Ray)")
     add_data_args(t)
     add_optim_args(t)
     o = t.add_argument_group("output")
@@ -182,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     # teachers -------------------------------------------------------------------------------
+    # tune -----------------------------------------------------------------------------------
+    tu = sub.add_parser("tune", help="search distillation hyperparameters (Ray Tune + Optuna TPE + ASHA)",
+                        description="Run a sweep from a YAML search space: each trial is a Ray Train run with W DDP "
+                        "workers; Optuna's TPE proposes, ASHA stops weak trials early (recorded as PRUNED).")
+    tu.add_argument("--space", required=True, help="search space YAML, e.g. search_spaces/quick.yaml")
+    tu.add_argument("--samples", type=int, help="number of trials (default: the space's `samples`)")
+    tu.add_argument("--concurrency", type=int, default=1, help="trials running at once (default 1)")
+    tu.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    tu.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; fractions let small trials share a GPU (default 0)")
+    tu.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    tu.add_argument("--experiment", help="sweep / Optuna study / MLflow experiment name (default: the space's name)")
+    tu.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    tu.add_argument("--resume", action="store_true", help="continue the sweep's Optuna study; interrupted trials run again")
+    tu.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///WORKDIR/optuna.db)")
+    tu.add_argument("--max-failures", type=int, default=0, help="worker failures a trial survives, resuming from its last checkpoint (default 0)")
+    tu.add_argument("--json", action="store_true", help="print the sweep's result (trials, best, Pareto front) as JSON")
+    tu.set_defaults(func=cmd_tune)
+
     te = sub.add_parser("teachers", help="train or inspect teacher ensembles", description="Train or inspect teacher ensembles.")
     tsub = te.add_subparsers(dest="teachers_command", metavar="ACTION")
     tt = tsub.add_parser("train", help="train K teachers and write weights + manifest",

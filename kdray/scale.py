@@ -1,0 +1,113 @@
+"""Ray Train: the engine's `fit` as a TorchTrainer worker loop (DDP via torch.distributed;
+gloo on CPU, NCCL on GPU), a checkpoint reported each epoch, resume after worker failures."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .config import from_dict
+from .errors import KdrayError
+
+DRIVER_RESOURCES = {"cpu": 0.01}  # a trial driver takes almost nothing from the workers
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: the plain engine, reporting through ray.train."""
+    import ray.train
+    import ray.train.torch
+    from ray.util import get_node_ip_address
+
+    from .distill import get_method
+    from .engine import NonFiniteLoss, fit
+
+    cfg = from_dict(config["cfg"])
+    node_ip = get_node_ip_address()
+    total_epochs = cfg.epochs * len(get_method(cfg.method).generations(cfg))
+
+    def reporter(metrics: dict, ckpt_dir: Optional[str]) -> None:
+        metrics = dict(metrics, node_ip=node_ip, total_epochs=total_epochs)
+        checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    ckpt = ray.train.get_checkpoint()
+    root = tempfile.mkdtemp(prefix="kdray-ckpt-")
+    with (ckpt.as_directory() if ckpt else contextlib.nullcontext(None)) as resume_dir:
+        try:
+            fit(cfg, reporter=reporter, resume_dir=resume_dir, checkpoint_root=root,
+                device=ray.train.torch.get_device(), keep_checkpoints=1)
+        except NonFiniteLoss as exc:
+            raise RuntimeError(f"NonFiniteLoss: {exc}") from None
+
+
+def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                 storage_path: str, name: str, max_failures: int = 0, callbacks=()):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float, concurrency: int = 1) -> None:
+    """Fail at once, not hang, when the cluster can never host one trial."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_gpu, need_cpu = workers * gpus_per_worker, workers * cpus_per_worker
+    if need_gpu > total.get("GPU", 0):
+        raise KdrayError(
+            f"asked for {workers} worker(s) x {gpus_per_worker} GPU = {need_gpu:g} GPUs per trial, "
+            f"but the Ray cluster has {total.get('GPU', 0):g}; lower --workers/--gpus-per-worker or add GPU nodes"
+        )
+    if need_cpu > total.get("CPU", 0):
+        raise KdrayError(
+            f"asked for {workers} worker(s) x {cpus_per_worker} CPU = {need_cpu:g} CPUs per trial, "
+            f"but the Ray cluster has {total.get('CPU', 0):g}; lower --workers/--cpus-per-worker"
+        )
+
+
+def init_ray(address: Optional[str] = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    try:
+        ray.init(address=address or None, include_dashboard=False if not address else None,
+                 log_to_driver=True, logging_level="WARNING")
+    except ConnectionError as exc:
+        raise KdrayError(f"cannot reach the Ray cluster at {address!r} ({exc})") from None
+
+
+def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+                    address: Optional[str] = None, max_failures: int = 0, name: str = "kdray-train") -> dict:
+    """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint."""
+    init_ray(address)
+    check_resources(workers, gpus_per_worker, cpus_per_worker)
+    trainer = make_trainer(cfg, workers=workers, gpus_per_worker=gpus_per_worker,
+                           cpus_per_worker=cpus_per_worker, storage_path=str(Path(out).resolve() / "ray"),
+                           name=name, max_failures=max_failures)
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's error
+        msg = str(exc).strip().splitlines()
+        reason = next((l for l in msg if "NonFiniteLoss" in l or "KdrayError" in l), msg[-1] if msg else repr(exc))
+        raise KdrayError(f"distributed training failed: {reason.strip()[:300]}") from None
+    return {"metrics": dict(result.metrics), "checkpoint_dir": result.checkpoint.path if result.checkpoint else None}

@@ -1,0 +1,211 @@
+"""Search spaces as YAML, validated before any trial starts.
+
+```yaml
+name: quick                      # default study / experiment name
+metric: val_acc                  # single objective ...
+mode: max
+objectives:                      # ... or several (Pareto front); overrides metric/mode
+  - {metric: val_acc, mode: max}
+  - {metric: params, mode: min}
+base: {dataset: digits, method: ekd, epochs: 6}        # RunConfig keys held constant
+teachers: {arch: [resnet20], count: 3, epochs: 20}     # trained once per sweep if missing
+params:                                                # what the sweep varies
+  temperature: {type: float, low: 1, high: 10, log: true}
+  branches: {type: int, low: 1, high: 4}
+  method: {type: categorical, choices: [kd, avg_kd]}
+  lr: 0.05                                             # a constant
+per_branch:                                            # conditional on `branches`
+  branch_alpha: {type: float, low: 0, high: 1}         # one value per branch
+scheduler: {grace_period: 2, reduction_factor: 2}      # ASHA on the epoch axis
+samples: 8
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import FIELDS, RunConfig, coerce, from_dict, load_yaml, unknown_key_error
+from .errors import KdrayError
+
+TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
+            "per_branch", "scheduler", "samples", "seed")
+DIST_TYPES = ("float", "int", "categorical")
+PER_BRANCH_KEYS = ("branch_alpha",)
+MODES = ("max", "min")
+
+
+@dataclass
+class Space:
+    path: str
+    name: str
+    base: RunConfig
+    params: dict
+    per_branch: dict
+    metrics: list  # [(metric, mode)]
+    teachers: dict
+    scheduler: dict
+    samples: int
+    seed: int = 0
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
+
+    def define_by_run(self) -> "Sampler":
+        """An Optuna define-by-run function (picklable): samples every parameter, returns the constants."""
+        return Sampler(self.params, self.per_branch, self.base.branches)
+
+    def trial_config(self, flat: dict) -> RunConfig:
+        """The RunConfig of one trial from Tune's flat config (per-branch values gathered)."""
+        values = {k: v for k, v in flat.items() if k in FIELDS}
+        for key in self.per_branch:
+            branches = int(values.get("branches", self.base.branches))
+            values[key] = [flat[f"{key}_{b}"] for b in range(branches)]
+        return from_dict({**self.base.to_dict(), **values}, self.path)
+
+
+class Sampler:
+    def __init__(self, params: dict, per_branch: dict, default_branches: int):
+        self.params, self.per_branch, self.default_branches = params, per_branch, default_branches
+
+    def __call__(self, trial) -> dict:
+        constants, chosen = {}, {}
+        for name, spec in self.params.items():
+            if isinstance(spec, dict):
+                chosen[name] = suggest(trial, name, spec)
+            else:
+                constants[name] = spec
+        if self.per_branch:
+            branches = int(chosen.get("branches", constants.get("branches", self.default_branches)))
+            for key, spec in self.per_branch.items():
+                for b in range(branches):
+                    suggest(trial, f"{key}_{b}", spec)
+        return constants
+
+
+def suggest(trial, name: str, spec: dict):
+    kind = spec["type"]
+    if kind == "float":
+        return trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+    if kind == "int":
+        return trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+    return trial.suggest_categorical(name, spec["choices"])
+
+
+def _check_dist(where: str, key: str, spec: Any, list_field: bool = False) -> Any:
+    if not isinstance(spec, dict):
+        if list_field:
+            raise KdrayError(f"{where}: per_branch.{key} must be a distribution mapping")
+        return coerce(key, spec, f"{where}: params")
+    unknown = set(spec) - {"type", "low", "high", "log", "choices"}
+    if unknown:
+        raise KdrayError(f"{where}: params.{key}: unknown field(s) {sorted(unknown)}; allowed: type, low, high, log, choices")
+    kind = spec.get("type")
+    if kind not in DIST_TYPES:
+        raise KdrayError(f"{where}: params.{key}: type {kind!r} is not allowed; allowed: {', '.join(DIST_TYPES)}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise KdrayError(f"{where}: params.{key}: categorical needs a non-empty 'choices' list")
+        if not list_field:
+            for c in choices:
+                coerce(key, c, f"{where}: params.{key}")
+        return {"type": kind, "choices": choices}
+    for bound in ("low", "high"):
+        if not isinstance(spec.get(bound), (int, float)) or isinstance(spec.get(bound), bool):
+            raise KdrayError(f"{where}: params.{key}: '{bound}' must be a number, got {spec.get(bound)!r}")
+    low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
+    if low > high:
+        raise KdrayError(f"{where}: params.{key}: low {low} > high {high}; need low <= high")
+    if log and low <= 0:
+        raise KdrayError(f"{where}: params.{key}: a log range needs low > 0, got {low}")
+    if kind == "int":
+        if int(low) != low or int(high) != high:
+            raise KdrayError(f"{where}: params.{key}: int range bounds must be integers")
+        low, high = int(low), int(high)
+        if not list_field:
+            coerce(key, low, f"{where}: params.{key}")
+    else:
+        low, high = float(low), float(high)
+        if not list_field:
+            coerce(key, low, f"{where}: params.{key}")
+    return {"type": kind, "low": low, "high": high, "log": log}
+
+
+def load_space(path: str | Path) -> Space:
+    where = str(path)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise KdrayError(f"{where}: a search space must be a mapping with keys {', '.join(TOP_KEYS)}")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise KdrayError(f"{where}: unknown top-level key {key!r}; allowed: {', '.join(TOP_KEYS)}")
+    base_raw = raw.get("base") or {}
+    if not isinstance(base_raw, dict):
+        raise KdrayError(f"{where}: 'base' must be a mapping of config keys")
+    for key in base_raw:
+        if key not in FIELDS:
+            raise unknown_key_error(str(key), f"{where}: base")
+    base = from_dict(base_raw, f"{where}: base")
+    params_raw = raw.get("params") or {}
+    if not isinstance(params_raw, dict):
+        raise KdrayError(f"{where}: 'params' must be a mapping of config keys to distributions")
+    params = {}
+    for key, spec in params_raw.items():
+        if key not in FIELDS:
+            raise unknown_key_error(str(key), f"{where}: params")
+        params[key] = _check_dist(where, key, spec)
+    per_branch = {}
+    for key, spec in (raw.get("per_branch") or {}).items():
+        if key not in PER_BRANCH_KEYS:
+            raise KdrayError(f"{where}: per_branch.{key} is not a per-branch key; allowed: {', '.join(PER_BRANCH_KEYS)}")
+        per_branch[key] = _check_dist(where, key, spec, list_field=True)
+    if "objectives" in raw:
+        objs = raw["objectives"]
+        if not isinstance(objs, list) or not objs:
+            raise KdrayError(f"{where}: 'objectives' must be a non-empty list of {{metric, mode}}")
+        metrics = []
+        for o in objs:
+            if not isinstance(o, dict) or "metric" not in o or o.get("mode") not in MODES:
+                raise KdrayError(f"{where}: each objective needs 'metric' and 'mode' (max or min), got {o!r}")
+            metrics.append((str(o["metric"]), o["mode"]))
+    else:
+        mode = raw.get("mode", "max")
+        if mode not in MODES:
+            raise KdrayError(f"{where}: mode {mode!r} is not allowed; allowed: max, min")
+        metrics = [(str(raw.get("metric", "val_acc")), mode)]
+    sched = raw.get("scheduler") or {}
+    if not isinstance(sched, dict) or set(sched) - {"grace_period", "reduction_factor"}:
+        raise KdrayError(f"{where}: 'scheduler' allows only grace_period and reduction_factor")
+    teachers = raw.get("teachers") or {}
+    if not isinstance(teachers, dict) or set(teachers) - {"arch", "count", "epochs", "train_fraction"}:
+        raise KdrayError(f"{where}: 'teachers' allows only arch, count, epochs, train_fraction")
+    samples = raw.get("samples", 8)
+    if not isinstance(samples, int) or samples < 1:
+        raise KdrayError(f"{where}: samples must be an integer >= 1, got {samples!r}")
+    space = Space(path=where, name=str(raw.get("name") or Path(path).stem), base=base, params=params,
+                  per_branch=per_branch, metrics=metrics, teachers=teachers, scheduler=sched,
+                  samples=samples, seed=int(raw.get("seed", 0)), raw=raw)
+    _check_extremes(space)
+    return space
+
+
+def _check_extremes(space: Space) -> None:
+    """Every corner of the space must be a valid RunConfig (catches e.g. branches 0..12)."""
+    for pick in ("low", "high"):
+        values = {}
+        for k, s in space.params.items():
+            if not isinstance(s, dict):
+                values[k] = s
+            elif s["type"] == "categorical":
+                values[k] = s["choices"][0 if pick == "low" else -1]
+            else:
+                values[k] = s[pick]
+        branches = int(values.get("branches", space.base.branches))
+        for k, s in space.per_branch.items():
+            values[k] = [s.get(pick, s.get("choices", [0])[0])] * branches
+        from_dict({**space.base.to_dict(), **values}, f"{space.path}: params")
