@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.kdray-installed
 # local torch wheel, against which torchvision fails to import).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 WORKDIR ?= kdray-work
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not cluster"
 
 .PHONY: demo test install clean
 
