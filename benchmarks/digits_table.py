@@ -59,12 +59,12 @@ def train_teachers(args, tdir: Path) -> dict:
     if manifest.is_file():
         print(f"# teachers: reusing {tdir}", file=sys.stderr)
         found = json.loads(manifest.read_text())
-        if found.get("train_fraction") != args.train_fraction:
+        if found.get("train_fraction") != args.teacher_train_fraction:
             raise SystemExit(f"{manifest}: teachers were trained with train_fraction {found.get('train_fraction')}, "
-                             f"not {args.train_fraction}; use another --workdir")
+                             f"not {args.teacher_train_fraction}; use another --workdir")
         return found
     cmd = kdray_exe() + [
-        "teachers", "train", "--dataset", "digits", "--train-fraction", str(args.train_fraction),
+        "teachers", "train", "--dataset", "digits", "--train-fraction", str(args.teacher_train_fraction),
         "--arch", args.teacher_arch, "--count", str(args.teachers), "--epochs", str(args.teacher_epochs),
         "--out", str(tdir), "--json", "--device", args.device,
     ] + args.teacher_extra
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--student", default="resnet8", help="one student architecture for every method")
     p.add_argument("--branches", type=int, default=3, help="EKD branches B")
     p.add_argument("--train-fraction", type=float, default=0.25, help="for teachers and students alike")
+    p.add_argument("--teacher-train-fraction", type=float,
+                   help="train fraction of the teachers (default: --train-fraction, the EKD paper's limited-data "
+                   "setting; 1.0 gives teachers trained on the whole training split)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--device", default="auto")
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
                         "OpenMP threads slow every epoch down many times; 0 leaves the environment alone)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of markdown")
     args = p.parse_args(argv)
+    if args.teacher_train_fraction is None:
+        args.teacher_train_fraction = args.train_fraction
 
     if args.threads > 0:
         ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

@@ -98,9 +98,10 @@ def cmd_train(args) -> int:
         cfg = cfg.replace(resume=True)
     cfg = cfg.replace(checkpoint_dir=str(out / "checkpoints"))
 
+    tracking = tracking_from_args(args)
     from .runner import run_training
 
-    result = run_training(cfg, out=out, run_name=name, tracking=args, log=log, address=args.address,
+    result = run_training(cfg, out=out, run_name=name, tracking=tracking, log=log, address=args.address,
                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
     m = result["metrics"]
     summary = {k: v for k, v in m.items() if isinstance(v, (int, float))}
@@ -112,6 +113,95 @@ def cmd_train(args) -> int:
         branch = f", best branch {m['test_acc_best_branch']:.4f}" if "test_acc_best_branch" in m else ""
         print(f"done: {cfg.method} {cfg.student} on {cfg.dataset}: test acc {m['test_acc']:.4f}{branch}, "
               f"val acc {m['val_acc']:.4f}, {m['params']} params; student at {result['student_path']}")
+    return 0
+
+
+def tracking_uri(args) -> str:
+    from .tracking import resolve_uri
+
+    return resolve_uri(getattr(args, "tracking_uri", None), workdir(args))
+
+
+def tracking_from_args(args, experiment_default: str = "kdray"):
+    """None with --no-track; else the checked store, experiment and workdir for MLflow."""
+    if getattr(args, "no_track", False):
+        return None
+    from .tracking import check_store
+
+    uri = tracking_uri(args)
+    check_store(uri)  # before any training starts
+    return {"uri": uri, "experiment": getattr(args, "experiment", None) or experiment_default,
+            "workdir": str(workdir(args).resolve())}
+
+
+def cmd_best(args) -> int:
+    from . import tracking as tr
+
+    uri = tracking_uri(args)
+    tr.check_store(uri)
+    if args.top < 1:
+        raise KdrayError(f"--top {args.top} is out of range; allowed: >= 1")
+    runs, metric, mode = tr.best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
+                                      max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=args.top)
+    rows = []
+    for r in runs:
+        m, t = r.data.metrics, r.data.tags
+        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "method": t.get("kdray.method"),
+                     "state": t.get(tr.STATE_TAG), metric: m.get(metric), "test_acc": m.get("test_acc"),
+                     "test_acc_best_branch": m.get("test_acc_best_branch"), "params": m.get("params"),
+                     "latency_ms": m.get("latency_ms"), "parent_run_id": t.get("mlflow.parentRunId")})
+    out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows, "tracking_uri": uri}
+    if args.register:
+        from .registry import register_champion
+
+        out["registered"] = register_champion(uri, rows[0]["run_id"], args.register, log=log)
+    if args.json:
+        print(json.dumps(out, sort_keys=True, default=str))
+        return 0
+    def fmt(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    print(f"top {len(rows)} of experiment {args.experiment!r} by {metric} ({mode}):")
+    print(f"  {'#':>2}  {'run id':32}  {'name':24}  {'method':7}  {metric:>10}  {'test_acc':>8}  {'params':>9}  {'latency_ms':>10}")
+    for i, r in enumerate(rows, 1):
+        print(f"  {i:>2}  {r['run_id']:32}  {str(r['run_name'])[:24]:24}  {str(r['method']):7}  {fmt(r[metric]):>10}  "
+              f"{fmt(r['test_acc']):>8}  {fmt(r['params'], 0):>9}  {fmt(r['latency_ms'], 3):>10}")
+    if args.register:
+        reg = out["registered"]
+        print(f"registered {reg['model_uri']} (version {reg['version']}, run {reg['run_id']}); "
+              f"load it with mlflow.pytorch.load_model({reg['model_uri']!r})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import safe_load
+    from .export import export_student
+
+    if bool(args.run) == bool(args.student):
+        raise KdrayError("give exactly one of --run RUN_ID (an MLflow run) or --student PATH (a student.pt)")
+    branch = args.branch
+    if branch not in ("best", "all"):
+        try:
+            branch = int(branch)
+        except ValueError:
+            raise KdrayError(f"--branch {args.branch!r} is not allowed; allowed: best, all or a branch number") from None
+    if args.run:
+        from . import tracking as tr
+
+        uri = tracking_uri(args)
+        tr.check_store(uri)
+        path = tr.download_student(uri, args.run)
+    else:
+        path = Path(args.student)
+        if not path.is_file():
+            raise KdrayError(f"--student {path}: no such file")
+    record = safe_load(path, "student")
+    info = export_student(record, branch=branch, out=Path(args.out), overwrite=args.overwrite, log=log)
+    if args.json:
+        print(json.dumps(info, sort_keys=True, default=str))
+    else:
+        print(f"exported {info.get('branch')} of {record['arch']} ({record['method']}) to {args.out}: "
+              f"test acc re-checked {info.get('test_acc_rechecked'):.4f} (logged {info.get('test_acc_logged')})")
     return 0
 
 
@@ -238,6 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--json", action="store_true", help="print the sweep's result (trials, best, Pareto front) as JSON")
     tu.set_defaults(func=cmd_tune)
 
+    # best -----------------------------------------------------------------------------------
+    b = sub.add_parser("best", help="list the best students of an experiment; register the winner",
+                       description="Rank the completed runs of an MLflow experiment (a sweep's trials or train runs) "
+                       "by a metric, with optional size / latency limits; --register logs the winner as an MLflow "
+                       "PyTorch model and registers it with the alias `champion`.")
+    b.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's --experiment / space name)")
+    b.add_argument("--metric", help="metric to rank by (default: the sweep's metric, else val_acc)")
+    b.add_argument("--mode", choices=["max", "min"], help="max or min (default: the sweep's mode, else max)")
+    b.add_argument("--max-params", type=int, help="only students with at most this many parameters")
+    b.add_argument("--max-latency-ms", type=float, help="only students at most this slow (CPU, batch 1, ms)")
+    b.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
+    b.add_argument("--register", metavar="MODEL_NAME", help="register the winner under MODEL_NAME, alias champion")
+    b.add_argument("--json", action="store_true", help="print the table (and registration) as JSON")
+    b.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
+    b.set_defaults(func=cmd_best)
+
+    # export ---------------------------------------------------------------------------------
+    x = sub.add_parser("export", help="write a deployable student (state dict + exported program)",
+                       description="Export a trained student for deployment: the whole EKD ensemble or one branch "
+                       "(FEED translators are never part of it), as a plain state dict plus a torch.export program, "
+                       "with its accuracy re-checked on the test split.")
+    x.add_argument("--run", help="MLflow run id whose student/student.pt to export")
+    x.add_argument("--student", help="or a local student.pt (from `kdray train`)")
+    x.add_argument("--branch", default="best", help="best (default: the best single branch), all (the whole ensemble) or N")
+    x.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.add_argument("--json", action="store_true", help="print what was exported as JSON")
+    x.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
+    x.set_defaults(func=cmd_export)
+
     te = sub.add_parser("teachers", help="train or inspect teacher ensembles", description="Train or inspect teacher ensembles.")
     tsub = te.add_subparsers(dest="teachers_command", metavar="ACTION")
     tt = tsub.add_parser("train", help="train K teachers and write weights + manifest",
@@ -259,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_tracking_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tracking (MLflow)")
-    g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
     g.add_argument("--experiment", help="MLflow experiment name (default kdray)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db)")
     g.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
 

@@ -28,8 +28,17 @@ def train_loop_per_worker(config: dict) -> None:
     node_ip = get_node_ip_address()
     total_epochs = cfg.epochs * len(get_method(cfg.method).generations(cfg))
 
+    tracker = None
+    track = config.get("tracking")
+    if track and ray.train.get_context().get_world_rank() == 0:
+        from .tracking import RunLogger  # rank 0 logs to MLflow (over HTTP on a cluster)
+
+        tracker = RunLogger(track["uri"], track["run_id"], total_epochs, teachers=cfg.teachers, node_ip=node_ip)
+
     def reporter(metrics: dict, ckpt_dir: Optional[str]) -> None:
         metrics = dict(metrics, node_ip=node_ip, total_epochs=total_epochs)
+        if tracker is not None:  # before the report: ASHA may end the trial right after it
+            tracker.epoch(metrics, ckpt_dir)
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -40,11 +49,17 @@ def train_loop_per_worker(config: dict) -> None:
             fit(cfg, reporter=reporter, resume_dir=resume_dir, checkpoint_root=root,
                 device=ray.train.torch.get_device(), keep_checkpoints=1)
         except NonFiniteLoss as exc:
+            if tracker is not None:
+                tracker.failed(f"NonFiniteLoss: {exc}")
             raise RuntimeError(f"NonFiniteLoss: {exc}") from None
+        except Exception as exc:
+            if tracker is not None:
+                tracker.failed(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:400] if str(exc).strip() else ''}")
+            raise
 
 
 def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                 storage_path: str, name: str, max_failures: int = 0, callbacks=()):
+                 storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -54,7 +69,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict()},
+        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -97,13 +112,14 @@ def init_ray(address: Optional[str] = None) -> None:
 
 
 def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                    address: Optional[str] = None, max_failures: int = 0, name: str = "kdray-train") -> dict:
+                    address: Optional[str] = None, max_failures: int = 0, name: str = "kdray-train",
+                    tracking: Optional[dict] = None) -> dict:
     """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint."""
     init_ray(address)
     check_resources(workers, gpus_per_worker, cpus_per_worker)
     trainer = make_trainer(cfg, workers=workers, gpus_per_worker=gpus_per_worker,
                            cpus_per_worker=cpus_per_worker, storage_path=str(Path(out).resolve() / "ray"),
-                           name=name, max_failures=max_failures)
+                           name=name, max_failures=max_failures, tracking=tracking)
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error

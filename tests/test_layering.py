@@ -7,7 +7,7 @@ import sys
 def test_core_imports_neither_ray_nor_mlflow():
     code = (
         "import sys\n"
-        "import kdray.data, kdray.models, kdray.distill, kdray.engine, kdray.teachers, kdray.runner\n"
+        "import kdray.data, kdray.models, kdray.distill, kdray.engine, kdray.teachers, kdray.runner, kdray.export\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'optuna'))\n"
         "print(','.join(bad))\n"
     )

@@ -1,0 +1,484 @@
+"""MLflow tracking: one parent run per sweep, one child run per trial, one run per `kdray train`.
+
+The store is a local sqlite file in the kdray working directory unless ``--tracking-uri`` or
+``MLFLOW_TRACKING_URI`` names another (an ``mlflow server`` over HTTP on clusters). Every call
+goes through an explicit :class:`mlflow.MlflowClient` for that URI, never MLflow's global state,
+so trial drivers and Ray Train workers on any node log to the same place.
+
+Run layout (what ``kdray best`` and ``kdray export`` rely on):
+
+- tags ``kdray.kind`` (sweep | trial | train), ``kdray.state`` (running | completed | pruned |
+  failed), ``kdray.failure_reason``, ``kdray.method``, ``kdray.dataset``, ``kdray.student``,
+  ``kdray.teachers``, ``kdray.trial_id``, ``node_ip``; children carry ``mlflow.parentRunId``;
+- params: every key of the resolved run config;
+- metrics: everything the engine reports, per epoch (step = epoch), plus ``latency_ms``;
+- artifacts: ``student/student.pt`` (the latest epoch's student; the final one when completed),
+  ``teachers/manifest.json``; on a sweep's parent: ``space/<file>``, ``config/base.yaml``,
+  ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from .errors import KdrayError
+
+STATE_TAG = "kdray.state"
+KIND_TAG = "kdray.kind"
+REASON_TAG = "kdray.failure_reason"
+TRIAL_TAG = "kdray.trial_id"
+STUDENT_ARTIFACT = "student/student.pt"
+LOCAL_SCHEMES = ("sqlite", "file", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# stores
+# ---------------------------------------------------------------------------------------------
+def default_uri(workdir: Path) -> str:
+    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db')}"
+
+
+def resolve_uri(uri: Optional[str], workdir: Path) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite in the working directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(workdir)
+    if "://" not in uri and not uri.startswith("sqlite:"):
+        uri = Path(uri).resolve().as_uri()  # a bare folder: a file store
+    return uri
+
+
+def scheme(uri: str) -> str:
+    return urllib.parse.urlparse(uri).scheme
+
+
+def is_local_store(uri: str) -> bool:
+    return scheme(uri) in LOCAL_SCHEMES
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Fail now, before any training, when the tracking store cannot be used."""
+    s = scheme(uri)
+    if s in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                body = resp.read(200).decode(errors="replace")
+            if resp.status != 200:
+                raise OSError(f"HTTP {resp.status}: {body.strip()[:80]}")
+        except (OSError, urllib.error.URLError, socket.timeout) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise KdrayError(
+                f"the MLflow tracking server at {uri} does not answer ({reason}); start it "
+                "(e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix --tracking-uri / MLFLOW_TRACKING_URI, "
+                "or pass --no-track"
+            ) from None
+    elif s == "sqlite":
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:":
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise KdrayError(f"cannot create the MLflow store {uri}: {exc.strerror}") from None
+    elif s not in ("file", "", "databricks", "postgresql", "mysql", "mssql"):
+        raise KdrayError(f"tracking URI {uri!r} has an unknown scheme {s!r}; allowed: http(s)://, sqlite:///, file://")
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str, workdir: Optional[Path] = None, create: bool = True) -> str:
+    """The id of experiment ``name``; created when missing (artifacts beside a local store)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise KdrayError(f"MLflow experiment {name!r} is deleted; restore it or use another --experiment")
+        return exp.experiment_id
+    if not create:
+        known = sorted(e.name for e in c.search_experiments(max_results=50))
+        raise KdrayError(f"MLflow experiment {name!r} does not exist at {uri}; known: {', '.join(known) or 'none'}")
+    location = None
+    if is_local_store(uri) and workdir is not None:
+        location = (Path(workdir).resolve() / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created by a concurrent process in the meantime
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("kdray", "ray", "torch", "torchvision", "optuna", "mlflow"):
+        try:
+            out[f"version.{pkg}"] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit(path: Optional[Path] = None) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def config_params(cfg_dict: dict) -> dict:
+    """Every run-config key as an MLflow param (strings, None kept as 'None')."""
+    out = {}
+    for k, v in sorted(cfg_dict.items()):
+        out[k] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def run_tags(cfg) -> dict:
+    tags = {"kdray.method": cfg.method, "kdray.dataset": cfg.dataset, "kdray.student": cfg.student}
+    if cfg.teachers:
+        tags["kdray.teachers"] = str(cfg.teachers)
+        try:
+            from .teachers import read_manifest
+
+            man = read_manifest(cfg.teachers)
+            tags["kdray.teacher_archs"] = ",".join(t["arch"] for t in man["teachers"])
+        except Exception:  # noqa: BLE001 - the manifest is validated again when teachers load
+            pass
+    return tags
+
+
+def _log_batch(c, run_id: str, params: Optional[dict] = None, tags: Optional[dict] = None,
+               metrics: Optional[dict] = None, step: int = 0) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    ts = int(time.time() * 1000)
+    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    ts_ = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+    ms = [Metric(k, float(v), ts, step) for k, v in (metrics or {}).items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    for i in range(0, max(len(ps), 1), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run_id, params=ps[i:i + 100], tags=ts_ if i == 0 else [], metrics=ms if i == 0 else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+def start_run(uri: str, exp_id: str, *, run_name: str, cfg, kind: str, parent_run_id: Optional[str] = None,
+              extra_tags: Optional[dict] = None) -> str:
+    """Create a run with every config key as a param and kdray's tags; returns its id."""
+    c = client(uri)
+    tags = {KIND_TAG: kind, STATE_TAG: "running", **run_tags(cfg), **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    _log_batch(c, run.info.run_id, params=config_params(cfg.to_dict()))
+    return run.info.run_id
+
+
+def finish_run(uri: str, run_id: str, state: str, reason: Optional[str] = None) -> None:
+    """Set kdray.state (completed / pruned / failed) and end the MLflow run accordingly."""
+    c = client(uri)
+    tags = {STATE_TAG: state}
+    if reason:
+        tags[REASON_TAG] = reason[:4000]
+    _log_batch(c, run_id, tags=tags)
+    c.set_terminated(run_id, "FAILED" if state == "failed" else "FINISHED")
+
+
+class RunLogger:
+    """Per-epoch logging of one run, picklable so it travels to Ray Train workers.
+
+    ``epoch(metrics, ckpt_dir)`` is called on the logging rank after every epoch: the metrics
+    with step = epoch and the latest student as ``student/student.pt``. When the metrics say the
+    last epoch is done, it also logs latency, the teachers' manifest and ``kdray.state =
+    completed`` *before* the report that may end the trial (ASHA stops a trial at ``max_t``
+    without letting its driver run anything after ``fit``)."""
+
+    def __init__(self, uri: str, run_id: str, total_epochs: int, teachers: Optional[str] = None,
+                 node_ip: Optional[str] = None):
+        self.uri, self.run_id, self.total_epochs = uri, run_id, int(total_epochs)
+        self.teachers, self.node_ip = teachers, node_ip
+        self._started = False
+
+    def epoch(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
+        c = client(self.uri)
+        tags = {}
+        if not self._started:
+            self._started = True
+            if self.node_ip:
+                tags["node_ip"] = self.node_ip
+        step = int(metrics.get("epoch", 0))
+        last = step >= self.total_epochs
+        extra = {}
+        student = Path(ckpt_dir) / "student.pt" if ckpt_dir else None
+        if last and student is not None and student.is_file():
+            extra["latency_ms"] = student_latency_ms(student)
+        _log_batch(c, self.run_id, tags=tags, metrics={**metrics, **extra}, step=step)
+        if student is not None and student.is_file():
+            c.log_artifact(self.run_id, str(student), "student")
+        if last:
+            if self.teachers and (Path(self.teachers) / "manifest.json").is_file():
+                c.log_artifact(self.run_id, str(Path(self.teachers) / "manifest.json"), "teachers")
+            finish_run(self.uri, self.run_id, "completed")
+
+    def failed(self, reason: str) -> None:
+        finish_run(self.uri, self.run_id, "failed", reason)
+
+
+def student_latency_ms(student_pt: Path) -> float:
+    """Median CPU latency (batch 1) of the deployable student in ``student.pt``."""
+    import torch
+
+    from .checkpoint import safe_load
+    from .engine import rebuild_student
+    from .export import measure_latency_ms
+    from .models import export_module
+
+    record = safe_load(student_pt, "student")
+    module = export_module(rebuild_student(record))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return float(measure_latency_ms(module, int(record["image_size"]), batch=1, device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def find_trial_run(uri: str, exp_id: str, parent_run_id: str, trial_id: str):
+    runs = client(uri).search_runs(
+        [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        max_results=5,
+    )
+    return runs[0] if runs else None
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps
+# ---------------------------------------------------------------------------------------------
+def start_sweep_run(uri: str, exp_id: str, *, name: str, space, study_name: str, storage_url: str,
+                    teachers: Optional[str]) -> str:
+    """The parent run: space file and resolved base config as artifacts, study, versions, commit."""
+    import yaml
+
+    c = client(uri)
+    tags = {KIND_TAG: "sweep", STATE_TAG: "running", "kdray.study_name": study_name,
+            "kdray.optuna_storage": storage_url, "kdray.space": str(space.path),
+            "kdray.metric": ",".join(m for m, _ in space.metrics),
+            "kdray.mode": ",".join(d for _, d in space.metrics), **versions(), **run_tags(space.base)}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run_id = c.create_run(exp_id, run_name=f"sweep-{name}", tags=tags).info.run_id
+    _log_batch(c, run_id, params={"samples": space.samples, "study_name": study_name, "optuna_storage": storage_url,
+                                  "space": Path(space.path).name,
+                                  **{f"base.{k}": v for k, v in config_params(space.base.to_dict()).items()}})
+    c.log_artifact(run_id, str(space.path), "space")
+    c.log_text(run_id, yaml.safe_dump(space.base.to_dict(), sort_keys=True), "config/base.yaml")
+    if teachers and (Path(teachers) / "manifest.json").is_file():
+        c.log_artifact(run_id, str(Path(teachers) / "manifest.json"), "teachers")
+    return run_id
+
+
+def make_trial_callback(uri: str, exp_id: str, parent_run_id: str):
+    """A Tune callback on the driver: marks ASHA-stopped trials pruned and failed trials failed
+    (with the reason), creating the child run when a trial died before it could."""
+    from ray.tune import Callback
+
+    class TrialStateCallback(Callback):
+        def _run(self, trial):
+            return find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            res = trial.last_result or {}
+            run = self._run(trial)
+            if run is None or run.data.tags.get(STATE_TAG) in ("completed", "failed", "pruned"):
+                return
+            total, epoch = res.get("total_epochs", 0), res.get("epoch", 0)
+            finish_run(uri, run.info.run_id, "completed" if epoch >= total > 0 else "pruned")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            reason = trial_error_reason(trial)
+            run = self._run(trial)
+            if run is None:
+                c = client(uri)
+                run_id = c.create_run(exp_id, run_name=trial.trial_id, tags={
+                    "mlflow.parentRunId": parent_run_id, KIND_TAG: "trial", TRIAL_TAG: trial.trial_id}).info.run_id
+            elif run.data.tags.get(STATE_TAG) == "failed":
+                return
+            else:
+                run_id = run.info.run_id
+            finish_run(uri, run_id, "failed", reason)
+
+    return TrialStateCallback()
+
+
+def trial_error_reason(trial) -> str:
+    """The last meaningful line of a failed trial's error (NonFiniteLoss, KdrayError, ...)."""
+    text = ""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        text = Path(path).read_text(errors="replace")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for key in ("NonFiniteLoss", "KdrayError", "Error:"):
+        hit = [ln for ln in lines if key in ln]
+        if hit:
+            return hit[-1][:500]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+def log_sweep_plots(uri: str, parent_run_id: str, study, space, top: int = 5, log=print) -> list[str]:
+    """Optuna's history, importances, parallel coordinates (Pareto front when multi-objective)
+    and the best trials' learning curves, as PNGs on the parent run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ov
+
+    c = client(uri)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    names = [m for m, _ in space.metrics]
+    logged = []
+
+    def save(name, make):
+        try:
+            ax = make()
+        except Exception as exc:  # noqa: BLE001 - a plot that needs more trials is skipped, not fatal
+            log(f"plot {name}: skipped ({str(exc).splitlines()[0][:120]})")
+            return
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(10, 6)
+        fig.tight_layout()
+        c.log_figure(parent_run_id, fig, f"plots/{name}.png")
+        plt.close(fig)
+        logged.append(name)
+
+    if len(done) >= 1:
+        with _quiet_optuna():
+            if space.multi_objective:
+                save("pareto_front", lambda: ov.plot_pareto_front(study, target_names=names))
+                target = dict(target=lambda t: t.values[0], target_name=names[0])
+            else:
+                target = dict(target_name=names[0])
+            save("optimization_history", lambda: ov.plot_optimization_history(study, **target))
+            save("parallel_coordinate", lambda: ov.plot_parallel_coordinate(study, **target))
+            if len(done) >= 2:
+                save("param_importances", lambda: ov.plot_param_importances(study, **target))
+    save("learning_curves", lambda: _learning_curves(c, parent_run_id, names[0],
+                                                     dict(space.metrics)[names[0]], top))
+    return logged
+
+
+class _quiet_optuna:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc):
+        self._w.__exit__(*exc)
+
+
+def _learning_curves(c, parent_run_id: str, metric: str, mode: str, top: int):
+    import matplotlib.pyplot as plt
+
+    parent = c.get_run(parent_run_id)
+    runs = c.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                         order_by=[f"metrics.{metric} {'DESC' if mode == 'max' else 'ASC'}"], max_results=top)
+    runs = [r for r in runs if metric in r.data.metrics]
+    if not runs:
+        raise ValueError(f"no trial logged {metric}")
+    fig, ax = plt.subplots()
+    for r in runs:
+        hist = sorted(c.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
+        label = f"{r.info.run_name} ({r.data.tags.get(STATE_TAG, '?')}, {metric}={r.data.metrics[metric]:.4f})"
+        ax.plot([m.step for m in hist], [m.value for m in hist], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"best {len(runs)} trials: {metric} per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# picking and fetching students
+# ---------------------------------------------------------------------------------------------
+def get_run(uri: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(uri).get_run(run_id)
+    except MlflowException as exc:
+        raise KdrayError(f"MLflow run {run_id!r} does not exist at {uri} ({str(exc).splitlines()[0][:120]})") from None
+
+
+def download_student(uri: str, run_id: str, dst: Optional[Path] = None) -> Path:
+    """The run's ``student/student.pt`` as a local file."""
+    get_run(uri, run_id)
+    dst = Path(dst or tempfile.mkdtemp(prefix="kdray-student-"))
+    try:
+        local = client(uri).download_artifacts(run_id, STUDENT_ARTIFACT, str(dst))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+        raise KdrayError(f"run {run_id} has no {STUDENT_ARTIFACT} artifact ({str(exc).splitlines()[0][:120]})") from None
+    return Path(local)
+
+
+def best_runs(uri: str, experiment: str, *, metric: Optional[str] = None, mode: Optional[str] = None,
+              max_params: Optional[int] = None, max_latency_ms: Optional[float] = None, top: int = 5,
+              states: tuple = ("completed",)) -> tuple[list, str, str]:
+    """Top runs of ``experiment`` (trials and train runs, not sweep parents) by ``metric``."""
+    c = client(uri)
+    exp_id = experiment_id(uri, experiment, create=False)
+    if metric is None or mode is None:
+        parents = c.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'", max_results=1)
+        tags = parents[0].data.tags if parents else {}
+        metric = metric or tags.get("kdray.metric", "val_acc").split(",")[0]
+        mode = mode or tags.get("kdray.mode", "max").split(",")[0]
+    if mode not in ("max", "min"):
+        raise KdrayError(f"--mode {mode!r} is not allowed; allowed: max, min")
+    candidates = c.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` != 'sweep'",
+                               order_by=[f"metrics.{metric} {'DESC' if mode == 'max' else 'ASC'}"],
+                               max_results=5000)
+    candidates = [r for r in candidates if r.data.tags.get(STATE_TAG) in states]
+    if not candidates:
+        raise KdrayError(f"experiment {experiment!r} has no {'/'.join(states)} run yet")
+    with_metric = [r for r in candidates if metric in r.data.metrics]
+    if not with_metric:
+        have = sorted({k for r in candidates for k in r.data.metrics})
+        raise KdrayError(f"no run in {experiment!r} logged metric {metric!r}; logged: {', '.join(have[:20])}")
+    pool = with_metric
+    if max_params is not None:
+        fit = [r for r in pool if r.data.metrics.get("params", math.inf) <= max_params]
+        if not fit:
+            smallest = min(r.data.metrics.get("params", math.inf) for r in pool)
+            raise KdrayError(f"no run in {experiment!r} has params <= {max_params}; the smallest has {smallest:.0f}")
+        pool = fit
+    if max_latency_ms is not None:
+        fit = [r for r in pool if r.data.metrics.get("latency_ms", math.inf) <= max_latency_ms]
+        if not fit:
+            fastest = min(r.data.metrics.get("latency_ms", math.inf) for r in pool)
+            raise KdrayError(f"no run in {experiment!r} has latency_ms <= {max_latency_ms:g}; the fastest has {fastest:.3f} ms")
+        pool = fit
+    return pool[:top], metric, mode
