@@ -1,14 +1,31 @@
-"""Deployable students: the whole EKD ensemble or one branch (FEED translators are never part of
-a student), as a plain state dict plus a ``torch.export`` program, accuracy re-checked.
+"""Deployable students: the whole EKD ensemble or one branch (FEED translators are never part of a
+student), as a plain state dict plus a ``torch.export`` program, with the test accuracy re-checked.
 
-The deployed module takes float images in [0, 1], shape [N, 3, H, W], and returns logits: the
-data set's normalisation is inside it, so nothing else is needed to use it.
+Input contract of every deployed module: float images in [0, 1], shape [N, 3, H, W] (H = W =
+``image_size`` from ``export.json``), RGB, resized the way the training data was; the output is
+logits [N, num_classes] in the order of ``classes``. The data set's normalisation is inside the
+module (buffers ``scale`` and ``shift``), computed exactly as :class:`kdray.data.BatchLoader`
+does it for ``evaluate``: for an image stored as uint8 ``u``, feeding ``u / 255`` gives the
+bit-identical network input ``u * scale - shift`` that training-time evaluation saw.
+
+Files written into the output folder:
+
+- ``model.pt2``: ``torch.export`` program (batch size dynamic); ``load_exported(out)`` or
+  ``torch.export.load(path).module()``. If ``torch.export`` fails, ``model.ts`` (TorchScript,
+  ``torch.jit.trace``) is written instead and ``export.json`` says so (``format``).
+- ``state_dict.pt``: the plain state dict of the deploy module (loads with ``weights_only=True``);
+  ``load_state_dict_module(out)`` rebuilds the module from it and ``export.json``.
+- ``export.json``: what was exported, classes, normalisation, parameter count, logged and
+  re-checked accuracy, sha256 of the other files.
+
+This module needs bare torch only (no ray, mlflow or optuna).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -19,165 +36,426 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
+from .checkpoint import STUDENT_FORMAT, safe_load, sha256_file
 from .errors import KdrayError
-from .models import export_module
+
+EXPORT_FORMAT = "kdray-export/1"
+_RECORD_KEYS = ("arch", "num_classes", "multi_branch", "branches", "split_stage", "classes", "mean", "std",
+                "image_size", "config", "metrics", "state_dict")
+
+Branch = Union[str, int]
 
 
 class Deployed(nn.Module):
-    """Normalise [0, 1] images with the training statistics, then the student's logits."""
+    """[0, 1] images -> the student's logits, normalising inside exactly like ``BatchLoader``."""
 
     def __init__(self, net: nn.Module, mean, std):
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        # the same float32 expressions as BatchLoader: (x*255) * scale - shift is then bit-identical
+        # to the loader's uint8 * scale - shift, since (u/255)*255 == u exactly for every uint8 u
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", mean_t / std_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        return self.net(x.mul(255.0).mul(self.scale).sub(self.shift))
 
 
-def branch_accuracies(record: dict) -> list[float]:
+# ---------------------------------------------------------------------------------------------
+# records and branch choice
+
+
+def check_record(record, where: str = "student record") -> dict:
+    """``record`` if it is a kdray ``student.pt`` dict, else a KdrayError naming what is missing."""
+    if not isinstance(record, dict):
+        raise KdrayError(f"{where}: not a kdray student (expected a dict, got {type(record).__name__})")
+    if record.get("format") not in (None, STUDENT_FORMAT):
+        raise KdrayError(f"{where}: format {record.get('format')!r} is not {STUDENT_FORMAT!r}")
+    missing = [k for k in _RECORD_KEYS if k not in record]
+    if missing:
+        raise KdrayError(f"{where}: not a kdray student (missing {', '.join(missing)})")
+    return record
+
+
+def load_record(path: Union[str, Path]) -> dict:
+    """A ``student.pt`` loaded with ``weights_only=True`` and checked."""
+    return check_record(safe_load(path, "student"), str(path))
+
+
+def num_branches(record: dict) -> int:
+    """Branches a deployer can choose from: B for a multi-branch student, 1 otherwise."""
+    return max(1, int(record.get("branches", 1))) if record.get("multi_branch") else 1
+
+
+def branch_accuracies(record: dict) -> tuple[list[Optional[float]], str]:
+    """Per-branch logged accuracy and the split it came from: ``val`` (so that picking the best
+    branch does not peek at the test split), else ``test``."""
     m = record.get("metrics", {})
-    return [float(m[f"test_acc_b{i}"]) if f"test_acc_b{i}" in m else float(m.get(f"val_acc_b{i}", 0.0))
-            for i in range(int(record.get("branches", 1)))]
+    n = num_branches(record)
+    for split in ("val", "test"):
+        keys = [f"{split}_acc_b{i}" for i in range(n)]
+        if all(k in m for k in keys):
+            return [float(m[k]) for k in keys], split
+        if n == 1 and f"{split}_acc" in m:  # one branch: evaluate logs no per-branch keys
+            return [float(m[f"{split}_acc"])], split
+    return [None] * n, "none"
 
 
-def resolve_branch(record: dict, branch: Union[str, int]) -> Optional[int]:
-    """None for the whole student (EKD: the ensemble), else the branch index to export."""
-    multi = bool(record.get("multi_branch")) and int(record.get("branches", 1)) >= 1
-    n = int(record.get("branches", 1)) if multi else 1
+def parse_branch(branch: Branch) -> Branch:
+    """``"best"``, ``"all"`` or a branch number (CLI strings such as ``"2"`` become ints)."""
+    if isinstance(branch, bool):
+        raise KdrayError(f"branch {branch!r} is not allowed; allowed: best, all or a branch number")
+    if isinstance(branch, int):
+        return branch
+    s = str(branch).strip().lower()
+    if s in ("best", "all"):
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise KdrayError(f"branch {branch!r} is not allowed; allowed: best, all or a branch number") from None
+
+
+def resolve_branch(record: dict, branch: Branch) -> Optional[int]:
+    """``None`` for the whole student (EKD: the ensemble of all branches), else a branch index.
+
+    ``best`` picks the multi-branch student's branch with the highest logged ``test_acc_b{i}``
+    (``val_acc_b{i}`` when the test ones are missing; ties: the lowest index); for a single
+    student it means the student itself. A single student allows best, all and 0 only.
+    """
+    branch = parse_branch(branch)
+    multi = bool(record.get("multi_branch"))
+    n = num_branches(record)
     if branch == "all":
         return None
     if branch == "best":
         if not multi:
             return None
-        accs = branch_accuracies(record)
-        return max(range(n), key=lambda i: accs[i])
-    if isinstance(branch, int) and not isinstance(branch, bool):
-        if not 0 <= branch < n:
-            raise KdrayError(f"branch {branch} does not exist; allowed: best, all or 0..{n - 1} "
-                             f"(this student has {n} branch{'es' if n > 1 else ''})")
-        return branch if multi else None
-    raise KdrayError(f"branch {branch!r} is not allowed; allowed: best, all or a branch number")
-
-
-def deploy_module(record: dict, branch: Union[str, int] = "all") -> nn.Module:
-    """The deployable module for ``record`` (a ``student.pt`` dict), in eval mode."""
-    from .engine import rebuild_student
-
-    b = resolve_branch(record, branch)
-    net = export_module(rebuild_student(record), b)
-    return Deployed(net, record["mean"], record["std"]).eval()
+        accs, split = branch_accuracies(record)
+        if split == "none":
+            raise KdrayError("--branch best: the student has no logged per-branch accuracy "
+                             f"(test_acc_b*/val_acc_b*); choose --branch all or 0..{n - 1}")
+        return max(range(n), key=lambda i: (accs[i], -i))
+    if not 0 <= branch < n:
+        allowed = f"0..{n - 1}" if n > 1 else "0"
+        kind = f"a {n}-branch student" if multi else "a single-branch student"
+        raise KdrayError(f"branch {branch} does not exist in {kind}; allowed: best, all or {allowed}")
+    return branch if multi else None
 
 
 def logged_accuracy(record: dict, branch: Optional[int]) -> Optional[float]:
+    """The accuracy the run logged for what gets exported (ensemble/single: test_acc)."""
     m = record.get("metrics", {})
-    key = "test_acc" if branch is None else f"test_acc_b{branch}"
+    key = "test_acc" if branch is None or num_branches(record) == 1 else f"test_acc_b{branch}"
     return float(m[key]) if key in m else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def deploy_module(record: dict, branch: Branch = "all") -> nn.Module:
+    """The deploy module for ``record`` ([0, 1] images -> logits), on CPU in eval mode.
+
+    Built from the student weights only: ``rebuild_student`` loads ``record["state_dict"]``
+    strictly, so a record carrying anything else (say FEED translators) is refused.
+    """
+    from .engine import rebuild_student
+    from .models import export_module
+
+    check_record(record)
+    b = resolve_branch(record, branch)
+    try:
+        student = rebuild_student(record)
+    except RuntimeError as exc:  # load_state_dict(strict=True): missing or unexpected keys
+        first = str(exc).strip().splitlines()[0]
+        raise KdrayError(f"student weights do not fit {record['arch']!r}: {first[:200]}") from None
+    net = export_module(student, b)
+    return Deployed(net, record["mean"], record["std"]).eval()
 
 
-def test_accuracy(module: nn.Module, record: dict, batch: int = 512) -> tuple[float, int]:
-    """Accuracy of ``module`` ([0, 1] images -> logits) on the test split of the record's data."""
+def _describe(record: dict, b: Optional[int]) -> str:
+    if b is not None:
+        return f"branch {b}"
+    return "ensemble" if record.get("multi_branch") and num_branches(record) > 1 else "student"
+
+
+# ---------------------------------------------------------------------------------------------
+# re-check
+
+
+def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
+    """How far the re-checked accuracy may be from the logged one and still ``match``."""
+    if cfg.device == "cpu" and cfg.amp != "bf16" and torch.device(device).type == "cpu":
+        # logged by evaluate() in float32 on CPU: same weights, bit-identical inputs, same batches,
+        # so the predictions are the same; the tolerance only absorbs float rounding of the ratio
+        return 1e-6, "logged in float32 on CPU: identical predictions expected"
+    # logged possibly on a GPU (other kernels) or under bf16 autocast (about 3 significant digits
+    # per logit): an image whose top two logits are that close may flip. Allow one image or 0.2% of
+    # the split, whichever is more (a 1-epoch resnet8 flipped 1 of 800 images between float32 and
+    # bf16); a wrong branch, wrong weights or wrong normalisation moves accuracy by far more.
+    tol = max(1.0 / max(n, 1), 0.002) + 1e-6
+    return tol, (f"logged with amp={cfg.amp!r} on device={cfg.device!r}, re-checked on {device} (GPU or bf16 possible): "
+                 f"up to {tol * n:.0f} image(s) may flip")
+
+
+def load_test_split(record: dict):
+    """``(config, test Split)`` of the record's data: ``load_data(from_dict(record["config"]))``.
+
+    The test split is fixed by the data code (its own split seed), so it is the split the run
+    was tested on. A KdrayError with the reason when the data cannot be loaded or no longer fits.
+    """
     from .config import from_dict
     from .data import load_data
 
     try:
-        data = load_data(from_dict(record["config"]))
-    except KdrayError as exc:
-        raise KdrayError(f"cannot re-check the accuracy: {exc}") from None
-    x, y = data.test.x, data.test.y
-    correct = 0
+        cfg = from_dict(dict(record["config"]), "the student's config")
+        data = load_data(cfg)
+    except Exception as exc:  # KdrayError, OSError (missing folder), download errors, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KdrayError(f"cannot re-check the accuracy: dataset {record['config'].get('dataset')!r} "
+                         f"could not be loaded ({reason[:200]}); pass recheck=False / --no-recheck to skip") from None
+    if data.classes != list(record["classes"]):
+        raise KdrayError(f"cannot re-check the accuracy: the dataset's classes now differ from the student's "
+                         f"({len(data.classes)} vs {len(record['classes'])})")
+    if data.image_size != int(record["image_size"]):
+        raise KdrayError(f"cannot re-check the accuracy: images load at {data.image_size}px, "
+                         f"the student wants {record['image_size']}px")
+    return cfg, data.test
+
+
+@torch.no_grad()
+def predict(module: nn.Module, x_uint8: torch.Tensor, *, device="cpu", batch: int = 512) -> torch.Tensor:
+    """Predicted classes (CPU int64) of a [0, 1]-input module for uint8 images [N, 3, H, W]."""
+    dev = torch.device(device)
+    preds = [module(x_uint8[i:i + batch].to(dev).float().div(255.0)).argmax(1).cpu()
+             for i in range(0, len(x_uint8), batch)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def recheck_accuracy(module: nn.Module, record: dict, *, device="cpu", batch: Optional[int] = None,
+                  split=None) -> dict:
+    """Accuracy of ``module`` ([0, 1] images -> logits) on the test split of the record's data,
+    in batches of ``eval_batch_size`` in order, as ``evaluate`` ran it."""
+    cfg, test = split if split is not None else load_test_split(record)
+    correct = int((predict(module, test.x, device=device, batch=int(batch or cfg.eval_batch_size)) == test.y).sum())
+    n = len(test.y)
+    tol, why = _recheck_tolerance(cfg, n, device)
+    return {"acc": correct / max(n, 1), "correct": correct, "n": n, "tolerance": tol, "tolerance_reason": why}
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _export_program(module: nn.Module, size: int, path_dir: Path) -> tuple[str, str, Optional[str]]:
+    """Write ``model.pt2`` (torch.export, dynamic batch); on failure ``model.ts`` (jit.trace)."""
+    example = torch.rand(2, 3, size, size)
+    try:
+        batch = torch.export.Dim("batch")
+        program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
+        torch.export.save(program, path_dir / "model.pt2")
+        return "model.pt2", "torch.export", None
+    except Exception as exc:  # an op torch.export cannot capture: fall back to TorchScript
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        (path_dir / "model.pt2").unlink(missing_ok=True)
     with torch.no_grad():
-        for i in range(0, len(y), batch):
-            logits = module(x[i:i + batch].float() / 255.0)
-            correct += int((logits.argmax(1) == y[i:i + batch]).sum())
-    return correct / max(len(y), 1), len(y)
+        traced = torch.jit.trace(module, example)
+    torch.jit.save(traced, str(path_dir / "model.ts"))
+    return "model.ts", "torchscript", reason[:300]
 
 
-def export_student(record: dict, *, branch: Union[str, int] = "best", out: Path, recheck: bool = True,
-                   overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Write ``state_dict.pt``, ``model.pt2`` (torch.export) and ``export.json`` into ``out``.
+def _load_program(path: Path) -> nn.Module:
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path)).module()
+    return torch.jit.load(str(path), map_location="cpu").eval()
 
-    The files are written into a temporary folder beside ``out`` and moved into place at the end,
-    so a failure leaves nothing half-written. The exported program is loaded back and its test
-    accuracy compared with the one the run logged."""
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def export_student(
+    record: dict,
+    *,
+    branch: Branch = "best",
+    out: Union[str, Path],
+    device="cpu",
+    recheck: bool = True,
+    overwrite: bool = False,
+    latency: bool = True,
+    log: Optional[Callable[[str], None]] = print,
+) -> dict:
+    """Export ``record`` (a ``student.pt`` dict) into the folder ``out``; return ``export.json``'s dict.
+
+    ``branch``: ``"all"`` (the whole student; EKD: mean of the branch logits), ``"best"``
+    (EKD: the branch with the highest logged test accuracy; otherwise the student), or a branch
+    number (a single student: 0 only). The program is exported on CPU (portable); the re-check
+    loads it back from disk and runs it on ``device`` over the test split. Files are written into
+    a temporary folder beside ``out`` and renamed into place at the end, so a failure leaves no
+    half-written ``out``; an existing non-empty ``out`` is replaced only with ``overwrite=True``.
+    """
+    log = log or (lambda s: None)
+    check_record(record)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise KdrayError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise KdrayError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
     b = resolve_branch(record, branch)
+    what = _describe(record, b)
+    t_start = time.perf_counter()
+    split = load_test_split(record) if recheck else None  # fail before exporting if the data is gone
     module = deploy_module(record, b if b is not None else "all")
     size = int(record["image_size"])
-    example = torch.rand(2, 3, size, size)
+    params = sum(p.numel() for p in module.parameters())
+    m = record.get("metrics", {})
+    params_logged = m.get("branch_params" if b is not None else "params")
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        t0 = time.perf_counter()
         torch.save(module.state_dict(), tmp / "state_dict.pt")
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
-        torch.export.save(program, tmp / "model.pt2")
+        t0 = time.perf_counter()
+        prog_name, fmt, fallback_reason = _export_program(module, size, tmp)
         export_s = time.perf_counter() - t0
-        what = "ensemble" if b is None and record.get("multi_branch") else ("student" if b is None else f"branch {b}")
+        if fallback_reason:
+            log(f"export: torch.export failed ({fallback_reason}); wrote TorchScript {prog_name} instead")
+        accs, selected_by = branch_accuracies(record)
         info = {
-            "arch": record["arch"], "method": record["method"], "dataset": record["dataset"], "branch": what,
-            "branch_index": b, "classes": record["classes"], "image_size": size,
-            "input": "float images in [0, 1], shape [N, 3, H, W]; normalisation is inside the model",
-            "mean": record["mean"], "std": record["std"],
-            "params": sum(p.numel() for p in module.parameters()),
-            "test_acc_logged": logged_accuracy(record, b), "export_s": round(export_s, 3),
+            "format": EXPORT_FORMAT,
+            "program_format": fmt,
+            "program": prog_name,
+            "export_fallback_reason": fallback_reason,
+            "arch": record["arch"],
+            "method": record.get("method"),
+            "dataset": record.get("dataset"),
+            "multi_branch": bool(record.get("multi_branch")),
+            "branches": num_branches(record),
+            "split_stage": int(record["split_stage"]),
+            "branch_requested": str(parse_branch(branch)),
+            "branch": what,
+            "branch_index": b,
+            "branch_selected_by": f"{selected_by}_acc_b*" if parse_branch(branch) == "best" and b is not None else None,
+            "branch_accuracies_logged": accs if num_branches(record) > 1 else None,
+            "num_classes": int(record["num_classes"]),
+            "classes": list(record["classes"]),
+            "image_size": size,
+            "input": "float32 images in [0, 1], shape [N, 3, image_size, image_size], RGB; "
+                     "normalisation (mean/std) is inside the model",
+            "output": "logits [N, num_classes]",
+            "mean": list(record["mean"]),
+            "std": list(record["std"]),
+            "params": params,
+            "params_logged": params_logged,
+            "test_acc_logged": logged_accuracy(record, b),
+            "export_s": round(export_s, 3),
         }
+        loaded = _load_program(tmp / prog_name).to(torch.device(device))  # what a deployer gets
         if recheck:
-            loaded = torch.export.load(tmp / "model.pt2").module()
-            info["test_acc_rechecked"], n = test_accuracy(loaded, record)
-            info["test_images"] = n
+            t0 = time.perf_counter()
+            res = recheck_accuracy(loaded, record, device=device, split=split)
             logged = info["test_acc_logged"]
-            # same weights, same images; normalisation is folded differently (x/255 vs uint8 * scale),
-            # so a prediction on a float tie could flip: allow at most one image
-            info["matches"] = logged is None or abs(info["test_acc_rechecked"] - logged) <= 1.0 / max(n, 1) + 1e-12
-        info["files"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / "export.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+            info.update({
+                "test_acc_rechecked": res["acc"], "test_images": res["n"], "test_correct_rechecked": res["correct"],
+                "recheck_device": str(device), "recheck_s": round(time.perf_counter() - t0, 3),
+                "recheck_tolerance": res["tolerance"], "recheck_tolerance_reason": res["tolerance_reason"],
+                "recheck_diff": None if logged is None else abs(res["acc"] - logged),
+                "matches": None if logged is None else abs(res["acc"] - logged) <= res["tolerance"],
+            })
+        if latency:
+            info["latency_ms_b1"] = measure_latency_ms(loaded, size, batch=1, device=device)
+            info["latency_device"] = str(device)
+            info["latency_threads"] = torch.get_num_threads()
+        info["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    acc = info.get("test_acc_rechecked")
-    log(f"export: {what} of {record['arch']} -> {out} ({info['params']} params"
-        + (f", test acc re-checked {acc:.4f}, logged {info['test_acc_logged']}" if acc is not None else "") + ")")
-    if recheck and not info["matches"]:
-        log(f"export: warning: the re-checked accuracy {acc:.4f} differs from the logged {info['test_acc_logged']:.4f}")
+    info["total_s"] = round(time.perf_counter() - t_start, 3)
+    msg = f"export: {what} of {record['arch']} ({params} params, {fmt}) -> {out}"
+    if recheck:
+        logged = info["test_acc_logged"]
+        msg += f"; test acc re-checked {info['test_acc_rechecked']:.4f}" + (
+            f", logged {logged:.4f}" if logged is not None else ", none logged")
+    log(msg)
+    if recheck and info["matches"] is False:
+        log(f"export: warning: re-checked test accuracy {info['test_acc_rechecked']:.4f} differs from the logged "
+            f"{info['test_acc_logged']:.4f} by more than {info['recheck_tolerance']:.2g}")
     return info
 
 
-def load_exported(out: Path) -> nn.Module:
+# ---------------------------------------------------------------------------------------------
+# loading and latency
+
+
+def read_export_info(out: Union[str, Path]) -> dict:
+    path = Path(out) / "export.json"
+    if not path.is_file():
+        raise KdrayError(f"{out}: not a kdray export (no export.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise KdrayError(f"{path}: unreadable ({exc})") from None
+
+
+def load_exported(out: Union[str, Path]) -> nn.Module:
     """The exported program in ``out`` as a callable module ([0, 1] images -> logits)."""
-    return torch.export.load(Path(out) / "model.pt2").module()
+    info = read_export_info(out)
+    path = Path(out) / info.get("program", "model.pt2")
+    if not path.is_file():
+        raise KdrayError(f"{out}: {path.name} is missing")
+    return _load_program(path)
+
+
+def load_state_dict_module(out: Union[str, Path]) -> nn.Module:
+    """The deploy module rebuilt from ``export.json`` + ``state_dict.pt`` (weights_only), eval mode."""
+    from .models import build_student, export_module
+
+    info = read_export_info(out)
+    multi = info["multi_branch"]
+    student = build_student(info["arch"], info["num_classes"], branches=info["branches"],
+                            split_stage=info["split_stage"], multi_branch=multi)
+    module = Deployed(export_module(student, info["branch_index"] if multi else None), info["mean"], info["std"])
+    module.load_state_dict(safe_load(Path(out) / "state_dict.pt", "exported state dict"))
+    return module.eval()
 
 
 def measure_latency_ms(module: nn.Module, image_size: int, *, batch: int = 1, device="cpu", warmup: int = 5,
                        iters: int = 30) -> float:
-    """Median milliseconds per forward pass of a [batch, 3, S, S] input."""
+    """Median milliseconds per forward pass of a random [batch, 3, S, S] input (inference mode)."""
+    if iters < 1 or warmup < 0 or batch < 1:
+        raise KdrayError(f"latency: need iters >= 1, warmup >= 0, batch >= 1 (got {iters}, {warmup}, {batch})")
     dev = torch.device(device)
-    module = module.to(dev).eval()
+    module = module.to(dev)
+    if isinstance(module, nn.Module) and hasattr(module, "eval"):
+        try:
+            module.eval()
+        except NotImplementedError:  # exported-program modules refuse train()/eval()
+            pass
     x = torch.rand(batch, 3, image_size, image_size, device=dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(warmup + iters):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync()
             t0 = time.perf_counter()
             module(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+    ms = float(statistics.median(times))
+    if not math.isfinite(ms):
+        raise KdrayError("latency: timing came out non-finite")
+    return ms

@@ -1,91 +1,185 @@
-"""kdray.export: deployable students (ensemble or one branch), files that load, accuracy re-checked."""
+"""Deployable students: files, branch choice, re-checked accuracy, FEED without translators."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from kdray.checkpoint import safe_load
-from kdray.engine import fit
-from kdray.errors import KdrayError
-from kdray.export import export_student, load_exported, measure_latency_ms, resolve_branch
-
 from conftest import small_cfg
+from kdray.checkpoint import safe_load, sha256_file
+from kdray.data import BatchLoader
+from kdray.engine import count_params, fit, rebuild_student
+from kdray.errors import KdrayError
+from kdray.export import (
+    export_student, load_exported, load_record, load_state_dict_module, load_test_split, measure_latency_ms,
+    predict, resolve_branch,
+)
+from kdray.models import build_model
+
+quiet = dict(log=lambda s: None)
+
+
+def _train(tmp_path_factory, name, **kw):
+    root = tmp_path_factory.mktemp(name)
+    cfg = small_cfg(epochs=1, **kw)
+    fit(cfg, checkpoint_root=str(root), **quiet)
+    return load_record(root / "epoch_0001" / "student.pt")
 
 
 @pytest.fixture(scope="module")
-def records(fake_teachers, tmp_path_factory):
-    out = {}
-    for method, kw in (("ekd", {"branches": 3}), ("ce", {}), ("feed", {})):
-        cfg = small_cfg(method=method, teachers=str(fake_teachers) if method != "ce" else None, epochs=1,
-                        checkpoint_dir=str(tmp_path_factory.mktemp(f"ck-{method}")), **kw)
-        fit(cfg, log=lambda s: None)
-        out[method] = safe_load(sorted(Path(cfg.checkpoint_dir).glob("epoch_*"))[-1] / "student.pt", "student")
-    return out
+def ekd_record(tmp_path_factory, fake_teachers):
+    return _train(tmp_path_factory, "ekd", method="ekd", branches=3, teachers=str(fake_teachers))
 
 
-def test_ensemble_export_files_load_and_accuracy_rechecks(records, tmp_path):
-    rec = records["ekd"]
-    info = export_student(rec, branch="all", out=tmp_path / "e", log=lambda s: None)
-    assert info["branch"] == "ensemble" and info["matches"]
-    assert info["test_acc_rechecked"] == pytest.approx(rec["metrics"]["test_acc"], abs=1.0 / info["test_images"])
-    sd = torch.load(tmp_path / "e" / "state_dict.pt", weights_only=True)
-    assert sum(v.numel() for k, v in sd.items() if k.startswith("net.")) > 0
-    meta = json.loads((tmp_path / "e" / "export.json").read_text())
-    assert set(meta["files"]) == {"state_dict.pt", "model.pt2"}
-    prog = load_exported(tmp_path / "e")
-    assert prog(torch.rand(7, 3, 16, 16)).shape == (7, 10)  # dynamic batch
+@pytest.fixture(scope="module")
+def ce_record(tmp_path_factory):
+    return _train(tmp_path_factory, "ce", method="ce")
 
 
-def test_best_branch_is_the_argmax_and_smaller(records, tmp_path):
-    rec = records["ekd"]
-    accs = [rec["metrics"][f"test_acc_b{i}"] for i in range(3)]
-    best = resolve_branch(rec, "best")
-    assert accs[best] == max(accs)
-    info = export_student(rec, branch="best", out=tmp_path / "b", log=lambda s: None)
-    assert info["branch"] == f"branch {best}"
-    assert info["params"] < export_student(rec, branch="all", out=tmp_path / "a", log=lambda s: None)["params"]
-    assert info["test_acc_logged"] == pytest.approx(accs[best])
-    assert info["matches"]
+@pytest.fixture(scope="module")
+def feed_record(tmp_path_factory, fake_teachers):
+    return _train(tmp_path_factory, "feed", method="feed", teachers=str(fake_teachers))
 
 
-def test_bad_branch_and_existing_out(records, tmp_path):
-    with pytest.raises(KdrayError, match=r"branch 7 does not exist; allowed: best, all or 0..2"):
-        export_student(records["ekd"], branch=7, out=tmp_path / "x", log=lambda s: None)
-    with pytest.raises(KdrayError, match=r"allowed: best, all or 0..0"):
-        export_student(records["ce"], branch=1, out=tmp_path / "y", log=lambda s: None)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(KdrayError, match="exists and is not empty"):
-        export_student(records["ce"], out=tmp_path / "full", log=lambda s: None)
-    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+def _eval_predictions(record):
+    """Per-image predictions the way engine.evaluate makes them: [ensemble, branch 0, ...]."""
+    cfg, test = load_test_split(record)
+    student = rebuild_student(record)
+    loader = BatchLoader(test, cfg.eval_batch_size, mean=record["mean"], std=record["std"], train=False)
+    rows = []
+    with torch.no_grad():
+        for x, _ in loader:
+            out = student(x)
+            rows.append(torch.cat([out["logits"].argmax(1)[None], out["branch_logits"].argmax(2)]))
+    return torch.cat(rows, 1)
 
 
-def test_feed_export_drops_translators(records, tmp_path):
-    rec = records["feed"]
-    info = export_student(rec, out=tmp_path / "f", log=lambda s: None)
-    plain = export_student(records["ce"], out=tmp_path / "c", log=lambda s: None)
-    assert info["params"] == plain["params"] == rec["metrics"]["params"]
-    assert not any("translator" in k or "ntl" in k.lower() for k in rec["state_dict"])
+def _check_files(out, info):
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.pt2", "state_dict.pt"]
+    assert json.loads((out / "export.json").read_text()) == {k: v for k, v in info.items() if k != "total_s"}
+    state = torch.load(out / "state_dict.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    program = torch.export.load(out / "model.pt2").module()
+    x = torch.rand(3, 3, info["image_size"], info["image_size"])
+    assert torch.equal(program(x), load_state_dict_module(out)(x))  # the two files hold the same model
+    assert program(x).shape == (3, info["num_classes"])
+    assert info["files"]["model.pt2"] == sha256_file(out / "model.pt2")
 
 
-def test_latency_is_positive_and_finite(records):
-    from kdray.export import deploy_module
+def test_ekd_best_branch(tmp_path, ekd_record):
+    m = ekd_record["metrics"]
+    accs = [m[f"val_acc_b{i}"] for i in range(3)]  # chosen on val: the test split stays unseen
+    best = accs.index(max(accs))  # ties: the lowest index
+    info = export_student(ekd_record, branch="best", out=tmp_path / "best", **quiet)
+    _check_files(tmp_path / "best", info)
+    assert info["branch_index"] == best and info["branch"] == f"branch {best}"
+    assert info["branch_selected_by"] == "val_acc_b*" and info["branch_accuracies_logged"] == accs
+    assert info["params"] == m["branch_params"] < m["params"]
+    assert info["test_acc_logged"] == m[f"test_acc_b{best}"]
+    assert info["test_acc_rechecked"] == info["test_acc_logged"] and info["matches"] is True
+    # the loaded program predicts exactly what evaluate() predicted during training, image by image
+    _, test = load_test_split(ekd_record)
+    assert torch.equal(predict(load_exported(tmp_path / "best"), test.x), _eval_predictions(ekd_record)[1 + best])
+    assert 0 < info["latency_ms_b1"] < 1e4
 
-    ms = measure_latency_ms(deploy_module(records["ce"]), 16, iters=5, warmup=1)
+
+def test_branch_choice_errors(tmp_path, ekd_record, ce_record):
+    with pytest.raises(KdrayError, match=r"branch 7 does not exist in a 3-branch student; allowed: best, all or 0\.\.2"):
+        export_student(ekd_record, branch=7, out=tmp_path / "x", **quiet)
+    assert not (tmp_path / "x").exists()
+    test_only = dict(ekd_record, metrics={k: v for k, v in ekd_record["metrics"].items() if not k.startswith("val_")})
+    test_accs = [test_only["metrics"][f"test_acc_b{i}"] for i in range(3)]
+    assert test_accs[resolve_branch(test_only, "best")] == max(test_accs)
+    assert resolve_branch(ekd_record, "2") == 2 and resolve_branch(ekd_record, "all") is None
+    with pytest.raises(KdrayError, match="allowed: best, all or a branch number"):
+        resolve_branch(ekd_record, "first")
+    assert [resolve_branch(ce_record, b) for b in ("best", "all", 0, "0")] == [None] * 4
+    with pytest.raises(KdrayError, match="single-branch student; allowed: best, all or 0$"):
+        resolve_branch(ce_record, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary folders left behind
+
+
+def test_single_student_and_no_overwrite(tmp_path, ce_record, monkeypatch):
+    out = tmp_path / "ce"
+    info = export_student(ce_record, out=out, latency=False, **quiet)
+    _check_files(out, info)
+    assert info["branch"] == "student" and info["params"] == ce_record["metrics"]["params"]
+    assert info["test_acc_rechecked"] == info["test_acc_logged"] == ce_record["metrics"]["test_acc"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(KdrayError, match="exists and is not empty; pass --overwrite"):
+        export_student(ce_record, out=out, **quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a failure half-way (a half-written program) leaves the old export and no debris
+    import kdray.export as ex
+
+    def half_written(module, size, d):
+        (d / "model.pt2").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ex, "_export_program", half_written)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_student(ce_record, out=out, overwrite=True, **quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ce"]
+
+
+def test_feed_exports_only_the_student(tmp_path, feed_record):
+    assert not any("translator" in k for k in feed_record["state_dict"])
+    info = export_student(feed_record, out=tmp_path / "feed", latency=False, **quiet)
+    plain = count_params(build_model("resnet8", 10))
+    assert info["params"] == plain == feed_record["metrics"]["params"]
+    state = safe_load(tmp_path / "feed" / "state_dict.pt")
+    assert sum(v.numel() for k, v in state.items() if k.startswith("net.") and "running" not in k
+               and "num_batches" not in k) == plain
+    assert info["test_acc_rechecked"] == info["test_acc_logged"] and info["matches"] is True
+    # a record smuggling extra (translator) weights is refused rather than exported
+    bad = dict(feed_record, state_dict={**feed_record["state_dict"], "translators.0.weight": torch.zeros(1)})
+    with pytest.raises(KdrayError, match="do not fit"):
+        export_student(bad, out=tmp_path / "bad", **quiet)
+
+
+def test_torchscript_fallback_and_missing_data(tmp_path, ce_record, monkeypatch):
+    def no_export(*a, **k):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    (tmp_path / "ts").mkdir()
+    (tmp_path / "ts" / "old.txt").write_text("an older export")
+    info = export_student(ce_record, out=tmp_path / "ts", overwrite=True, latency=False, **quiet)
+    assert not (tmp_path / "ts" / "old.txt").exists() and (tmp_path / "ts" / "model.ts").is_file()
+    assert info["program_format"] == "torchscript" and "unsupported op" in info["export_fallback_reason"]
+    assert sorted(info["files"]) == ["model.ts", "state_dict.pt"]
+    assert info["test_acc_rechecked"] == info["test_acc_logged"]
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(load_exported(tmp_path / "ts")(x), load_state_dict_module(tmp_path / "ts")(x))
+
+    gone = dict(ce_record, config=dict(ce_record["config"], dataset="imagefolder", data_dir=str(tmp_path / "nope")))
+    with pytest.raises(KdrayError, match="cannot re-check the accuracy: dataset 'imagefolder' could not be loaded"):
+        export_student(gone, out=tmp_path / "gone", **quiet)
+    assert not (tmp_path / "gone").exists()
+
+
+def test_latency_positive_finite(ce_record):
+    module = rebuild_student(ce_record).model
+    ms = measure_latency_ms(module, 16, batch=2, warmup=1, iters=3)
     assert ms > 0 and math.isfinite(ms)
 
 
-def test_cli_export_from_student_file(records, tmp_path, capsys):
+def test_cli_exports_whole_ensemble(ekd_record, tmp_path, capsys):
     from kdray.checkpoint import atomic_save
     from kdray.cli import main
 
-    path = atomic_save(records["ekd"], tmp_path / "student.pt")
-    code = main(["export", "--student", str(path), "--branch", "1", "--out", str(tmp_path / "o"), "--json"])
-    out = json.loads(capsys.readouterr().out)
-    assert code == 0 and out["branch"] == "branch 1" and out["matches"]
+    path = atomic_save(ekd_record, tmp_path / "student.pt")
+    code = main(["export", "--student", str(path), "--branch", "all", "--out", str(tmp_path / "o"), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert code == 0
+    _check_files(tmp_path / "o", info)
+    assert info["branch"] == "ensemble" and info["branch_index"] is None
+    assert info["params"] == ekd_record["metrics"]["params"]
+    assert info["test_acc_rechecked"] == info["test_acc_logged"] == ekd_record["metrics"]["test_acc"]
+    assert info["matches"] is True
+    _, test = load_test_split(ekd_record)
+    assert torch.equal(predict(load_exported(tmp_path / "o"), test.x), _eval_predictions(ekd_record)[0])
     code = main(["export", "--student", str(path), "--branch", "nine", "--out", str(tmp_path / "p")])
     assert code == 2 and "allowed: best, all or a branch number" in capsys.readouterr().err
