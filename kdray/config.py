@@ -65,6 +65,7 @@ class RunConfig:
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast on GPU when auto
     channels_last: Optional[bool] = None  # None: on for GPU
+    sync_bn: Optional[bool] = None  # None: SyncBatchNorm when several GPU workers train (CUDA only)
     workers: int = 1  # Ray Train workers (1 = in-process)
     checkpoint_dir: Optional[str] = None
     resume: bool = False

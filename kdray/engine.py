@@ -262,6 +262,12 @@ def fit(
             start_epoch = state["epoch_in_generation"]
         params = count_params(student)
         wrapped = module
+        if world > 1 and (cfg.sync_bn or (cfg.sync_bn is None and cuda)):
+            if not cuda:
+                raise KdrayError("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
+                                 "leave sync_bn unset or false on CPU")
+            # BatchNorm statistics over the global batch, as one process would compute them.
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         if world > 1:
             wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
         feats = method.uses_teacher_feats
