@@ -19,12 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-# The main job on the embedded default: digits, local, MLflow sqlite store in $(WORKDIR).
+DEMO_SPACE       ?= search_spaces/quick.yaml
+DEMO_CONCURRENCY ?= 2
+
+# The main job on the embedded default: a sweep of search_spaces/quick.yaml (EKD on 25% of digits),
+# local Ray, MLflow sqlite store in $(WORKDIR). `kdray tune` trains the space's teachers once into
+# $(WORKDIR)/teachers (or finds them there), runs the trials and prints the best student. Each run
+# is a new Optuna study (quick-TIME), so `make demo` can be repeated.
+DEMO_SPACE ?= search_spaces/quick.yaml
 demo: $(STAMP)
-	@test -f $(WORKDIR)/teachers/digits/manifest.json || \
-	  $(KDRAY) --workdir $(WORKDIR) teachers train --dataset digits --arch resnet20 --count 3 --epochs 30 --train-fraction 0.25
-	$(KDRAY) --workdir $(WORKDIR) train --method ekd --branches 3 --student resnet8 \
-	  --teachers $(WORKDIR)/teachers/digits --dataset digits --train-fraction 0.25 --epochs 30
+	$(KDRAY) --workdir $(WORKDIR) tune --space $(DEMO_SPACE) --experiment quick-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

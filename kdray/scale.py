@@ -12,7 +12,11 @@ from typing import Optional
 from .config import from_dict
 from .errors import KdrayError
 
-DRIVER_RESOURCES = {"cpu": 0.01}  # a trial driver takes almost nothing from the workers
+# A trial's driver (the Tune function that fits a TorchTrainer) mostly waits: it asks for no CPU, so
+# C trials of W one-CPU workers fit on C*W CPUs (at 0.01 CPU each, 2 trials x 1 worker needed 2.02 of
+# 2 and the second trial's workers never started), only for a little logical memory (Tune needs one
+# non-zero resource in a request).
+DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -26,6 +30,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = from_dict(config["cfg"])
     node_ip = get_node_ip_address()
+    node_id = ray.get_runtime_context().get_node_id()
     total_epochs = cfg.epochs * len(get_method(cfg.method).generations(cfg))
 
     tracker = None
@@ -36,7 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
         tracker = RunLogger(track["uri"], track["run_id"], total_epochs, teachers=cfg.teachers, node_ip=node_ip)
 
     def reporter(metrics: dict, ckpt_dir: Optional[str]) -> None:
-        metrics = dict(metrics, node_ip=node_ip, total_epochs=total_epochs)
+        metrics = dict(metrics, node_ip=node_ip, node_id=node_id, total_epochs=total_epochs)
         if tracker is not None:  # before the report: ASHA may end the trial right after it
             tracker.epoch(metrics, ckpt_dir)
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
@@ -98,15 +103,40 @@ def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float
         )
 
 
-def init_ray(address: Optional[str] = None) -> None:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: Optional[str] = None, env: Optional[dict] = None) -> None:
+    """Start a local Ray or connect to ``address``. ``env``: environment variables for every Ray
+    worker process of this job (trials, Train controllers, workers), set through the job's
+    runtime_env: os.environ changed after Ray started reaches none of them."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     try:
-        ray.init(address=address or None, include_dashboard=False if not address else None,
-                 log_to_driver=True, logging_level="WARNING")
+        # the dashboard stays on: Ray Train V2's PlacementGroupCleaner asks the state API (served by
+        # the dashboard) whether a trial's TrainController died; without it, the CPUs of a trial that
+        # ASHA stopped stay reserved and every later trial starves (WorkerGroupStartupTimeoutError)
+        # ... and that state API must be named explicitly: left to find it, the cleaner scans for GCS
+        # processes and fails ("Found multiple active Ray instances") whenever a second Ray runs on
+        # the head's machine (another user's, a test's), with the same starvation as the result.
+        kwargs, env = {}, dict(env or {})
+        if not address or address == "local":
+            port = _free_port()
+            kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        elif "://" not in address and address != "auto":
+            env["RAY_ADDRESS"] = address  # host:port of the GCS
+        ray.init(address=address or None, log_to_driver=True, logging_level="WARNING",
+                 runtime_env={"env_vars": env} if env else None, **kwargs)
     except ConnectionError as exc:
         raise KdrayError(f"cannot reach the Ray cluster at {address!r} ({exc})") from None
 

@@ -1,0 +1,298 @@
+"""Sweeps end to end on real Ray (a local instance, then a two-node ray.cluster_utils.Cluster) with a
+real Optuna sqlite study: pruning is recorded as PRUNED, teachers are trained once per sweep, bad
+input fails fast with one `kdray: error:` line, a NaN trial fails with its reason while the sweep
+goes on, all-failed sweeps exit 1, `--resume` after a killed sweep counts every trial once, trials
+land on both nodes of a two-node cluster, and a 2-worker DDP run matches a 1-worker run.
+
+Tiny configs (dataset `fake` at 16 px, resnet8, 1-3 epochs): each trial costs mostly Ray's fixed
+start-up (see README, "Sweeps"), so the tests use as few trials as can show each property.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from kdray.cli import main
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+KDRAY = [sys.executable, "-m", "kdray.cli"]
+BASE = "base: {dataset: fake, image_size: 16, student: resnet8, batch_size: 64, device: cpu, method: %s, epochs: %d}\n"
+NAN_LR = 1.0e12  # SGD at this rate blows the loss up to inf/NaN in the first epoch
+
+
+def write_space(tmp_path: Path, name: str, body: str, *, method="ce", epochs=2, samples=2) -> Path:
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(f"name: {name}\nsamples: {samples}\n" + BASE % (method, epochs) + body)
+    return f
+
+
+def tune(capsys, workdir: Path, *args: str):
+    """`kdray tune` through the real CLI entry point; returns (exit code, stdout, stderr)."""
+    rc = main(["--workdir", str(workdir), "tune", "--no-track", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def study_trials(workdir: Path, name: str):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{workdir.resolve() / 'optuna.db'}")
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def states(trials) -> dict:
+    out: dict = {}
+    for t in trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs, as on CI) shared by the single-node tests of this module."""
+    import ray
+
+    from kdray.scale import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(None)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
+# no Ray cluster needed
+# ------------------------------------------------------------------------------------------------
+def test_asha_stopped_trial_is_pruned_in_optuna_study(tmp_path):
+    """The searcher Tune talks to: a trial stopped before its last epoch lands as PRUNED (TPE then
+    ignores its partial score), a trial that ran every epoch as COMPLETE, an errored one as FAIL."""
+    from optuna.samplers import TPESampler
+
+    from kdray.space import load_space
+    from kdray.tune import make_searcher_class
+
+    space = load_space(write_space(tmp_path, "p", "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n"))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = make_searcher_class()(space=space.define_by_run(), metric="val_acc", mode="max",
+                                     sampler=TPESampler(seed=0), study_name="p", storage=storage)
+    for tid in ("a", "b", "c"):
+        assert searcher.suggest(tid) is not None
+    searcher.on_trial_complete("a", {"val_acc": 0.9, "epoch": 1, "total_epochs": 4})
+    searcher.on_trial_complete("b", {"val_acc": 0.5, "epoch": 4, "total_epochs": 4})
+    searcher.on_trial_complete("c", {"val_acc": 0.1, "epoch": 1, "total_epochs": 4}, error=True)
+    trials = optuna.load_study(study_name="p", storage=storage).get_trials(deepcopy=False)
+    by_state = {t.state.name: t for t in trials}
+    assert sorted(by_state) == ["COMPLETE", "FAIL", "PRUNED"]
+    assert by_state["PRUNED"].value is None  # the partial 0.9 is not offered to TPE as a result
+    assert by_state["COMPLETE"].value == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("params: {lr: {type: float, low: 0.01, high: [}\n", "malformed YAML"),
+    ("params:\n  learning_rate: {type: float, low: 0.01, high: 0.1}\n", "unknown key 'learning_rate'"),
+    ("params:\n  lr: {type: float, low: 0.5, high: 0.1}\n", "params.lr: low 0.5 > high 0.1"),
+], ids=["malformed", "unknown-param", "low-gt-high"])
+def test_bad_space_fails_before_ray_with_one_error_line(tmp_path, capsys, text, needle):
+    import ray
+
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    was_up = ray.is_initialized()
+    t0 = time.monotonic()
+    rc, out, err = tune(capsys, tmp_path / "w", "--space", str(f))
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdray: error: ") and needle in lines[0] and str(f) in lines[0]
+    assert time.monotonic() - t0 < 10 and ray.is_initialized() == was_up  # no Ray started for it
+
+
+# ------------------------------------------------------------------------------------------------
+# one local Ray instance (2 CPUs)
+# ------------------------------------------------------------------------------------------------
+def test_more_gpus_than_the_cluster_has_is_a_clear_error(tmp_path, capsys, local_ray):
+    space = write_space(tmp_path, "g", "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n")
+    t0 = time.monotonic()
+    rc, _, err = tune(capsys, tmp_path / "w", "--space", str(space), "--gpus-per-worker", "1", "--workers", "2")
+    assert rc == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("kdray: error: asked for 2 worker(s) x 1")
+    assert "= 2 GPUs per trial, but the Ray cluster has 0" in line
+    assert time.monotonic() - t0 < 30  # an error, not a wait for GPUs that never come
+    with pytest.raises(KeyError):  # no trial (not even the study) was started
+        study_trials(tmp_path / "w", "g")
+
+
+def test_sweep_teachers_once_concurrency_clamped_nan_trial_fails_sweep_goes_on(tmp_path, capsys, local_ray):
+    """kd on fake data, 3 trials, lr either sane or NaN-inducing; asks for 3 trials at once with a
+    1-CPU worker each on a 2-CPU Ray: must run 2 at a time, overlapping (the trial drivers take no
+    CPU; with 0.01 CPU each, 2 trials needed 2.02 CPUs and the second one's workers never started:
+    WorkerGroupStartupTimeoutError), and finish every trial."""
+    space = write_space(
+        tmp_path, "sw",
+        "teachers: {arch: [resnet8], count: 1, epochs: 1}\n"
+        f"params:\n  lr: {{type: categorical, choices: [0.05, {NAN_LR}]}}\n"
+        "  temperature: {type: float, low: 1, high: 8, log: true}\n"
+        "scheduler: {grace_period: 1, reduction_factor: 2}\n", method="kd", epochs=2, samples=3)
+    work = tmp_path / "w"
+    rc, out, err = tune(capsys, work, "--space", str(space), "--concurrency", "3", "--workers", "1", "--json")
+    result = json.loads(out)  # stdout holds the JSON only: progress goes to stderr
+    rows = result["trials"]
+    assert "running 2 at a time" in err and "3 trial(s), 2 at a time" in err
+    spans = sorted((r["timing"]["started_at_s"], r["timing"]["ended_at_s"]) for r in rows)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two trials ran at once
+    assert err.count(" started: ") == 3 and "epoch 1/2" in err  # progress while it runs
+    assert err.count("teachers: training") == 1 and len(list((work / "teachers").glob("*/manifest.json"))) == 1
+    assert "WorkerGroupStartupTimeoutError" not in json.dumps(rows)
+    assert len(rows) == 3
+    nan_rows = [r for r in rows if r["config"]["lr"] == NAN_LR]
+    ok_rows = [r for r in rows if r["config"]["lr"] != NAN_LR]
+    assert nan_rows and ok_rows, "seed 0 should sample both learning rates; pick another seed if the sampler changed"
+    for r in nan_rows:  # failed with its reason ...
+        assert r["error"].startswith("NonFiniteLoss: loss became non-finite in epoch 1"), r["error"]
+    for r in ok_rows:  # ... and the others ran to their end (or were pruned)
+        assert r["error"] is None and r["metrics"]["epoch"] >= 1 and r["metrics"]["val_acc"] >= 0
+    assert rc == 0  # not every trial failed
+    trials = study_trials(work, "sw")
+    pruned_rows = [r for r in ok_rows if r["metrics"]["epoch"] < r["metrics"]["total_epochs"]]
+    assert states(trials) == {k: v for k, v in {"FAIL": len(nan_rows), "PRUNED": len(pruned_rows),
+                                                "COMPLETE": len(ok_rows) - len(pruned_rows)}.items() if v}
+    best = result["best"]
+    assert best["config"]["lr"] != NAN_LR and Path(best["student_path"]).is_file()
+    full = [r["metrics"]["val_acc"] for r in ok_rows if r["metrics"]["epoch"] == r["metrics"]["total_epochs"]]
+    assert full and best["metrics"]["val_acc"] == max(full)  # ASHA lets the first trial at a rung go on
+    assert result["timing"]["trials"] == 3 and result["timing"]["startup_s_mean"] > 0
+
+
+def test_every_trial_failed_exits_1_naming_the_reason(tmp_path, capsys, local_ray):
+    space = write_space(tmp_path, "nan", f"params:\n  lr: {NAN_LR}\n  seed: {{type: int, low: 0, high: 9}}\n",
+                        epochs=1, samples=1)
+    rc, out, err = tune(capsys, tmp_path / "w", "--space", str(space))
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("kdray: error: all 1 trial(s) of sweep 'nan' failed: ") and "NonFiniteLoss" in last
+    assert "sweep nan: 1 fail" in out and "failed: " in out  # the summary is still printed
+    assert states(study_trials(tmp_path / "w", "nan")) == {"FAIL": 1}
+
+
+def test_two_workers_match_one_worker_accuracy(tmp_path, capsys, local_ray):
+    """The same config trained by 1 process and by 2 DDP workers (gloo, global batch split in two):
+    the gradient is the same mean over the same global batch; only BatchNorm statistics (per
+    worker on CPU: SyncBatchNorm is CUDA-only) and float reduction order differ, so the test
+    accuracies must agree within 0.03 (measured: 0.967 vs 0.972 at 5 epochs). Fewer epochs are
+    not a fair comparison: at 3 epochs with lr 0.1 the running BatchNorm averages still lag the
+    fast-moving weights, and a 32-image per-worker batch lags differently from a 64-image one
+    (0.94 vs 0.74 in eval mode; recomputing the statistics gives 0.955 for both)."""
+    accs = {}
+    for w in (1, 2):
+        rc = main(["--workdir", str(tmp_path), "train", "--method", "ce", "--student", "resnet8", "--dataset", "digits",
+                   "--image-size", "16", "--epochs", "5", "--batch-size", "64", "--lr", "0.1", "--device", "cpu",
+                   "--workers", str(w), "--no-track", "--json", "--out", str(tmp_path / f"w{w}")])
+        out, _ = capsys.readouterr()
+        assert rc == 0
+        accs[w] = json.loads(out.strip().splitlines()[-1])["test_acc"]
+    assert accs[1] > 0.5, accs  # both actually learnt (10 classes: chance is 0.1)
+    assert abs(accs[1] - accs[2]) <= 0.03, accs
+
+
+def test_sync_bn_on_cpu_workers_is_a_clear_error(tmp_path, capsys, local_ray):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sync_bn: true\n")
+    rc = main(["--workdir", str(tmp_path), "train", "--method", "ce", "--student", "resnet8", "--dataset", "fake",
+               "--epochs", "1", "--device", "cpu", "--workers", "2", "--no-track", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "sync_bn: true needs GPU workers" in err
+
+
+def test_resume_after_killed_sweep_counts_every_trial_once(tmp_path, capsys, local_ray):
+    """A sweep of 2 trials is killed (SIGKILL of its driver) while its second trial runs; `--resume`
+    marks that trial FAIL(interrupted), runs its parameters again, and the study ends with exactly 2
+    finished trials."""
+    space = write_space(tmp_path, "rs", "params:\n  lr: {type: float, low: 0.01, high: 0.1, log: true}\n",
+                        epochs=1, samples=2)
+    work = tmp_path / "w"
+    db = work / "optuna.db"
+    proc = subprocess.Popen(KDRAY + ["--workdir", str(work), "tune", "--no-track", "--space", str(space),
+                                     "--address", local_ray], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            if db.exists():  # read-only peek: an RDBStorage here would race the sweep's schema set-up
+                try:
+                    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+                        st = [r[0] for r in con.execute("SELECT state FROM trials")]
+                except sqlite3.Error:
+                    continue
+                if "RUNNING" in st and ("COMPLETE" in st or "PRUNED" in st):
+                    break
+        assert proc.poll() is None, "the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)  # only the driver we started; its trials die with its job
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        proc.stderr.close()
+    before = states(study_trials(work, "rs"))
+    assert before.get("RUNNING") == 1 and sum(before.values()) == 2, before
+
+    rc, out, err = tune(capsys, work, "--space", str(space), "--resume", "--address", local_ray)
+    assert rc == 0, err
+    assert "resume: 1 trial(s) finished before, 1 to run" in err
+    trials = study_trials(work, "rs")
+    finished = [t for t in trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(finished) == 2 and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(failed) == 1 and failed[0].user_attrs.get("interrupted") is True
+    assert failed[0].params == finished[-1].params  # the interrupted trial ran again, once
+    # a second --resume finds nothing left to do and starts no trial
+    rc, out, err = tune(capsys, work, "--space", str(space), "--resume", "--address", local_ray)
+    assert rc == 0 and "every trial is done already" in err and len(study_trials(work, "rs")) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# two Ray nodes on this machine
+# ------------------------------------------------------------------------------------------------
+def test_one_sweep_places_trials_on_both_nodes(tmp_path, capsys):
+    """Head and worker node with 1 CPU each and 1-CPU workers: no node can host two workers, so the
+    two concurrent trials must use both nodes (told apart by node id: on one machine both nodes
+    have the same IP)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    from kdray.scale import _free_port
+
+    cluster = Cluster(initialize_head=True, head_node_args={  # the dashboard serves the state API PG cleanup needs
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": _free_port()})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        space = write_space(tmp_path, "two", "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
+                            epochs=1, samples=2)
+        rc, out, err = tune(capsys, tmp_path / "w", "--space", str(space), "--address", cluster.address,
+                            "--concurrency", "2", "--workers", "1", "--json")
+        assert rc == 0, err
+        rows = json.loads(out)["trials"]
+        assert len(rows) == 2 and not [r for r in rows if r["error"]]
+        node_ids = {r["metrics"]["node_id"] for r in rows}
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(node_ids) == 2 and node_ids <= alive, (node_ids, alive)
+        assert states(study_trials(tmp_path / "w", "two")) == {"COMPLETE": 2}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
