@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -108,7 +109,7 @@ def cmd_train(args) -> int:
     summary.update({"student_path": result["student_path"], "method": cfg.method, "student": cfg.student,
                     "dataset": cfg.dataset, "seed": cfg.seed, "run_id": result.get("run_id")})
     if args.json:
-        print(json.dumps(summary, sort_keys=True))
+        emit_json(summary, sort_keys=True)
     else:
         branch = f", best branch {m['test_acc_best_branch']:.4f}" if "test_acc_best_branch" in m else ""
         print(f"done: {cfg.method} {cfg.student} on {cfg.dataset}: test acc {m['test_acc']:.4f}{branch}, "
@@ -156,7 +157,7 @@ def cmd_best(args) -> int:
 
         out["registered"] = register_champion(uri, rows[0]["run_id"], args.register, log=log)
     if args.json:
-        print(json.dumps(out, sort_keys=True, default=str))
+        emit_json(out, sort_keys=True, default=str)
         return 0
     def fmt(v, digits=4):
         return "-" if v is None else f"{v:.{digits}f}"
@@ -196,12 +197,15 @@ def cmd_export(args) -> int:
         if not path.is_file():
             raise KdrayError(f"--student {path}: no such file")
     record = safe_load(path, "student")
-    info = export_student(record, branch=branch, out=Path(args.out), overwrite=args.overwrite, log=log)
+    info = export_student(record, branch=branch, out=Path(args.out), overwrite=args.overwrite,
+                          recheck=not args.no_recheck, log=log)
     if args.json:
-        print(json.dumps(info, sort_keys=True, default=str))
+        emit_json(info, sort_keys=True, default=str)
     else:
-        print(f"exported {info.get('branch')} of {record['arch']} ({record['method']}) to {args.out}: "
-              f"test acc re-checked {info.get('test_acc_rechecked'):.4f} (logged {info.get('test_acc_logged')})")
+        acc = info.get("test_acc_rechecked")
+        check = (f": test acc re-checked {acc:.4f} (logged {info.get('test_acc_logged')})" if acc is not None
+                 else " (accuracy not re-checked)")
+        print(f"exported {info.get('branch')} of {record['arch']} ({record['method']}) to {args.out}{check}")
     return 0
 
 
@@ -212,7 +216,7 @@ def cmd_teachers_train(args) -> int:
     out = Path(args.out) if args.out else workdir(args) / "teachers" / cfg.dataset
     manifest = train_teachers(cfg, args.arch or ["resnet20"], args.count, out, log=log)
     if args.json:
-        print(json.dumps({"out": str(out), **manifest}, sort_keys=True))
+        emit_json({"out": str(out), **manifest}, sort_keys=True)
     else:
         for t in manifest["teachers"]:
             print(f"{t['file']}: {t['arch']} seed {t['seed']} test acc {t['test_acc']:.4f} ({t['params']} params)")
@@ -226,7 +230,7 @@ def cmd_teachers_show(args) -> int:
     manifest = read_manifest(args.dir)
     load_teachers(args.dir)  # verifies every checksum and state dict
     if args.json:
-        print(json.dumps(manifest, sort_keys=True))
+        emit_json(manifest, sort_keys=True)
     else:
         print(f"{args.dir}: {len(manifest['teachers'])} teachers on {manifest['dataset']} ({len(manifest['classes'])} classes), all verified")
         for t in manifest["teachers"]:
@@ -242,10 +246,11 @@ def cmd_tune(args) -> int:
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         experiment=args.experiment, address=args.address, resume=args.resume,
         optuna_storage=args.optuna_storage, max_failures=args.max_failures, log=log,
+        tracking=tracking_from_args(args),
     )
     if args.json:
-        print(json.dumps(result, sort_keys=True, default=str))
-        return 0
+        emit_json(result, sort_keys=True, default=str)
+        return _all_failed(result)
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result["study_counts"].items()))
     print(f"sweep {result['experiment']}: {counts}")
     for row in result["trials"]:
@@ -260,12 +265,34 @@ def cmd_tune(args) -> int:
         metric = result["metrics"][0][0]
         print(f"best trial {b['metrics'].get('trial_id')}: {metric}={b['metrics'].get(metric):.4f} "
               f"params={json.dumps(params, default=str)}")
-        print(f"  student: {b['metrics'].get('checkpoint_dir_name') or b['metrics'].get('checkpoint_path', '?')}")
+        where = " (from an earlier session of this sweep)" if b.get("earlier_session") else ""
+        print(f"  metrics: " + " ".join(f"{k}={b['metrics'][k]:.4f}" for k in ("val_acc", "test_acc", "val_loss")
+                                          if isinstance(b["metrics"].get(k), float)) + f" epochs={b['metrics'].get('epoch')}{where}")
+        print(f"  student: {b.get('student_path') or b['metrics'].get('checkpoint_path', '?')}")
+        if b.get("mlflow_run_id"):
+            print(f"  MLflow run {b['mlflow_run_id']}: `kdray best --experiment {result['experiment']} --register NAME` "
+                  f"registers the winner; `kdray export --run {b['mlflow_run_id']} --out DIR` exports it")
     if "pareto_front" in result:
         print("Pareto front (" + ", ".join(f"{m} {d}" for m, d in result["metrics"]) + "):")
         for t in result["pareto_front"]:
             print(f"  trial #{t['number']}: values={t['values']} params={t['params']}")
-    return 0
+    t = result.get("timing") or {}
+    if t.get("trials"):
+        print(f"time: {t['wall_s']:.0f}s for {t['trials']} trial(s), {t['train_s']:.0f}s of it training; "
+              f"fixed cost per trial about {t['overhead_s_per_trial']:.0f}s (start-up to first report "
+              f"{t['startup_s_mean']}s)")
+    return _all_failed(result)
+
+
+def _all_failed(result: dict) -> int:
+    """Exit 1, with one line naming the reasons, when every trial of this run failed."""
+    rows = result["trials"]
+    if not rows or not all(r["error"] for r in rows):
+        return 0
+    reasons = sorted({r["error"] for r in rows})
+    print(f"kdray: error: all {len(rows)} trial(s) of sweep {result['experiment']!r} failed: " + "; ".join(reasons),
+          file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///WORKDIR/optuna.db)")
     tu.add_argument("--max-failures", type=int, default=0, help="worker failures a trial survives, resuming from its last checkpoint (default 0)")
     tu.add_argument("--json", action="store_true", help="print the sweep's result (trials, best, Pareto front) as JSON")
+    tu.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db); "
+                    "an `mlflow server` when trials run on several hosts")
+    tu.add_argument("--no-track", action="store_true", help="do not log the sweep to MLflow")
     tu.set_defaults(func=cmd_tune)
 
     # best -----------------------------------------------------------------------------------
@@ -354,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--branch", default="best", help="best (default: the best single branch), all (the whole ensemble) or N")
     x.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.add_argument("--no-recheck", action="store_true", help="skip re-checking the accuracy on the test split")
     x.add_argument("--json", action="store_true", help="print what was exported as JSON")
     x.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
     x.set_defaults(func=cmd_export)
@@ -384,13 +415,29 @@ def add_tracking_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 
 
+_JSON_OUT = None  # the real stdout while a --json command runs (everything else goes to stderr)
+
+
+def emit_json(obj, **kw) -> None:
+    """The one JSON line a --json command prints: on the real stdout, whatever libraries print."""
+    out = _JSON_OUT or sys.stdout
+    out.write(json.dumps(obj, **kw) + "\n")
+    out.flush()
+
+
 def main(argv=None) -> int:
+    global _JSON_OUT
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        if getattr(args, "json", False):
+            # MLflow, Ray and Tune print to stdout ("View run ..." links, tables); keep stdout for the JSON.
+            _JSON_OUT = sys.stdout
+            with contextlib.redirect_stdout(sys.stderr):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KdrayError as exc:
         print(f"kdray: error: {exc}", file=sys.stderr)
@@ -398,6 +445,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kdray: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _JSON_OUT = None
 
 
 if __name__ == "__main__":
