@@ -19,16 +19,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-DEMO_SPACE       ?= search_spaces/quick.yaml
-DEMO_CONCURRENCY ?= 2
 
 # The main job on the embedded default: a sweep of search_spaces/quick.yaml (EKD on 25% of digits),
 # local Ray, MLflow sqlite store in $(WORKDIR). `kdray tune` trains the space's teachers once into
 # $(WORKDIR)/teachers (or finds them there), runs the trials and prints the best student. Each run
 # is a new Optuna study (quick-TIME), so `make demo` can be repeated.
-DEMO_SPACE ?= search_spaces/quick.yaml
+# Two trials at a time keep both cores of a small machine busy (kdray caps it at what Ray can host).
+DEMO_SPACE       ?= search_spaces/quick.yaml
+DEMO_CONCURRENCY ?= 2
 demo: $(STAMP)
-	$(KDRAY) --workdir $(WORKDIR) tune --space $(DEMO_SPACE) --experiment quick-$$(date +%Y%m%d-%H%M%S)
+	$(KDRAY) --workdir $(WORKDIR) tune --space $(DEMO_SPACE) --concurrency $(DEMO_CONCURRENCY) \
+	  --experiment quick-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
