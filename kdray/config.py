@@ -60,6 +60,7 @@ class RunConfig:
     lr_gamma: float = 0.1
     batch_size: int = 64
     eval_batch_size: int = 512
+    precise_bn: bool = False  # recompute BatchNorm statistics on the train split before each evaluation
     seed: int = 0
     # --- runtime -------------------------------------------------------------------------
     device: str = "auto"

@@ -106,3 +106,29 @@ def test_lr_schedules():
     assert [lr_factor(cfg, e) for e in (0, 2)] == [1.0, pytest.approx(0.5)]
     step = cfg.replace(schedule="step", lr_milestones=[0.5, 0.75])
     assert [lr_factor(step, e) for e in range(4)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.01)]
+
+
+def test_precise_bn_recomputes_statistics_without_changing_training(tmp_path):
+    """precise_bn leaves the training trajectory alone (train-mode BatchNorm uses batch statistics)
+    and leaves each BatchNorm's running mean at the average of its input's batch means over the
+    un-augmented train split under the final weights."""
+    from kdray.data import BatchLoader, load_data
+
+    cfg = small_cfg(method="ce", epochs=2)
+    plain = fit(cfg, checkpoint_root=str(tmp_path / "a"), **quiet)
+    precise = fit(cfg.replace(precise_bn=True), checkpoint_root=str(tmp_path / "b"), **quiet)
+    assert [h["train_loss"] for h in plain["history"]] == [h["train_loss"] for h in precise["history"]]
+    student = precise["student"]
+    bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    data = load_data(cfg)
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].mean(dim=(0, 2, 3))))
+    student.eval()
+    with torch.no_grad():
+        for x, _ in BatchLoader(data.train, cfg.batch_size, mean=data.mean, std=data.std, train=False):
+            student(x)
+    hook.remove()
+    expected = torch.stack(seen).mean(0)
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
+    other = next(m for m in plain["student"].modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(other.running_mean, expected, atol=1e-3)  # the EMA is something else
