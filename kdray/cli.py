@@ -99,11 +99,14 @@ def cmd_train(args) -> int:
         cfg = cfg.replace(resume=True)
     cfg = cfg.replace(checkpoint_dir=str(out / "checkpoints"))
 
+    if args.max_failures < 0:
+        raise KdrayError(f"--max-failures {args.max_failures} is out of range; allowed: >= 0")
     tracking = tracking_from_args(args)
     from .runner import run_training
 
     result = run_training(cfg, out=out, run_name=name, tracking=tracking, log=log, address=args.address,
-                          gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker)
+                          gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                          max_failures=args.max_failures)
     m = result["metrics"]
     summary = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     summary.update({"student_path": result["student_path"], "method": cfg.method, "student": cfg.student,
@@ -326,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker when --workers > 1 (default 0)")
     m.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default 1)")
     m.add_argument("--address", help="Ray cluster address for --workers > 1 (default: a local Ray)")
+    m.add_argument("--max-failures", type=int, default=0,
+                   help="with --workers > 1: worker failures the run survives, resuming from its last checkpoint (default 0)")
     add_data_args(t)
     add_optim_args(t)
     o = t.add_argument_group("output")

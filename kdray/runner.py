@@ -11,7 +11,7 @@ from .checkpoint import safe_load
 
 
 def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = None, log=print, address=None,
-                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0) -> dict:
+                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, max_failures: int = 0) -> dict:
     """``tracking``: ``{"uri": ..., "experiment": ..., "workdir": ...}`` or None for no MLflow."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -30,7 +30,8 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
             from .scale import fit_distributed
 
             res = fit_distributed(cfg, workers=cfg.workers, out=out, address=address, gpus_per_worker=gpus_per_worker,
-                                  cpus_per_worker=cpus_per_worker, name=run_name, tracking=track)
+                                  cpus_per_worker=cpus_per_worker, name=run_name, tracking=track,
+                                  max_failures=max_failures)
             latest = Path(res["checkpoint_dir"])
             result = {"metrics": safe_load(latest / "student.pt", "student")["metrics"]}
             result["metrics"].update({k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))})

@@ -19,6 +19,17 @@ from .errors import KdrayError
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 
 
+def _quiet_ray_train_console() -> None:
+    """Ray Train logs every report and checkpoint (a full metrics dict) at INFO to the console of
+    each worker; keep those in Ray's log files only, the console for warnings and kdray's lines."""
+    import logging
+
+    for name in ("", "ray.train"):
+        for h in logging.getLogger(name).handlers:
+            if type(h) is logging.StreamHandler or type(h).__name__ == "PlainRayHandler":  # the console
+                h.setLevel(max(h.level, logging.WARNING))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: the plain engine, reporting through ray.train."""
     import ray.train
@@ -28,6 +39,7 @@ def train_loop_per_worker(config: dict) -> None:
     from .distill import get_method
     from .engine import NonFiniteLoss, fit
 
+    _quiet_ray_train_console()
     cfg = from_dict(config["cfg"])
     node_ip = get_node_ip_address()
     node_id = ray.get_runtime_context().get_node_id()
@@ -51,8 +63,10 @@ def train_loop_per_worker(config: dict) -> None:
     root = tempfile.mkdtemp(prefix="kdray-ckpt-")
     with (ckpt.as_directory() if ckpt else contextlib.nullcontext(None)) as resume_dir:
         try:
+            # in a sweep, the driver prints one line per trial epoch; the workers stay quiet
             fit(cfg, reporter=reporter, resume_dir=resume_dir, checkpoint_root=root,
-                device=ray.train.torch.get_device(), keep_checkpoints=1)
+                device=ray.train.torch.get_device(), keep_checkpoints=1,
+                log=(lambda s: None) if config.get("quiet") else None)
         except NonFiniteLoss as exc:
             if tracker is not None:
                 tracker.failed(f"NonFiniteLoss: {exc}")
@@ -64,7 +78,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                 storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None):
+                 storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None,
+                 quiet: bool = False):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -74,7 +89,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking},
+        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

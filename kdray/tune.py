@@ -249,7 +249,8 @@ def _prepare_study(storage, name: str, space: Space, resume: bool, log) -> int:
         elif t.state == optuna.trial.TrialState.RUNNING:
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params, skip_if_exists=False)
+            if t.params:  # killed before its parameters were stored: TPE samples a fresh one
+                study.enqueue_trial(t.params, skip_if_exists=False)
     left = max(space.samples - finished, 0)
     log(f"resume: {finished} trial(s) finished before, {left} to run")
     return left
@@ -346,7 +347,7 @@ def run_sweep(
         trainer = make_trainer(cfg, workers=workers, gpus_per_worker=gpus_per_worker,
                                cpus_per_worker=cpus_per_worker, storage_path=storage_path,
                                name=f"{name}-{trial_name}", max_failures=max_failures,
-                               callbacks=[TuneReportCallback()], tracking=run)
+                               callbacks=[TuneReportCallback()], tracking=run, quiet=True)
         trainer.fit()
 
     progress = make_progress_callback(log, metric_names[0])

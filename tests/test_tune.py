@@ -215,6 +215,106 @@ def test_sync_bn_on_cpu_workers_is_a_clear_error(tmp_path, capsys, local_ray):
     assert "sync_bn: true needs GPU workers" in err
 
 
+def test_multi_objective_sweep_prints_and_returns_the_pareto_front(tmp_path, capsys, local_ray):
+    """objectives: val_acc max and params min over two student sizes: the front holds exactly the
+    non-dominated finished trials, is printed, and is in --json."""
+    space = write_space(
+        tmp_path, "po",
+        "objectives:\n  - {metric: val_acc, mode: max}\n  - {metric: params, mode: min}\n"
+        "params:\n  student: {type: categorical, choices: [resnet8, resnet14]}\n"
+        "  lr: {type: float, low: 0.01, high: 0.1, log: true}\n", epochs=1, samples=3)
+    rc, out, err = tune(capsys, tmp_path / "w", "--space", str(space), "--concurrency", "2", "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    front = result["pareto_front"]
+    done = [t for t in study_trials(tmp_path / "w", "po") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and front
+
+    def dominates(a, b):  # (val_acc max, params min)
+        return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
+
+    expected = {t.number for t in done if not any(dominates(o.values, t.values) for o in done if o is not t)}
+    assert {t["number"] for t in front} == expected
+    for t in front:
+        assert set(t["params"]) == {"student", "lr"} and len(t["values"]) == 2
+    rc, text, err = tune(capsys, tmp_path / "w", "--space", str(space), "--resume")
+    assert rc == 0 and "Pareto front (val_acc max, params min):" in text
+    assert text.count("  trial #") == len(front)
+
+
+def _descendants(pid: int) -> set[int]:
+    """pids below ``pid`` in the process tree (from /proc; no psutil here)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_killed_worker_resumes_from_last_checkpoint_with_max_failures(tmp_path, capsys, local_ray):
+    """`kdray train --workers 2 --max-failures 1`: a Ray Train worker process is SIGKILLed after two
+    epoch checkpoints; Ray Train restarts the worker group, which resumes from the latest checkpoint
+    (not epoch 1): the MLflow history has every epoch, epoch 1 only once, and the run completes."""
+    import threading
+
+    import mlflow
+
+    out_dir = tmp_path / "run"
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def killer():
+        seen: set[str] = set()
+        deadline = time.monotonic() + 240
+        while not stop.is_set() and time.monotonic() < deadline:
+            seen |= {p.name for p in (out_dir / "ray").glob("*/checkpoint_*")}
+            if len(seen) >= 2:
+                for pid in sorted(_descendants(os.getpid())):
+                    if "RayTrainWorker" in _cmdline(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(_cmdline(pid) or str(pid))
+                        return
+            time.sleep(0.1)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    epochs = 8
+    try:
+        rc = main(["--workdir", str(tmp_path), "train", "--method", "ce", "--student", "resnet8", "--dataset", "fake",
+                   "--image-size", "16", "--epochs", str(epochs), "--device", "cpu", "--workers", "2",
+                   "--max-failures", "1", "--experiment", "ft", "--name", "ft", "--out", str(out_dir),
+                   "--address", local_ray, "--json"])
+    finally:
+        stop.set()
+        th.join(10)
+    out, err = capsys.readouterr()
+    assert killed, "no Ray Train worker was killed: the run ended before two checkpoints were seen?"
+    assert rc == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["epoch"] == epochs
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "val_acc")]
+    assert set(steps) == set(range(1, epochs + 1)), steps
+    assert steps.count(1) == 1, f"epoch 1 trained twice: the restart did not resume ({steps})"
+
+
 def test_resume_after_killed_sweep_counts_every_trial_once(tmp_path, capsys, local_ray):
     """A sweep of 2 trials is killed (SIGKILL of its driver) while its second trial runs; `--resume`
     marks that trial FAIL(interrupted), runs its parameters again, and the study ends with exactly 2
@@ -233,10 +333,14 @@ def test_resume_after_killed_sweep_counts_every_trial_once(tmp_path, capsys, loc
             if db.exists():  # read-only peek: an RDBStorage here would race the sweep's schema set-up
                 try:
                     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-                        st = [r[0] for r in con.execute("SELECT state FROM trials")]
+                        st = [(r[0], r[1]) for r in con.execute(
+                            "SELECT t.state, COUNT(p.param_id) FROM trials t "
+                            "LEFT JOIN trial_params p ON p.trial_id = t.trial_id GROUP BY t.trial_id")]
                 except sqlite3.Error:
                     continue
-                if "RUNNING" in st and ("COMPLETE" in st or "PRUNED" in st):
+                # the second trial runs with its parameters stored (a kill between Optuna's ask and
+                # its parameters leaves nothing to re-run: resume then samples afresh)
+                if ("RUNNING", 1) in st and any(s in ("COMPLETE", "PRUNED") for s, _ in st):
                     break
         assert proc.poll() is None, "the sweep ended before it could be interrupted: " + proc.stderr.read()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)  # only the driver we started; its trials die with its job
