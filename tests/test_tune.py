@@ -271,8 +271,8 @@ def _cmdline(pid: int) -> str:
 
 
 def test_killed_worker_resumes_from_last_checkpoint_with_max_failures(tmp_path, capsys, local_ray):
-    """`kdray train --workers 2 --max-failures 1`: a Ray Train worker process is SIGKILLed after two
-    epoch checkpoints; Ray Train restarts the worker group, which resumes from the latest checkpoint
+    """`kdray train --workers 2 --max-failures 1`: a Ray Train worker process is SIGKILLed a few
+    seconds after two epoch checkpoints; Ray Train restarts the worker group, which resumes from the latest checkpoint
     (not epoch 1): the MLflow history has every epoch, epoch 1 only once, and the run completes."""
     import threading
 
@@ -288,6 +288,9 @@ def test_killed_worker_resumes_from_last_checkpoint_with_max_failures(tmp_path, 
         while not stop.is_set() and time.monotonic() < deadline:
             seen |= {p.name for p in (out_dir / "ray").glob("*/checkpoint_*")}
             if len(seen) >= 2:
+                # the controller learns of a checkpoint when it next polls the workers (every 2 s by
+                # default): a kill right after the files appear could restart from scratch, by design
+                time.sleep(5)
                 for pid in sorted(_descendants(os.getpid())):
                     if "RayTrainWorker" in _cmdline(pid):
                         os.kill(pid, signal.SIGKILL)
@@ -297,7 +300,7 @@ def test_killed_worker_resumes_from_last_checkpoint_with_max_failures(tmp_path, 
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    epochs = 8
+    epochs = 16
     try:
         rc = main(["--workdir", str(tmp_path), "train", "--method", "ce", "--student", "resnet8", "--dataset", "fake",
                    "--image-size", "16", "--epochs", str(epochs), "--device", "cpu", "--workers", "2",
