@@ -28,6 +28,10 @@ from .teachers import TeacherEnsemble, load_teachers
 Reporter = Callable[[dict, Optional[str]], None]
 
 
+SYNC_BN_NEEDS_CUDA = ("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
+                      "leave sync_bn unset or false on CPU")
+
+
 class NonFiniteLoss(KdrayError):
     """The loss became NaN or infinite: the run stops with this reason."""
 
@@ -245,7 +249,7 @@ def fit(
     eval_kw = dict(mean=data.mean, std=data.std, device=device, train=False, rank=rank, world_size=world,
                    channels_last=channels_last)
     val_loader = BatchLoader(data.val, cfg.eval_batch_size, **eval_kw)
-    bn_loader = BatchLoader(data.train, max(per_rank_batch, 1), **eval_kw) if cfg.precise_bn else None
+    bn_loader = BatchLoader(data.train, per_rank_batch, **eval_kw) if cfg.precise_bn else None
     test_loader = BatchLoader(data.test, cfg.eval_batch_size, **eval_kw)
 
     root = Path(checkpoint_root or cfg.checkpoint_dir or "kdray-work/checkpoints")
@@ -294,8 +298,7 @@ def fit(
         wrapped = module
         if world > 1 and (cfg.sync_bn or (cfg.sync_bn is None and cuda)):
             if not cuda:
-                raise KdrayError("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
-                                 "leave sync_bn unset or false on CPU")
+                raise KdrayError(SYNC_BN_NEEDS_CUDA)
             # BatchNorm statistics over the global batch, as one process would compute them.
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         if world > 1:

@@ -13,11 +13,11 @@ from .checkpoint import safe_load
 def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = None, log=print, address=None,
                  gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, max_failures: int = 0) -> dict:
     """``tracking``: ``{"uri": ..., "experiment": ..., "workdir": ...}`` or None for no MLflow."""
-    if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":
+    if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
+        from .engine import SYNC_BN_NEEDS_CUDA
         from .errors import KdrayError
 
-        raise KdrayError("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
-                         "leave sync_bn unset or false on CPU")
+        raise KdrayError(SYNC_BN_NEEDS_CUDA)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     track = None
