@@ -454,5 +454,16 @@ def main(argv=None) -> int:
         _JSON_OUT = None
 
 
+def entry() -> None:
+    """The `kdray` console script: main(), then leave without interpreter teardown (see
+    kdray.procexit: Ray's native client threads outlive ray.shutdown() and can crash it)."""
+    from kdray.procexit import exit_after_atexit
+
+    set_code = exit_after_atexit()
+    code = main()
+    set_code(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

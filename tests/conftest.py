@@ -3,6 +3,18 @@ import os
 import pytest
 
 from kdray.config import RunConfig
+from kdray.procexit import exit_after_atexit
+
+# This process starts and stops Ray many times (module fixtures, ray.cluster_utils.Cluster, in-process
+# `kdray tune`); Ray's native client threads outlive ray.shutdown() and once crashed the interpreter's
+# teardown after every test had passed (SIGSEGV, exit 139). Registered here, before any test module
+# imports ray, the handler runs after Ray's and MLflow's atexit handlers and leaves with pytest's own
+# exit status. See kdray/procexit.py.
+_set_exit_status = exit_after_atexit()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _set_exit_status(int(exitstatus))
 
 
 @pytest.fixture(autouse=True)
