@@ -14,7 +14,7 @@ _set_exit_status = exit_after_atexit()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    _set_exit_status(int(exitstatus))
+    _set_exit_status(exitstatus)  # an ExitCode; the handler keeps int(exitstatus)
 
 
 @pytest.fixture(autouse=True)
