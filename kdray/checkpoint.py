@@ -1,9 +1,11 @@
-"""Atomic checkpoint files, always loaded with ``weights_only=True``."""
+"""Atomic checkpoint files, always loaded with ``weights_only=True``, and a run's checkpoint folder:
+finding the latest epoch, saving one and rotating old ones."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -47,3 +49,39 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# --- a run's checkpoint folder: root/epoch_NNNN/{checkpoint.pt, student.pt} ----------------------
+def epoch_dir(root: str | Path, global_epoch: int) -> Path:
+    return Path(root) / f"epoch_{global_epoch:04d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest epoch folder under ``root`` that holds a complete training checkpoint."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for d in sorted(root.glob("epoch_*"), reverse=True):
+        if (d / "checkpoint.pt").is_file():
+            return d
+    return None
+
+
+def load_training_state(folder: str | Path) -> dict:
+    """The training state saved in ``folder`` (weights_only), checked to be kdray's own."""
+    state = safe_load(Path(folder) / "checkpoint.pt", "checkpoint")
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise KdrayError(f"{folder}: not a kdray checkpoint")
+    return state
+
+
+def save_epoch(root: str | Path, global_epoch: int, state: dict, student_record: dict, keep: int) -> Path:
+    """Write one epoch's training state and deployable student, then keep only the newest ``keep``
+    epoch folders (0: keep all until the run removes the root at its end)."""
+    folder = epoch_dir(root, global_epoch)
+    atomic_save({"format": CKPT_FORMAT, **state}, folder / "checkpoint.pt")
+    atomic_save(student_record, folder / "student.pt")
+    if keep > 0:
+        for old in sorted(Path(root).glob("epoch_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder

@@ -73,8 +73,14 @@ def collect(args, keys) -> dict:
 # --------------------------------------------------------------------------------------------
 DATA_KEYS = ("dataset", "data_dir", "download", "train_fraction", "val_fraction", "data_seed", "image_size")
 OPTIM_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "seed", "device", "amp")
-METHOD_KEYS = ("method", "student", "teachers", "branches", "split_stage", "temperature", "alpha",
-               "feat_weight", "ens_ce_weight", "ens_kd_weight", "feed_weight", "generations", "workers")
+RUN_KEYS = ("method", "student", "teachers", "workers")
+
+
+def method_keys() -> tuple:
+    """The run keys plus every hyperparameter the registered methods declare (each has a flag)."""
+    from .distill import HPARAMS
+
+    return RUN_KEYS + tuple(HPARAMS)
 
 
 def build_config(args, keys, extra=None):
@@ -87,7 +93,7 @@ def build_config(args, keys, extra=None):
 
 
 def cmd_train(args) -> int:
-    cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + METHOD_KEYS)
+    cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys())
     from .distill import get_method
 
     method = get_method(cfg.method)
@@ -156,7 +162,7 @@ def cmd_best(args) -> int:
                      "latency_ms": m.get("latency_ms"), "parent_run_id": t.get("mlflow.parentRunId")})
     out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows, "tracking_uri": uri}
     if args.register:
-        from .registry import register_champion
+        from .champion import register_champion
 
         out["registered"] = register_champion(uri, rows[0]["run_id"], args.register, log=log)
     if args.json:
@@ -214,7 +220,7 @@ def cmd_export(args) -> int:
 
 def cmd_teachers_train(args) -> int:
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS)
-    from .teachers import train_teachers
+    from .teacher_training import train_teachers
 
     out = Path(args.out) if args.out else workdir(args) / "teachers" / cfg.dataset
     manifest = train_teachers(cfg, args.arch or ["resnet20"], args.count, out, log=log)
@@ -242,15 +248,16 @@ def cmd_teachers_show(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .tune import run_sweep
+    from .tune import SweepOptions, run_sweep
 
-    result = run_sweep(
-        args.space, workdir=workdir(args), samples=args.samples, concurrency=args.concurrency,
-        workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-        experiment=args.experiment, address=args.address, resume=args.resume,
-        optuna_storage=args.optuna_storage, max_failures=args.max_failures, log=log,
-        tracking=tracking_from_args(args),
+    options = SweepOptions(
+        samples=args.samples, concurrency=args.concurrency, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, experiment=args.experiment,
+        address=args.address, resume=args.resume, optuna_storage=args.optuna_storage,
+        max_failures=args.max_failures,
     )
+    result = run_sweep(args.space, workdir=workdir(args), options=options, log=log,
+                       tracking=tracking_from_args(args))
     if args.json:
         emit_json(result, sort_keys=True, default=str)
         return _all_failed(result)
@@ -258,8 +265,7 @@ def cmd_tune(args) -> int:
     print(f"sweep {result['experiment']}: {counts}")
     for row in result["trials"]:
         m = row["metrics"]
-        state = f"failed: {row['error']}" if row["error"] else (
-            "pruned" if m.get("epoch", 0) < m.get("total_epochs", 0) else "completed")
+        state = f"failed: {row['error']}" if row["error"] else row["state"]
         print(f"  {m.get('trial_id', '?')}: val_acc={m.get('val_acc', float('nan')):.4f} "
               f"epochs={m.get('epoch', 0)} node={m.get('node_ip', '?')} {state}")
     if "best" in result:
@@ -313,18 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     # train ----------------------------------------------------------------------------------
     t = sub.add_parser("train", help="distil one student (one run)", description="Train one student with a distillation method; one progress line per epoch, a summary at the end.")
     m = t.add_argument_group("method")
-    m.add_argument("--method", help="ce, kd, avg_kd, ekd (default), feed, sfeed")
+    from .distill import METHODS
+
+    m.add_argument("--method", help=f"{', '.join(sorted(METHODS))} (default ekd)")
     m.add_argument("--student", help="student architecture, e.g. resnet8 (default), resnet8x4, wrn_16_2, mobilenet_v3_small")
     m.add_argument("--teachers", help="teacher directory written by `kdray teachers train`")
-    m.add_argument("--branches", type=int, help="EKD branch count B, 1-8 (default 3)")
-    m.add_argument("--split-stage", type=int, help="EKD: stages in the shared trunk (default 1)")
-    m.add_argument("--temperature", type=float, help="distillation temperature T (default 4)")
-    m.add_argument("--alpha", type=float, help="KD weight a, 0-1 (default: 0.9 kd/avg_kd/ekd, 0 feed)")
-    m.add_argument("--feat-weight", type=float, help="EKD feature term weight g (default 0)")
-    m.add_argument("--ens-ce-weight", type=float, help="EKD ensemble CE weight d (default 1)")
-    m.add_argument("--ens-kd-weight", type=float, help="EKD ensemble KD weight e (default 0)")
-    m.add_argument("--feed-weight", type=float, help="FEED weight b (default 500)")
-    m.add_argument("--generations", type=int, help="sequential FEED generations (default 2)")
+    add_hparam_args(m)
     m.add_argument("--workers", type=int, help="Ray Train DDP workers (default 1: in this process)")
     m.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker when --workers > 1 (default 0)")
     m.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default 1)")
@@ -341,7 +341,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracking_args(t)
     t.set_defaults(func=cmd_train)
 
-    # teachers -------------------------------------------------------------------------------
     # tune -----------------------------------------------------------------------------------
     tu = sub.add_parser("tune", help="search distillation hyperparameters (Ray Tune + Optuna TPE + ASHA)",
                         description="Run a sweep from a YAML search space: each trial is a Ray Train run with W DDP "
@@ -394,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
     x.set_defaults(func=cmd_export)
 
+    # teachers -------------------------------------------------------------------------------
     te = sub.add_parser("teachers", help="train or inspect teacher ensembles", description="Train or inspect teacher ensembles.")
     tsub = te.add_subparsers(dest="teachers_command", metavar="ACTION")
     tt = tsub.add_parser("train", help="train K teachers and write weights + manifest",
@@ -411,6 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=cmd_teachers_show)
     te.set_defaults(func=lambda a: (te.print_help(), 2)[1])
     return p
+
+
+def add_hparam_args(group) -> None:
+    """One flag per hyperparameter the registered methods declare (``--feat-weight``, ...):
+    its type, help and default come from the declaration (kdray/distill/hparams.py)."""
+    from .distill import HPARAMS, METHODS
+
+    for name, p in sorted(HPARAMS.items()):
+        users = ", ".join(m for m, cls in sorted(METHODS.items()) if p in cls.hparams)
+        default = "" if p.default is None else f", default {p.default}"
+        kind = str if p.type in (list, bool) else p.type  # lists as "0.5,0.7"; the config coerces both
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar=name.upper(),
+                           help=f"{p.help} ({users}{default}; allowed: {p.allowed()})")
 
 
 def add_tracking_args(p: argparse.ArgumentParser) -> None:

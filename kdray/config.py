@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
+from .distill import HPARAMS, RESERVED_NAMES
 from .errors import KdrayError
+from .values import coerce_value
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -23,8 +25,13 @@ AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
+    """One run's configuration: the fields below, plus every hyperparameter a registered method
+    declares (``cfg.temperature``, ``cfg.feed_weight``, ...), read through ``hparams``.
+
+    Immutable: ``replace`` returns a new, re-validated config."""
+
     # --- what to train -------------------------------------------------------------------
     method: str = "ekd"
     dataset: str = "digits"
@@ -38,17 +45,6 @@ class RunConfig:
     hflip: Optional[bool] = None  # None: the dataset's default (off for digits)
     student: str = "resnet8"
     teachers: Optional[str] = None  # a directory written by `kdray teachers train`
-    # --- method hyperparameters (see methods.md) -----------------------------------------
-    branches: int = 3  # EKD: B
-    split_stage: int = 1  # EKD: stages in the shared trunk
-    temperature: float = 4.0  # T
-    alpha: Optional[float] = None  # a; None: the method's default (0.9 kd/avg_kd/ekd, 0 feed)
-    branch_alpha: Optional[list] = None  # EKD: one a per branch (length == branches)
-    feat_weight: float = 0.0  # g (EKD feature term)
-    ens_ce_weight: float = 1.0  # d (EKD ensemble CE)
-    ens_kd_weight: float = 0.0  # e (EKD ensemble KD)
-    feed_weight: float = 500.0  # b (FEED)
-    generations: int = 2  # sequential FEED
     # --- optimisation --------------------------------------------------------------------
     epochs: int = 10
     optimizer: str = "sgd"
@@ -70,10 +66,19 @@ class RunConfig:
     workers: int = 1  # Ray Train workers (1 = in-process)
     checkpoint_dir: Optional[str] = None
     resume: bool = False
+    # --- the methods' declared hyperparameters, by name (see kdray/distill/hparams.py) ------------
+    hparams: dict = field(default_factory=dict, repr=False)
 
-    # ----------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not fields
+        if name.startswith("__") or name not in HPARAMS:
+            raise AttributeError(f"RunConfig has no key {name!r}")
+        return self.__dict__.get("hparams", {}).get(name, HPARAMS[name].default)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every key, flat: the fields and every declared hyperparameter (defaults filled in)."""
+        out = {f: getattr(self, f) for f in FIELDS}
+        out.update({name: getattr(self, name) for name in HPARAMS})
+        return {k: list(v) if isinstance(v, list) else v for k, v in out.items()}
 
     def replace(self, **changes) -> "RunConfig":
         return from_dict({**self.to_dict(), **changes})
@@ -82,135 +87,88 @@ class RunConfig:
         return default if self.alpha is None else float(self.alpha)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "hparams"}
 _HINTS = typing.get_type_hints(RunConfig)
+RESERVED_NAMES.update(FIELDS, {"hparams"})  # a method may not declare a run-config key
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES}
+#: the range of each numeric field: (test, what is allowed)
+RANGES = {
+    "train_fraction": (lambda v: 0 < v <= 1, "0 < train_fraction <= 1"),
+    "val_fraction": (lambda v: 0 < v < 1, "0 < val_fraction < 1"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "momentum": (lambda v: v >= 0, ">= 0"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "workers": (lambda v: v >= 1, ">= 1"),
+    "image_size": (lambda v: v is None or v >= 8, ">= 8"),
+    "crop_padding": (lambda v: v is None or v >= 0, ">= 0"),
+}
 
 
-def _base_type(name: str):
-    hint = _HINTS[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    if args:
-        hint = args[0]
-    return hint, optional
+def all_keys() -> list[str]:
+    """Every key a config, a space or ``--set`` may name: the fields and the declared hyperparameters."""
+    return sorted(set(FIELDS) | set(HPARAMS))
+
+
+def is_key(key: str) -> bool:
+    return key in FIELDS or key in HPARAMS
 
 
 def unknown_key_error(key: str, where: str = "config") -> KdrayError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
+    close = difflib.get_close_matches(key, all_keys(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return KdrayError(
-        f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(FIELDS))}"
-    )
+    return KdrayError(f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(all_keys())}")
+
+
+def _field_type(name: str) -> tuple[type, bool]:
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0] if args else hint), type(None) in typing.get_args(hint)
 
 
 def coerce(key: str, value: Any, where: str = "config") -> Any:
-    """Coerce one value to the field's type, or raise a one-line error naming the key."""
+    """One value checked for its key: coerced to the field's type, or a declared hyperparameter's
+    type and range; a one-line KdrayError naming the key otherwise."""
+    if key in HPARAMS:
+        return HPARAMS[key].check(value, where)
     if key not in FIELDS:
         raise unknown_key_error(key, where)
-    typ, optional = _base_type(key)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise KdrayError(f"{where}: key {key!r} may not be empty")
-    try:
-        if typ is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            if isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if not isinstance(value, (str, int, float)):
-                raise ValueError
-            return str(value)
-        if typ is list:
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            return [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise KdrayError(
-            f"{where}: key {key!r} must be {typ.__name__}{' or null' if optional else ''}, "
-            f"got {value!r}"
-        ) from None
-    return value
+    return coerce_value(key, *_field_type(key), value, where)
 
 
-def _check_range(cfg: RunConfig, where: str) -> None:
-    def bad(key, allowed):
-        return KdrayError(f"{where}: {key}={getattr(cfg, key)!r} is out of range; allowed: {allowed}")
-
-    if cfg.optimizer not in OPTIMIZERS:
-        raise KdrayError(f"{where}: unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise KdrayError(f"{where}: unknown schedule {cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    if cfg.amp not in AMP_MODES:
-        raise KdrayError(f"{where}: unknown amp mode {cfg.amp!r}; allowed: {', '.join(AMP_MODES)}")
+def _check_fields(cfg: RunConfig, where: str) -> None:
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise KdrayError(f"{where}: unknown {key} {getattr(cfg, key)!r}; allowed: {', '.join(allowed)}")
     if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
         raise KdrayError(f"{where}: unknown device {cfg.device!r}; allowed: {', '.join(DEVICES)}, cuda:N")
-    if not 0 < cfg.train_fraction <= 1:
-        raise bad("train_fraction", "0 < train_fraction <= 1")
-    if not 0 < cfg.val_fraction < 1:
-        raise bad("val_fraction", "0 < val_fraction < 1")
-    if not 1 <= cfg.branches <= 8:
-        raise bad("branches", "1..8")
-    if cfg.split_stage < 0:
-        raise bad("split_stage", ">= 0")
-    if not cfg.temperature > 0:
-        raise bad("temperature", "> 0")
-    for key in ("feat_weight", "ens_ce_weight", "ens_kd_weight", "feed_weight", "weight_decay", "momentum"):
-        if getattr(cfg, key) < 0:
-            raise bad(key, ">= 0")
-    if cfg.alpha is not None and not 0 <= cfg.alpha <= 1:
-        raise bad("alpha", "0..1")
-    if cfg.branch_alpha is not None:
-        if len(cfg.branch_alpha) != cfg.branches:
+    for key, (ok, allowed) in RANGES.items():
+        if not ok(getattr(cfg, key)):
+            raise KdrayError(f"{where}: {key}={getattr(cfg, key)!r} is out of range; allowed: {allowed}")
+
+
+def _check_per_branch(cfg: RunConfig, where: str) -> None:
+    """A per-branch hyperparameter (EKD's branch_alpha) has one value per branch."""
+    for p in HPARAMS.values():
+        values = getattr(cfg, p.name)
+        if p.per_branch and values is not None and len(values) != cfg.branches:
             raise KdrayError(
-                f"{where}: branch_alpha has {len(cfg.branch_alpha)} values but branches={cfg.branches}; "
-                "give one value per branch"
+                f"{where}: {p.name} has {len(values)} values but branches={cfg.branches}; give one value per branch"
             )
-        if any(not 0 <= a <= 1 for a in cfg.branch_alpha):
-            raise bad("branch_alpha", "each value in 0..1")
-    if cfg.generations < 1:
-        raise bad("generations", ">= 1")
-    if cfg.epochs < 1:
-        raise bad("epochs", ">= 1")
-    if not cfg.lr > 0:
-        raise bad("lr", "> 0")
-    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        raise bad("batch_size", ">= 1")
-    if cfg.workers < 1:
-        raise bad("workers", ">= 1")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise bad("image_size", ">= 8")
-    if cfg.crop_padding is not None and cfg.crop_padding < 0:
-        raise bad("crop_padding", ">= 0")
 
 
 def from_dict(data: dict, where: str = "config") -> RunConfig:
+    """The validated config of a flat mapping: unknown keys, wrong types and ranges are refused."""
     if not isinstance(data, dict):
         raise KdrayError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
-    values = {}
-    for key, value in data.items():
-        values[key] = coerce(str(key), value, where)
-    cfg = RunConfig(**values)
-    _check_range(cfg, where)
+    values = {str(k): coerce(str(k), v, where) for k, v in data.items()}
+    fields = {k: v for k, v in values.items() if k in FIELDS}
+    hparams = {name: values.get(name, p.default) for name, p in HPARAMS.items()}
+    cfg = RunConfig(**fields, hparams=hparams)
+    _check_fields(cfg, where)
+    _check_per_branch(cfg, where)
     return cfg
 
 
@@ -240,7 +198,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not isinstance(loaded, dict):
             raise KdrayError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
         for key in loaded:
-            if key not in FIELDS:
+            if not is_key(str(key)):
                 raise unknown_key_error(str(key), where)
         data.update(loaded)
     for key, value in (overrides or {}).items():

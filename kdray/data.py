@@ -256,6 +256,27 @@ def _load_cifar(cfg, size, name):
 # imagefolder
 
 
+def _is_image_name(filename: str) -> bool:
+    """A visible file with one of the image extensions (case-insensitive)."""
+    return not filename.startswith(".") and filename.lower().endswith(IMG_EXTENSIONS)
+
+
+def _class_images(folder: Path, label: int) -> list[tuple[str, int, int, int]]:
+    """[(path, label, size, mtime_ns)] for the images anywhere under one class folder.
+
+    Directories and files are visited in sorted order and hidden ones skipped, so the list (and
+    with it the cache key and the sample order) does not depend on the filesystem's order.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # in place: steers os.walk
+        for fn in sorted(filter(_is_image_name, filenames)):
+            path = os.path.join(dirpath, fn)
+            st = os.stat(path)
+            found.append((path, label, st.st_size, st.st_mtime_ns))
+    return found
+
+
 def _scan_tree(root: Path, where: str):
     """Class names and [(path, label, size, mtime_ns)] for a class-per-folder tree."""
     if not root.is_dir():
@@ -266,15 +287,7 @@ def _scan_tree(root: Path, where: str):
                          f"(or {root}/train/<class>/... and {root}/test/<class>/...)")
     files, empty = [], []
     for label, cname in enumerate(classes):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / cname, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in sorted(filenames):
-                if fn.startswith(".") or not fn.lower().endswith(IMG_EXTENSIONS):
-                    continue
-                path = os.path.join(dirpath, fn)
-                st = os.stat(path)
-                found.append((path, label, st.st_size, st.st_mtime_ns))
+        found = _class_images(root / cname, label)
         if not found:
             empty.append(cname)
         files.extend(found)
@@ -319,6 +332,43 @@ def _decode_one(path: str, raw: bytes, tv) -> torch.Tensor:
         raise KdrayError(f"imagefolder: cannot decode image {path} ({_one_line(exc)})") from None
 
 
+def _read_files(paths: list[str]) -> list[bytes]:
+    """The whole contents of each file, in order."""
+    raws = []
+    for p in paths:
+        with open(p, "rb") as fh:
+            raws.append(fh.read())
+    return raws
+
+
+def _decode_jpeg_batch(paths: list[str], raws: list[bytes], tv) -> list[Optional[torch.Tensor]]:
+    """One batched torchvision decode of the non-empty JPEGs among ``paths``.
+
+    Returns an entry per path: the decoded uint8 [3,H,W] image, or None where the file is left
+    for :func:`_decode_one` (not a JPEG, empty, no torchvision.io, or the batch call failed: one
+    bad file fails the whole batch, and then every file of the chunk is decoded one by one).
+    """
+    imgs: list[Optional[torch.Tensor]] = [None] * len(paths)
+    jpeg = [i for i, p in enumerate(paths) if p.lower().endswith((".jpg", ".jpeg")) and raws[i]]
+    if tv is None or not jpeg:
+        return imgs
+    try:
+        decoded = tv[2]([_as_tensor(raws[i]) for i in jpeg], mode=tv[0].RGB)
+        for i, img in zip(jpeg, decoded):
+            imgs[i] = img
+    except Exception:
+        pass  # one bad file: the caller decodes this chunk one by one
+    return imgs
+
+
+def _decode_chunk(paths: list[str], size: int, tv) -> list[torch.Tensor]:
+    """Read and decode a chunk of files to uint8 [3,size,size] each (JPEGs batched where possible)."""
+    raws = _read_files(paths)
+    imgs = _decode_jpeg_batch(paths, raws, tv)
+    return [_fit_image(_decode_one(path, raw, tv) if img is None else img, size)
+            for path, raw, img in zip(paths, raws, imgs)]
+
+
 def _decode_files(paths: list[str], size: int, chunk: int = 2048) -> torch.Tensor:
     """Decode image files into uint8 [N,3,size,size]; JPEGs in batches, progress on stderr."""
     tv = _tv_decoders()
@@ -329,22 +379,7 @@ def _decode_files(paths: list[str], size: int, chunk: int = 2048) -> torch.Tenso
         warnings.simplefilter("ignore", DeprecationWarning)
         for start in range(0, n, chunk):
             part = paths[start : start + chunk]
-            raws = []
-            for p in part:
-                with open(p, "rb") as fh:
-                    raws.append(fh.read())
-            imgs: list[Optional[torch.Tensor]] = [None] * len(part)
-            jpeg = [i for i, p in enumerate(part) if p.lower().endswith((".jpg", ".jpeg")) and raws[i]]
-            if tv is not None and jpeg:
-                try:
-                    decoded = tv[2]([_as_tensor(raws[i]) for i in jpeg], mode=tv[0].RGB)
-                    for i, img in zip(jpeg, decoded):
-                        imgs[i] = img
-                except Exception:
-                    pass  # one bad file: decode this chunk one by one below
-            for i, img in enumerate(imgs):
-                imgs[i] = _fit_image(_decode_one(part[i], raws[i], tv) if img is None else img, size)
-            torch.stack(imgs, out=out[start : start + len(part)])
+            torch.stack(_decode_chunk(part, size, tv), out=out[start : start + len(part)])
             done = start + len(part)
             if n >= 5000 and (done >= next_report or done == n):
                 _log(f"decoded {done}/{n} images ({time.perf_counter() - t0:.1f}s)")
@@ -395,26 +430,48 @@ def _read_cache(root: Path, name: str, parts, size):
     return None
 
 
+def _remove_if_present(path: str) -> None:
+    """Best-effort delete: a leftover temp file must not turn a failed write into a crash."""
+    if os.path.exists(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _save_atomically(obj, target: Path) -> None:
+    """``torch.save`` into a temp file beside ``target``, then rename it over ``target``.
+
+    Readers (other ranks, other runs) never see a half-written cache; on failure the temp file is
+    removed and the error re-raised.
+    """
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except Exception:
+        _remove_if_present(tmp)
+        raise
+
+
+def _remove_older_caches(d: Path, name: str) -> None:
+    """Delete the other caches of this tree and size in ``d``: their content key is out of date."""
+    for old in d.glob(name.rsplit("-", 1)[0] + "-*.pt"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
 def _write_cache(root: Path, name: str, obj) -> Optional[Path]:
     for d in _cache_dirs(root):
-        tmp = None
         try:
             d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=name + ".", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(obj, fh)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, d / name)
-            for old in d.glob(name.rsplit("-", 1)[0] + "-*.pt"):  # older caches of this tree and size
-                if old.name != name:
-                    old.unlink(missing_ok=True)
+            _save_atomically(obj, d / name)
+            _remove_older_caches(d, name)
             return d / name
         except Exception:
-            if tmp is not None and os.path.exists(tmp):
-                try:
-                    os.remove(tmp)
-                except OSError:
-                    pass
+            pass  # not writable here: try the next cache directory
     _log(f"could not write a decode cache for {root} (no writable cache directory)")
     return None
 
@@ -465,6 +522,27 @@ def default_crop_padding(image_size: int) -> int:
     return max(0, round(image_size / 8))
 
 
+def _check_load_options(val_fraction: float, train_fraction: float, size: int) -> None:
+    """Reject out-of-range options before any (possibly slow) dataset loading."""
+    if not 0 < val_fraction < 1:
+        raise KdrayError(f"val_fraction={val_fraction!r} is out of range; allowed: 0 < val_fraction < 1")
+    if not 0 < train_fraction <= 1:
+        raise KdrayError(f"train_fraction={train_fraction!r} is out of range; allowed: 0 < train_fraction <= 1")
+    if size < 8:
+        raise KdrayError(f"image_size={size!r} is out of range; allowed: >= 8")
+
+
+def _load_source(cfg, name: str, size: int):
+    """The named dataset's loader: (classes, train_x, train_y, test_x | None, test_y | None)."""
+    if name == "digits":
+        return _load_digits(cfg, size)
+    if name == "fake":
+        return _load_fake(cfg, size)
+    if name == "imagefolder":
+        return _load_imagefolder(cfg, size)
+    return _load_cifar(cfg, size, name)
+
+
 def load_data(cfg) -> DataBundle:
     """Load ``cfg.dataset`` as uint8 tensors, split train/val/test and compute train statistics."""
     name = getattr(cfg, "dataset", "digits")
@@ -473,22 +551,8 @@ def load_data(cfg) -> DataBundle:
     size = int(getattr(cfg, "image_size", None) or DEFAULT_IMAGE_SIZE)
     val_fraction = float(getattr(cfg, "val_fraction", 0.1))
     train_fraction = float(getattr(cfg, "train_fraction", 1.0))
-    if not 0 < val_fraction < 1:
-        raise KdrayError(f"val_fraction={val_fraction!r} is out of range; allowed: 0 < val_fraction < 1")
-    if not 0 < train_fraction <= 1:
-        raise KdrayError(f"train_fraction={train_fraction!r} is out of range; allowed: 0 < train_fraction <= 1")
-    if size < 8:
-        raise KdrayError(f"image_size={size!r} is out of range; allowed: >= 8")
-
-    if name == "digits":
-        loaded = _load_digits(cfg, size)
-    elif name == "fake":
-        loaded = _load_fake(cfg, size)
-    elif name == "imagefolder":
-        loaded = _load_imagefolder(cfg, size)
-    else:
-        loaded = _load_cifar(cfg, size, name)
-    classes, x, y, test_x, test_y = loaded
+    _check_load_options(val_fraction, train_fraction, size)
+    classes, x, y, test_x, test_y = _load_source(cfg, name, size)
 
     idx = split_indices(y, val_fraction=val_fraction, train_fraction=train_fraction,
                         data_seed=int(getattr(cfg, "data_seed", 0) or 0),

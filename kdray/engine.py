@@ -1,8 +1,11 @@
 """The training loop: one plain function for a config, runnable in-process or as a Ray Train
 worker loop unchanged (it uses torch.distributed when a process group exists, nothing else).
 
-Per epoch it reports every loss term by name, train/val accuracy, the ensemble and per-branch
-accuracy, lr, epoch time and images/s; it writes a checkpoint each epoch and can resume from one.
+``fit`` reads as an outline: prepare what every generation shares (data, teachers, loaders,
+precision), then per generation build the student, method and optimizer, and per epoch
+``train_epoch`` (the step loop), evaluate, checkpoint and report. Per epoch it reports every loss
+term by name, train/val accuracy, the ensemble and per-branch accuracy, lr, epoch time and
+images/s, and the trial-outcome fields ``epoch``, ``total_epochs`` and ``done``.
 """
 
 from __future__ import annotations
@@ -11,22 +14,24 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CKPT_FORMAT, STUDENT_FORMAT, atomic_save, safe_load
+from .checkpoint import latest_checkpoint, load_training_state, save_epoch
 from .data import BatchLoader, DataBundle, load_data
-from .distill import Method, check_teacher_count, get_method
+from .distill import Generation, Method, check_teacher_count, get_method
 from .errors import KdrayError
 from .models import build_student
-from .teachers import TeacherEnsemble, load_teachers
+from .student_file import student_record
+from .teachers import LiveTeacherOutputs, TeacherEnsemble, load_teachers
 
 Reporter = Callable[[dict, Optional[str]], None]
-
+TeacherOutputs = Callable[[torch.Tensor], dict]
 
 SYNC_BN_NEEDS_CUDA = ("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
                       "leave sync_bn unset or false on CPU")
@@ -49,6 +54,9 @@ class TrainModule(nn.Module):
         return self.method(y, s_out, t_out)
 
 
+# ---------------------------------------------------------------------------------------------
+# small pieces
+# ---------------------------------------------------------------------------------------------
 def pick_device(cfg) -> torch.device:
     if cfg.device == "auto":
         if torch.cuda.is_available():
@@ -72,12 +80,19 @@ def lr_factor(cfg, epoch: int) -> float:
 
 def make_optimizer(cfg, params):
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +101,27 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class Precision:
+    """Where and how the step runs: bf16 autocast and channels_last on GPU unless the config says."""
+
+    device: torch.device
+    use_amp: bool
+    channels_last: bool
+
+    @classmethod
+    def for_config(cls, cfg, device: torch.device) -> "Precision":
+        cuda = device.type == "cuda"
+        return cls(device, cfg.amp == "bf16" or (cfg.amp == "auto" and cuda),
+                   cuda if cfg.channels_last is None else bool(cfg.channels_last))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(student: nn.Module, loader: BatchLoader, autocast) -> dict:
     """Accuracy of the evaluated logits and of every branch, exact across ranks."""
@@ -105,6 +141,10 @@ def evaluate(student: nn.Module, loader: BatchLoader, autocast) -> dict:
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
         n += y.numel()
     stats = _all_reduce(torch.cat([correct, loss_sum.view(1), n.view(1)])).tolist()
+    return _accuracy_metrics(stats, nb)
+
+
+def _accuracy_metrics(stats: list, nb: int) -> dict:
     total = max(stats[-1], 1.0)
     res = {"acc": stats[0] / total, "loss": stats[-2] / total}
     if nb > 1:
@@ -136,52 +176,240 @@ def recompute_bn_stats(student: nn.Module, loader: BatchLoader, autocast) -> Non
             student(x)
     for m, mom in zip(bns, saved):
         m.momentum = mom
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        world = dist.get_world_size()
-        for m in bns:
-            for buf in (m.running_mean, m.running_var):
-                dist.all_reduce(buf)
-                buf.div_(world)
+    _average_bn_buffers_across_ranks(bns)
 
 
-def student_record(student: nn.Module, cfg, data: DataBundle, metrics: dict) -> dict:
-    """A self-describing deployable student (loadable with weights_only=True)."""
-    return {
-        "format": STUDENT_FORMAT,
-        "arch": cfg.student,
-        "num_classes": data.num_classes,
-        "multi_branch": bool(getattr(student, "num_branches", 1) > 1 or get_method(cfg.method).multi_branch),
-        "branches": int(getattr(student, "num_branches", 1)),
-        "split_stage": int(getattr(student, "split_stage", cfg.split_stage)),
-        "classes": list(data.classes),
-        "mean": list(data.mean),
-        "std": list(data.std),
-        "image_size": int(data.image_size),
-        "dataset": cfg.dataset,
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-    }
+def _average_bn_buffers_across_ranks(bns: list) -> None:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    for m in bns:
+        for buf in (m.running_mean, m.running_var):
+            dist.all_reduce(buf)
+            buf.div_(world)
 
 
-def rebuild_student(record: dict) -> nn.Module:
-    """Inverse of :func:`student_record`: the student module with its weights, in eval mode."""
-    student = build_student(
-        record["arch"], record["num_classes"], branches=record["branches"],
-        split_stage=record["split_stage"], multi_branch=record["multi_branch"],
-    )
-    student.load_state_dict(record["state_dict"])
-    return student.eval()
+# ---------------------------------------------------------------------------------------------
+# prepare: what every generation shares
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Loaders:
+    train: BatchLoader
+    val: BatchLoader
+    test: BatchLoader
+    bn: Optional[BatchLoader]  # the un-augmented train split, for precise BatchNorm statistics
 
 
-def _latest_checkpoint(root: Path) -> Optional[Path]:
-    if not root.is_dir():
+@dataclass
+class Prepared:
+    cfg: object
+    data: DataBundle
+    teachers: Optional[TeacherEnsemble]
+    precision: Precision
+    loaders: Loaders
+    rank: int
+    world: int
+
+
+def _resolve_teachers(cfg, method_cls, data: DataBundle, teachers, precision: Precision):
+    """The frozen ensemble on the training device, loaded from ``cfg.teachers`` unless given."""
+    if teachers is None and method_cls.min_teachers > 0:
+        if not cfg.teachers:
+            check_teacher_count(method_cls, 0)
+        teachers = load_teachers(cfg.teachers, data.classes, precision.device)
+    if teachers is None:
         return None
-    for d in sorted(root.glob("epoch_*"), reverse=True):
-        if (d / "checkpoint.pt").is_file():
-            return d
-    return None
+    teachers = teachers.to(precision.device)
+    check_teacher_count(method_cls, teachers.info.count)
+    if precision.channels_last:
+        teachers = teachers.to(memory_format=torch.channels_last)
+    return teachers
+
+
+def make_loaders(cfg, data: DataBundle, precision: Precision, rank: int, world: int) -> Loaders:
+    per_rank_batch = cfg.batch_size // world
+    shard = dict(mean=data.mean, std=data.std, device=precision.device, rank=rank, world_size=world,
+                 channels_last=precision.channels_last)
+    train = BatchLoader(data.train, per_rank_batch, train=True, crop_padding=data.crop_padding,
+                        hflip=data.hflip, seed=cfg.seed, **shard)
+    return Loaders(
+        train=train,
+        val=BatchLoader(data.val, cfg.eval_batch_size, train=False, **shard),
+        test=BatchLoader(data.test, cfg.eval_batch_size, train=False, **shard),
+        bn=BatchLoader(data.train, per_rank_batch, train=False, **shard) if cfg.precise_bn else None,
+    )
+
+
+def prepare(cfg, data=None, teachers=None, device=None) -> Prepared:
+    rank, world = _rank_and_world()
+    if cfg.batch_size < world:
+        raise KdrayError(f"batch_size {cfg.batch_size} is smaller than the number of workers {world}")
+    precision = Precision.for_config(cfg, device or pick_device(cfg))
+    data = data or load_data(cfg)
+    teachers = _resolve_teachers(cfg, get_method(cfg.method), data, teachers, precision)
+    return Prepared(cfg, data, teachers, precision, make_loaders(cfg, data, precision, rank, world), rank, world)
+
+
+# ---------------------------------------------------------------------------------------------
+# one generation: student, method, optimizer, schedule, DDP
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StepParts:
+    """Everything one training step touches. ``wrapped`` is ``module`` or its DDP wrapper."""
+
+    student: nn.Module
+    method: Method
+    module: TrainModule
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    teacher_outputs: Optional[TeacherOutputs]
+    precision: Precision
+
+
+def _generation_teachers(plan: Generation, prep: Prepared, prev_student_state: Optional[dict]):
+    """The ensemble, or for a sequential generation the previous generation's student, frozen."""
+    if plan.teacher != "previous":
+        return prep.teachers
+    prev = build_student(prep.cfg.student, prep.data.num_classes)
+    prev.load_state_dict(prev_student_state)
+    return TeacherEnsemble([prev.model]).to(prep.precision.device)
+
+
+def _distributed(module: TrainModule, cfg, prep: Prepared) -> nn.Module:
+    """``module`` as the step calls it: DDP-wrapped (SyncBatchNorm on GPU) when several ranks train."""
+    if prep.world == 1:
+        return module
+    cuda = prep.precision.device.type == "cuda"
+    if cfg.sync_bn or (cfg.sync_bn is None and cuda):
+        if not cuda:
+            raise KdrayError(SYNC_BN_NEEDS_CUDA)
+        # BatchNorm statistics over the global batch, as one process would compute them.
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return nn.parallel.DistributedDataParallel(module, device_ids=[prep.precision.device.index] if cuda else None)
+
+
+def build_generation(cfg, prep: Prepared, plan: Generation, prev_student_state=None) -> StepParts:
+    method_cls = get_method(cfg.method)
+    teachers = _generation_teachers(plan, prep, prev_student_state)
+    torch.manual_seed(cfg.seed + 1000 * plan.index)
+    student = build_student(cfg.student, prep.data.num_classes, branches=cfg.branches,
+                            split_stage=cfg.split_stage, multi_branch=method_cls.multi_branch)
+    method = method_cls(cfg, student, teachers.info if teachers is not None else None)
+    module = TrainModule(student, method).to(prep.precision.device)
+    if prep.precision.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, [p for p in module.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
+    outputs = (LiveTeacherOutputs(teachers, prep.precision.autocast, feats=method.uses_teacher_feats)
+               if teachers is not None else None)
+    return StepParts(student, method, module, module, optimizer, scheduler, outputs, prep.precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# the step loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EpochTotals:
+    """Per-epoch sums kept on the device: no host sync per step, one read at the epoch's end."""
+
+    device: torch.device
+    loss: torch.Tensor = None
+    correct: torch.Tensor = None
+    seen: int = 0
+    terms: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), device=self.device)
+
+    def add(self, loss, logits, y, terms: dict) -> None:
+        bs = y.numel()
+        self.seen += bs
+        self.loss += loss.detach().float() * bs
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, torch.zeros((), device=self.device)) + v.detach().float() * bs
+
+
+def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals) -> None:
+    """One optimizer step: teacher outputs, the method's loss terms summed, backward, update."""
+    t_out = parts.teacher_outputs(x) if parts.teacher_outputs is not None else None
+    with parts.precision.autocast():
+        logits, terms = parts.wrapped(x, y, t_out)
+    loss = sum(terms.values())  # the engine never asks which method it runs
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts.optimizer.step()
+    totals.add(loss, logits, y, terms)
+
+
+def train_epoch(parts: StepParts, batches: Iterable) -> EpochTotals:
+    """Train on every ``(x, y)`` of ``batches`` (an epoch of a BatchLoader, or any slice of one)."""
+    parts.module.train()
+    totals = EpochTotals(parts.precision.device)
+    for x, y in batches:
+        train_step(parts, x, y, totals)
+    return totals
+
+
+def reduce_epoch(totals: EpochTotals, epoch: int) -> dict:
+    """The epoch's mean loss, accuracy and loss terms over every rank; NonFiniteLoss if any is not finite."""
+    names = sorted(totals.terms)
+    seen = torch.tensor(float(totals.seen), device=totals.device)
+    red = _all_reduce(torch.stack([totals.loss, totals.correct, seen] + [totals.terms[k] for k in names])
+                      .double()).tolist()
+    n = max(red[2], 1.0)
+    if not all(math.isfinite(v) for v in red):
+        bad = ", ".join(f"{k}={red[3 + i] / n:.4g}" for i, k in enumerate(names))
+        raise NonFiniteLoss(
+            f"loss became non-finite in epoch {epoch} (terms: {bad}); lower the learning rate or loss weights"
+        )
+    return {"train_loss": red[0] / n, "train_acc": red[1] / n, "images": red[2],
+            **{f"loss_{k}": red[3 + i] / n for i, k in enumerate(names)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run: resume, epochs, generations
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What survives from epoch to epoch and across an interruption (saved in each checkpoint)."""
+
+    history: list = field(default_factory=list)
+    generation: int = 0
+    epoch_in_generation: int = 0
+    prev_student: Optional[dict] = None
+    gen_results: dict = field(default_factory=dict)
+    saved: Optional[dict] = None  # the module / optimizer / scheduler states to restore, once
+
+
+def find_resume_state(cfg, root: Path, resume_dir: Optional[str], say) -> RunState:
+    if resume_dir is None and cfg.resume:
+        found = latest_checkpoint(root)
+        if found is None:
+            say(f"resume: no checkpoint under {root}; starting fresh")
+            return RunState()
+        resume_dir = str(found)
+    if resume_dir is None:
+        return RunState()
+    state = load_training_state(resume_dir)
+    say(f"resuming from {resume_dir} (completed epoch {state['epoch']})")
+    return RunState(history=list(state["history"]), generation=state["generation"],
+                    epoch_in_generation=state["epoch_in_generation"], prev_student=state.get("prev_student"),
+                    saved=state)
+
+
+def _restore(parts: StepParts, run: RunState, plan: Generation) -> int:
+    """Load the interrupted generation's states; the epoch to continue from."""
+    if run.saved is None or plan.index != run.generation:
+        return 0
+    parts.module.load_state_dict(run.saved["module"])
+    parts.optimizer.load_state_dict(run.saved["optimizer"])
+    parts.scheduler.load_state_dict(run.saved["scheduler"])
+    start = run.epoch_in_generation
+    run.saved = None
+    return start
 
 
 def _fmt_progress(m: dict) -> str:
@@ -193,6 +421,80 @@ def _fmt_progress(m: dict) -> str:
         f"train_acc={m['train_acc']:.4f} val_acc={m['val_acc']:.4f}{extra} lr={m['lr']:.4g} "
         f"{m['epoch_time_s']:.1f}s {m['images_per_s']:.0f} img/s"
     )
+
+
+def epoch_metrics(cfg, parts: StepParts, prep: Prepared, plan: Generation, plans: list, epoch: int,
+                  train: dict, lr: float, epoch_time: float, run: RunState) -> dict:
+    """Evaluate after an epoch (test too after a generation's last) and name every number."""
+    loaders, autocast = prep.loaders, prep.precision.autocast
+    if cfg.precise_bn:
+        recompute_bn_stats(parts.student, loaders.bn, autocast)
+    val = evaluate(parts.student, loaders.val, autocast)
+    global_epoch = plan.index * cfg.epochs + epoch + 1
+    total = cfg.epochs * len(plans)
+    metrics = {
+        "epoch": global_epoch, "total_epochs": total, "done": global_epoch >= total,
+        "epoch_in_generation": epoch + 1, "epochs": cfg.epochs, "generation": plan.index,
+        "generations": len(plans), "train_loss": train["train_loss"], "train_acc": train["train_acc"],
+        **{k: v for k, v in train.items() if k.startswith("loss_")},
+        **{f"val_{k}": v for k, v in val.items()},
+        "lr": lr, "epoch_time_s": epoch_time, "images_per_s": train["images"] / epoch_time,
+        "params": count_params(parts.student),
+    }
+    if hasattr(parts.student, "extract_branch"):
+        metrics["branch_params"] = count_params(parts.student.extract_branch(0))
+    if epoch + 1 == cfg.epochs:
+        metrics.update(_final_test_metrics(parts, prep, plan, plans, val, run))
+    return metrics
+
+
+def _final_test_metrics(parts: StepParts, prep: Prepared, plan: Generation, plans: list, val: dict,
+                        run: RunState) -> dict:
+    test = evaluate(parts.student, prep.loaders.test, prep.precision.autocast)
+    run.gen_results[plan.index] = {"test_acc": test["acc"], "val_acc": val["acc"]}
+    out = {f"test_{k}": v for k, v in test.items()}
+    if len(plans) > 1:
+        out.update({f"gen{g + 1}_test_acc": r["test_acc"] for g, r in run.gen_results.items()})
+    return out
+
+
+def save_checkpoint(cfg, parts: StepParts, prep: Prepared, run: RunState, metrics: dict, root: Path,
+                    keep: int) -> str:
+    """Rank 0 writes the epoch's state; a generation's end hands its student to the next one."""
+    last_plan = metrics["generation"] + 1 >= metrics["generations"]
+    done_gen = metrics["epoch_in_generation"] == cfg.epochs and not last_plan
+    state = {
+        "epoch": metrics["epoch"],
+        "generation": metrics["generation"] + 1 if done_gen else metrics["generation"],
+        "epoch_in_generation": 0 if done_gen else metrics["epoch_in_generation"],
+        "module": parts.module.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "prev_student": parts.student.state_dict() if done_gen else run.prev_student,
+        "history": run.history, "config": cfg.to_dict(),
+    }
+    record = student_record(parts.student, cfg, prep.data, metrics, multi_branch=get_method(cfg.method).multi_branch)
+    return str(save_epoch(root, metrics["epoch"], state, record, keep))
+
+
+def run_generation(cfg, prep: Prepared, parts: StepParts, plan: Generation, plans: list, run: RunState,
+                   start_epoch: int, *, root: Path, keep: int, reporter, say) -> dict:
+    metrics: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        prep.loaders.train.set_epoch(epoch + 1000 * plan.index)
+        t0 = time.perf_counter()
+        train = reduce_epoch(train_epoch(parts, prep.loaders.train), epoch + 1)
+        if prep.precision.device.type == "cuda":
+            torch.cuda.synchronize(prep.precision.device)  # the epoch's time includes its queued kernels
+        epoch_time = time.perf_counter() - t0
+        lr = parts.optimizer.param_groups[0]["lr"]
+        parts.scheduler.step()
+        metrics = epoch_metrics(cfg, parts, prep, plan, plans, epoch, train, lr, epoch_time, run)
+        run.history.append(dict(metrics))
+        say(_fmt_progress(metrics))
+        ckpt_dir = save_checkpoint(cfg, parts, prep, run, metrics, root, keep) if prep.rank == 0 else None
+        if reporter is not None:
+            reporter(dict(metrics), ckpt_dir)
+    return metrics
 
 
 def fit(
@@ -213,193 +515,24 @@ def fit(
     checkpoint directory only on rank 0). ``resume_dir`` is a checkpoint directory to continue
     from; with ``cfg.resume`` the latest one under the checkpoint root is used.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    prep = prepare(cfg, data, teachers, device)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    say = log if rank == 0 else (lambda s: None)
-    method_cls = get_method(cfg.method)
-    device = device or pick_device(cfg)
-    if cfg.batch_size < world:
-        raise KdrayError(f"batch_size {cfg.batch_size} is smaller than the number of workers {world}")
-
-    data = data or load_data(cfg)
-    if teachers is None and method_cls.min_teachers > 0:
-        if not cfg.teachers:
-            check_teacher_count(method_cls, 0)
-        teachers = load_teachers(cfg.teachers, data.classes, device)
-    if teachers is not None:
-        teachers = teachers.to(device)
-        check_teacher_count(method_cls, teachers.info.count)
-    cuda = device.type == "cuda"
-    use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
-    channels_last = cuda if cfg.channels_last is None else cfg.channels_last
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
-
-    if channels_last and teachers is not None:
-        teachers = teachers.to(memory_format=torch.channels_last)
-
-    per_rank_batch = cfg.batch_size // world
-    train_loader = BatchLoader(
-        data.train, per_rank_batch, mean=data.mean, std=data.std, device=device, train=True,
-        crop_padding=data.crop_padding, hflip=data.hflip, seed=cfg.seed, rank=rank, world_size=world,
-        channels_last=channels_last,
-    )
-    eval_kw = dict(mean=data.mean, std=data.std, device=device, train=False, rank=rank, world_size=world,
-                   channels_last=channels_last)
-    val_loader = BatchLoader(data.val, cfg.eval_batch_size, **eval_kw)
-    bn_loader = BatchLoader(data.train, per_rank_batch, **eval_kw) if cfg.precise_bn else None
-    test_loader = BatchLoader(data.test, cfg.eval_batch_size, **eval_kw)
-
+    say = log if prep.rank == 0 else (lambda s: None)
     root = Path(checkpoint_root or cfg.checkpoint_dir or "kdray-work/checkpoints")
-    state = None
-    if resume_dir is None and cfg.resume:
-        found = _latest_checkpoint(root)
-        resume_dir = str(found) if found else None
-        if found is None:
-            say(f"resume: no checkpoint under {root}; starting fresh")
-    if resume_dir is not None:
-        state = safe_load(Path(resume_dir) / "checkpoint.pt", "checkpoint")
-        if state.get("format") != CKPT_FORMAT:
-            raise KdrayError(f"{resume_dir}: not a kdray checkpoint")
-        say(f"resuming from {resume_dir} (completed epoch {state['epoch']})")
-
-    plans = method_cls.generations(cfg)
-    history: list[dict] = list(state["history"]) if state else []
-    gen_results: dict[int, dict] = {}
-    prev_student_state = state.get("prev_student") if state else None
-    metrics: dict = {}
-    student = None
-    for plan in plans:
-        if state is not None and plan.index < state["generation"]:
-            continue  # finished before the interruption
-        gen_teachers = teachers
-        if plan.teacher == "previous":
-            prev = build_student(cfg.student, data.num_classes)
-            prev.load_state_dict(prev_student_state)
-            gen_teachers = TeacherEnsemble([prev.model]).to(device)
-        torch.manual_seed(cfg.seed + 1000 * plan.index)
-        student = build_student(cfg.student, data.num_classes, branches=cfg.branches,
-                                split_stage=cfg.split_stage, multi_branch=method_cls.multi_branch)
-        method = method_cls(cfg, student, gen_teachers.info if gen_teachers is not None else None)
-        module = TrainModule(student, method).to(device)
-        if channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(cfg, [p for p in module.parameters() if p.requires_grad])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
-        start_epoch = 0
-        if state is not None and plan.index == state["generation"]:
-            module.load_state_dict(state["module"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch = state["epoch_in_generation"]
-        params = count_params(student)
-        wrapped = module
-        if world > 1 and (cfg.sync_bn or (cfg.sync_bn is None and cuda)):
-            if not cuda:
-                raise KdrayError(SYNC_BN_NEEDS_CUDA)
-            # BatchNorm statistics over the global batch, as one process would compute them.
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        if world > 1:
-            wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
-        feats = method.uses_teacher_feats
-
-        for epoch in range(start_epoch, cfg.epochs):
-            train_loader.set_epoch(epoch + 1000 * plan.index)
-            module.train()
-            t0 = time.perf_counter()
-            sums: dict[str, torch.Tensor] = {}
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen = 0
-            for x, y in train_loader:
-                t_out = None
-                if gen_teachers is not None:
-                    with autocast():
-                        t_out = gen_teachers(x, feats=feats)
-                with autocast():
-                    logits, terms = wrapped(x, y, t_out)
-                loss = sum(terms.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                bs = y.numel()
-                seen += bs
-                loss_sum += loss.detach().float() * bs
-                correct += (logits.detach().argmax(1) == y).sum()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * bs
-            names = sorted(sums)
-            red = _all_reduce(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]
-                                          + [sums[k] for k in names]).double()).tolist()
-            if cuda:
-                torch.cuda.synchronize(device)
-            epoch_time = time.perf_counter() - t0
-            n = max(red[2], 1.0)
-            if not all(math.isfinite(v) for v in red):
-                bad = ", ".join(f"{k}={red[3 + i] / n:.4g}" for i, k in enumerate(names))
-                raise NonFiniteLoss(
-                    f"loss became non-finite in epoch {epoch + 1} (terms: {bad}); lower the learning rate or loss weights"
-                )
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            if cfg.precise_bn:
-                recompute_bn_stats(student, bn_loader, autocast)
-            val = evaluate(student, val_loader, autocast)
-            global_epoch = plan.index * cfg.epochs + epoch + 1
-            metrics = {
-                "epoch": global_epoch, "epoch_in_generation": epoch + 1, "epochs": cfg.epochs,
-                "generation": plan.index, "generations": len(plans),
-                "train_loss": red[0] / n, "train_acc": red[1] / n,
-                **{f"loss_{k}": red[3 + i] / n for i, k in enumerate(names)},
-                **{f"val_{k}": v for k, v in val.items()},
-                "lr": lr, "epoch_time_s": epoch_time, "images_per_s": red[2] / epoch_time,
-                "params": params,
-            }
-            if hasattr(student, "extract_branch"):
-                metrics["branch_params"] = count_params(student.extract_branch(0))
-            last_epoch = epoch + 1 == cfg.epochs
-            if last_epoch:
-                test = evaluate(student, test_loader, autocast)
-                metrics.update({f"test_{k}": v for k, v in test.items()})
-                gen_results[plan.index] = {"test_acc": test["acc"], "val_acc": val["acc"]}
-                if len(plans) > 1:
-                    for g, r in gen_results.items():
-                        metrics[f"gen{g + 1}_test_acc"] = r["test_acc"]
-            history.append({k: v for k, v in metrics.items()})
-            say(_fmt_progress(metrics))
-
-            ckpt_dir = None
-            if rank == 0:
-                done_gen = last_epoch and plan.index + 1 < len(plans)
-                ckpt = {
-                    "format": CKPT_FORMAT, "epoch": global_epoch,
-                    "generation": plan.index + 1 if done_gen else plan.index,
-                    "epoch_in_generation": 0 if done_gen else epoch + 1,
-                    "module": module.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "prev_student": student.state_dict() if done_gen else prev_student_state,
-                    "history": history, "config": cfg.to_dict(),
-                }
-                d = root / f"epoch_{global_epoch:04d}"
-                atomic_save(ckpt, d / "checkpoint.pt")
-                atomic_save(student_record(student, cfg, data, metrics), d / "student.pt")
-                ckpt_dir = str(d)
-                if keep_checkpoints > 0:
-                    for old in sorted(root.glob("epoch_*"))[:-keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
-            if reporter is not None:
-                reporter(dict(metrics), ckpt_dir)
+    run = find_resume_state(cfg, root, resume_dir, say)
+    plans = get_method(cfg.method).generations(cfg)
+    metrics, parts = {}, None
+    for plan in plans[run.generation:]:  # generations finished before an interruption are skipped
+        parts = build_generation(cfg, prep, plan, run.prev_student)
+        start = _restore(parts, run, plan)
+        parts.wrapped = _distributed(parts.module, cfg, prep)
+        metrics = run_generation(cfg, prep, parts, plan, plans, run, start, root=root, keep=keep_checkpoints,
+                                 reporter=reporter, say=say) or metrics
         if plan.index + 1 < len(plans):
-            prev_student_state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-        state = None
-
-    if student is None or not metrics:
+            run.prev_student = {k: v.detach().cpu().clone() for k, v in parts.student.state_dict().items()}
+    if parts is None or not metrics:
         raise KdrayError("nothing to train: the checkpoint says every epoch is done already")
-    if keep_checkpoints == 0 and rank == 0:
+    if keep_checkpoints == 0 and prep.rank == 0:
         shutil.rmtree(root, ignore_errors=True)
-    return {
-        "metrics": metrics, "history": history, "student": student, "classes": list(data.classes),
-        "image_size": data.image_size, "checkpoint_dir": str(root),
-    }
+    return {"metrics": metrics, "history": run.history, "student": parts.student,
+            "classes": list(prep.data.classes), "image_size": prep.data.image_size, "checkpoint_dir": str(root)}

@@ -18,6 +18,10 @@ Files written into the output folder:
 - ``export.json``: what was exported, classes, normalisation, parameter count, logged and
   re-checked accuracy, sha256 of the other files.
 
+The folder is filled beside ``out`` and swapped in whole. ``overwrite`` replaces only an earlier
+kdray export (``export.json`` and the files it lists, nothing else); a folder holding anything else,
+or the student being exported, is refused and left as it was.
+
 This module needs bare torch only (no ray, mlflow or optuna).
 """
 
@@ -158,7 +162,7 @@ def deploy_module(record: dict, branch: Branch = "all") -> nn.Module:
     Built from the student weights only: ``rebuild_student`` loads ``record["state_dict"]``
     strictly, so a record carrying anything else (say FEED translators) is refused.
     """
-    from .engine import rebuild_student
+    from .student_file import rebuild_student
     from .models import export_module
 
     check_record(record)
@@ -269,8 +273,86 @@ def _load_program(path: Path) -> nn.Module:
     return torch.jit.load(str(path), map_location="cpu").eval()
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after."""
+# The names ``export_student`` writes into its folder: the test for "an earlier kdray export" that
+# ``overwrite`` may replace. Anything else in the folder belongs to someone else.
+_INFO_FILE = "export.json"
+_PAYLOAD_FILES = frozenset({"state_dict.pt", "model.pt2", "model.ts"})
+_ALLOWED_HINT = (f"--overwrite replaces only an earlier kdray export "
+                 f"({_INFO_FILE} plus {', '.join(sorted(_PAYLOAD_FILES))})")
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that an earlier ``export_student`` did not write; [] for an earlier export.
+
+    An export is recognised by its ``export.json`` (this format) and only the payload files that
+    it lists: a folder that merely holds a ``state_dict.pt`` of its own is not an export.
+    """
+    try:
+        info = json.loads((folder / _INFO_FILE).read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        return [p.name for p in sorted(folder.iterdir())]
+    recorded = info.get("files") if isinstance(info.get("files"), dict) else {}
+    allowed = {_INFO_FILE} | (_PAYLOAD_FILES & set(recorded))
+    # symlinks and folders are never written by export, even under an allowed name
+    return [p.name for p in sorted(folder.iterdir())
+            if p.name not in allowed or p.is_symlink() or not p.is_file()]
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    """Whether ``path`` lies inside ``folder`` (at any depth), symlinks resolved."""
+    try:
+        Path(path).resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _check_out(out: Path, dest: Path, overwrite: bool, source: Optional[Path]) -> None:
+    """Refuse an ``out`` that export may not fill or replace, before any work is done.
+
+    ``out`` is the folder as the caller named it (for messages), ``dest`` its absolute path.
+    """
+    if dest.exists() and not dest.is_dir():
+        raise KdrayError(f"--out {out} exists and is not a folder")
+    if not dest.is_dir() or not any(dest.iterdir()):
+        return  # a new or empty folder: nothing of anyone's can be lost
+    if not overwrite:
+        raise KdrayError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
+    if source is not None and _contains(dest, source):
+        # replacing this folder would delete the very student being exported (and, in a run
+        # folder, its checkpoints): never, whatever the folder looks like
+        raise KdrayError(f"--out {out} contains the student being exported ({source}); "
+                         f"{_ALLOWED_HINT}, never the student's own folder; choose another --out")
+    foreign = _foreign_entries(dest)
+    if foreign:
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise KdrayError(f"--out {out} holds files kdray export did not write ({shown}); "
+                         f"{_ALLOWED_HINT}; choose another --out or empty the folder yourself")
+
+
+def _remove_old_export(old: Path) -> bool:
+    """Delete a set-aside earlier export by name (never ``rmtree``); False if anything else remains."""
+    if old.is_symlink():  # ``out`` was a link: drop the link, leave the folder it pointed to alone
+        old.unlink()
+        return True
+    for name in sorted(_PAYLOAD_FILES | {_INFO_FILE}):
+        (old / name).unlink(missing_ok=True)
+    try:
+        old.rmdir()  # fails, keeping them, if files someone else wrote turned up meanwhile
+    except OSError:
+        return False
+    return True
+
+
+def _move_into_place(tmp: Path, out: Path) -> Optional[Path]:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after.
+
+    The swap is two renames in one folder, so ``out`` is at every moment either the complete old
+    export or the complete new one (or briefly absent), never a mixture. Returns the set-aside
+    folder if it could not be removed completely (it then held more than an earlier export).
+    """
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
@@ -281,8 +363,119 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         if old is not None:
             old.rename(out)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    if old is None or _remove_old_export(old):
+        return None
+    return old
+
+
+def _export_info(record: dict, module: nn.Module, branch: Branch, b: Optional[int], *, prog_name: str, fmt: str,
+                 fallback_reason: Optional[str], export_s: float) -> dict:
+    """``export.json``'s description of what is exported (before re-check, latency and hashes)."""
+    m = record.get("metrics", {})
+    accs, selected_by = branch_accuracies(record)
+    requested = parse_branch(branch)
+    return {
+        "format": EXPORT_FORMAT,
+        "program_format": fmt,
+        "program": prog_name,
+        "export_fallback_reason": fallback_reason,
+        "arch": record["arch"],
+        "method": record.get("method"),
+        "dataset": record.get("dataset"),
+        "multi_branch": bool(record.get("multi_branch")),
+        "branches": num_branches(record),
+        "split_stage": int(record["split_stage"]),
+        "branch_requested": str(requested),
+        "branch": _describe(record, b),
+        "branch_index": b,
+        "branch_selected_by": f"{selected_by}_acc_b*" if requested == "best" and b is not None else None,
+        "branch_accuracies_logged": accs if num_branches(record) > 1 else None,
+        "num_classes": int(record["num_classes"]),
+        "classes": list(record["classes"]),
+        "image_size": int(record["image_size"]),
+        "input": "float32 images in [0, 1], shape [N, 3, image_size, image_size], RGB; "
+                 "normalisation (mean/std) is inside the model",
+        "output": "logits [N, num_classes]",
+        "mean": list(record["mean"]),
+        "std": list(record["std"]),
+        "params": sum(p.numel() for p in module.parameters()),
+        # the parameter count the run logged for the same thing (a branch or the whole student)
+        "params_logged": m.get("branch_params" if b is not None else "params"),
+        "test_acc_logged": logged_accuracy(record, b),
+        "export_s": round(export_s, 3),
+    }
+
+
+def _recheck_fields(loaded: nn.Module, record: dict, logged: Optional[float], device, split) -> dict:
+    """The re-checked test accuracy of the program as loaded from disk, against the logged one."""
+    t0 = time.perf_counter()
+    res = recheck_accuracy(loaded, record, device=device, split=split)
+    diff = None if logged is None else abs(res["acc"] - logged)
+    return {
+        "test_acc_rechecked": res["acc"], "test_images": res["n"], "test_correct_rechecked": res["correct"],
+        "recheck_device": str(device), "recheck_s": round(time.perf_counter() - t0, 3),
+        "recheck_tolerance": res["tolerance"], "recheck_tolerance_reason": res["tolerance_reason"],
+        "recheck_diff": diff,
+        "matches": None if diff is None else diff <= res["tolerance"],
+    }
+
+
+def _fill_export_folder(folder: Path, record: dict, module: nn.Module, branch: Branch, b: Optional[int], *,
+                        device, split, latency: bool, log: Callable[[str], None]) -> dict:
+    """Write state dict, program and ``export.json`` into ``folder``; return the info dict."""
+    size = int(record["image_size"])
+    torch.save(module.state_dict(), folder / "state_dict.pt")
+    t0 = time.perf_counter()
+    prog_name, fmt, fallback_reason = _export_program(module, size, folder)
+    export_s = time.perf_counter() - t0
+    if fallback_reason:
+        log(f"export: torch.export failed ({fallback_reason}); wrote TorchScript {prog_name} instead")
+    info = _export_info(record, module, branch, b, prog_name=prog_name, fmt=fmt, fallback_reason=fallback_reason,
+                        export_s=export_s)
+    # re-check and time the program read back from disk: that is what a deployer gets
+    loaded = _load_program(folder / prog_name).to(torch.device(device))
+    if split is not None:
+        info.update(_recheck_fields(loaded, record, info["test_acc_logged"], device, split))
+    if latency:
+        info["latency_ms_b1"] = measure_latency_ms(loaded, size, batch=1, device=device)
+        info["latency_device"] = str(device)
+        info["latency_threads"] = torch.get_num_threads()
+    info["files"] = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
+    (folder / _INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _write_beside_and_swap(out: Path, dest: Path, overwrite: bool, source: Optional[Path],
+                           fill: Callable[[Path], dict], log: Callable[[str], None]) -> dict:
+    """Run ``fill`` on a temporary folder beside ``dest``, then swap it in; on failure remove it.
+
+    The folder is checked again just before the swap: exporting and re-checking take a while,
+    and a file someone put into ``dest`` meanwhile must make the swap refuse, not be deleted.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        info = fill(tmp)
+        _check_out(out, dest, overwrite, source)
+        leftover = _move_into_place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if leftover is not None:
+        log(f"export: warning: kept {leftover}: files other than an earlier export appeared in it during the export")
+    return info
+
+
+def _log_summary(info: dict, record: dict, out: Path, recheck: bool, log: Callable[[str], None]) -> None:
+    msg = f"export: {info['branch']} of {record['arch']} ({info['params']} params, {info['program_format']}) -> {out}"
+    if recheck:
+        logged = info["test_acc_logged"]
+        msg += f"; test acc re-checked {info['test_acc_rechecked']:.4f}" + (
+            f", logged {logged:.4f}" if logged is not None else ", none logged")
+    log(msg)
+    if recheck and info["matches"] is False:
+        log(f"export: warning: re-checked test accuracy {info['test_acc_rechecked']:.4f} differs from the logged "
+            f"{info['test_acc_logged']:.4f} by more than {info['recheck_tolerance']:.2g}")
 
 
 def export_student(
@@ -295,6 +488,7 @@ def export_student(
     overwrite: bool = False,
     latency: bool = True,
     log: Optional[Callable[[str], None]] = print,
+    source: Optional[Union[str, Path]] = None,
 ) -> dict:
     """Export ``record`` (a ``student.pt`` dict) into the folder ``out``; return ``export.json``'s dict.
 
@@ -303,96 +497,30 @@ def export_student(
     number (a single student: 0 only). The program is exported on CPU (portable); the re-check
     loads it back from disk and runs it on ``device`` over the test split. Files are written into
     a temporary folder beside ``out`` and renamed into place at the end, so a failure leaves no
-    half-written ``out``; an existing non-empty ``out`` is replaced only with ``overwrite=True``.
+    half-written ``out``.
+
+    An existing non-empty ``out`` is refused unless ``overwrite=True``, and even then it may only
+    be an earlier kdray export (``export.json`` and the files it lists, nothing else) and must not
+    contain ``source``, the ``student.pt`` the record was loaded from. Refusals delete nothing.
     """
     log = log or (lambda s: None)
     check_record(record)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KdrayError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise KdrayError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
+    dest = Path(os.path.abspath(out))  # so that "." or "x/.." still have a real parent to swap in
+    source = Path(source) if source is not None else None
+    _check_out(out, dest, overwrite, source)
     b = resolve_branch(record, branch)
-    what = _describe(record, b)
     t_start = time.perf_counter()
     split = load_test_split(record) if recheck else None  # fail before exporting if the data is gone
     module = deploy_module(record, b if b is not None else "all")
-    size = int(record["image_size"])
-    params = sum(p.numel() for p in module.parameters())
-    m = record.get("metrics", {})
-    params_logged = m.get("branch_params" if b is not None else "params")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        torch.save(module.state_dict(), tmp / "state_dict.pt")
-        t0 = time.perf_counter()
-        prog_name, fmt, fallback_reason = _export_program(module, size, tmp)
-        export_s = time.perf_counter() - t0
-        if fallback_reason:
-            log(f"export: torch.export failed ({fallback_reason}); wrote TorchScript {prog_name} instead")
-        accs, selected_by = branch_accuracies(record)
-        info = {
-            "format": EXPORT_FORMAT,
-            "program_format": fmt,
-            "program": prog_name,
-            "export_fallback_reason": fallback_reason,
-            "arch": record["arch"],
-            "method": record.get("method"),
-            "dataset": record.get("dataset"),
-            "multi_branch": bool(record.get("multi_branch")),
-            "branches": num_branches(record),
-            "split_stage": int(record["split_stage"]),
-            "branch_requested": str(parse_branch(branch)),
-            "branch": what,
-            "branch_index": b,
-            "branch_selected_by": f"{selected_by}_acc_b*" if parse_branch(branch) == "best" and b is not None else None,
-            "branch_accuracies_logged": accs if num_branches(record) > 1 else None,
-            "num_classes": int(record["num_classes"]),
-            "classes": list(record["classes"]),
-            "image_size": size,
-            "input": "float32 images in [0, 1], shape [N, 3, image_size, image_size], RGB; "
-                     "normalisation (mean/std) is inside the model",
-            "output": "logits [N, num_classes]",
-            "mean": list(record["mean"]),
-            "std": list(record["std"]),
-            "params": params,
-            "params_logged": params_logged,
-            "test_acc_logged": logged_accuracy(record, b),
-            "export_s": round(export_s, 3),
-        }
-        loaded = _load_program(tmp / prog_name).to(torch.device(device))  # what a deployer gets
-        if recheck:
-            t0 = time.perf_counter()
-            res = recheck_accuracy(loaded, record, device=device, split=split)
-            logged = info["test_acc_logged"]
-            info.update({
-                "test_acc_rechecked": res["acc"], "test_images": res["n"], "test_correct_rechecked": res["correct"],
-                "recheck_device": str(device), "recheck_s": round(time.perf_counter() - t0, 3),
-                "recheck_tolerance": res["tolerance"], "recheck_tolerance_reason": res["tolerance_reason"],
-                "recheck_diff": None if logged is None else abs(res["acc"] - logged),
-                "matches": None if logged is None else abs(res["acc"] - logged) <= res["tolerance"],
-            })
-        if latency:
-            info["latency_ms_b1"] = measure_latency_ms(loaded, size, batch=1, device=device)
-            info["latency_device"] = str(device)
-            info["latency_threads"] = torch.get_num_threads()
-        info["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-        (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def fill(folder: Path) -> dict:
+        return _fill_export_folder(folder, record, module, branch, b, device=device, split=split,
+                                   latency=latency, log=log)
+
+    info = _write_beside_and_swap(out, dest, overwrite, source, fill, log)
     info["total_s"] = round(time.perf_counter() - t_start, 3)
-    msg = f"export: {what} of {record['arch']} ({params} params, {fmt}) -> {out}"
-    if recheck:
-        logged = info["test_acc_logged"]
-        msg += f"; test acc re-checked {info['test_acc_rechecked']:.4f}" + (
-            f", logged {logged:.4f}" if logged is not None else ", none logged")
-    log(msg)
-    if recheck and info["matches"] is False:
-        log(f"export: warning: re-checked test accuracy {info['test_acc_rechecked']:.4f} differs from the logged "
-            f"{info['test_acc_logged']:.4f} by more than {info['recheck_tolerance']:.2g}")
+    _log_summary(info, record, out, recheck, log)
     return info
 
 
@@ -459,3 +587,18 @@ def measure_latency_ms(module: nn.Module, image_size: int, *, batch: int = 1, de
     if not math.isfinite(ms):
         raise KdrayError("latency: timing came out non-finite")
     return ms
+
+
+def student_latency_ms(student_pt: Union[str, Path]) -> float:
+    """Median CPU latency (batch 1, one thread) of the deployable student in ``student.pt``."""
+    from .models import export_module
+    from .student_file import rebuild_student
+
+    record = safe_load(student_pt, "student")
+    module = export_module(rebuild_student(record))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return float(measure_latency_ms(module, int(record["image_size"]), batch=1, device="cpu"))
+    finally:
+        torch.set_num_threads(threads)

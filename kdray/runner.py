@@ -7,7 +7,62 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import safe_load
+from .checkpoint import latest_checkpoint, safe_load
+from .errors import KdrayError
+
+
+def teacher_archs(teachers: Optional[str]) -> Optional[list]:
+    """The teachers' architectures for the run's tags (None when there are none or no manifest)."""
+    if not teachers:
+        return None
+    from .teachers import read_manifest
+
+    try:
+        return [t["arch"] for t in read_manifest(teachers)["teachers"]]
+    except KdrayError:  # the manifest is verified again, with its own message, when teachers load
+        return None
+
+
+def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dict]:
+    if not tracking:
+        return None
+    from . import tracking as tr
+
+    exp_id = tr.experiment_id(tracking["uri"], tracking["experiment"], tracking.get("workdir"))
+    run_id = tr.start_run(tracking["uri"], exp_id, run_name=run_name, cfg=cfg, kind="train",
+                          extra_tags=tr.versions(), teacher_archs=teacher_archs(cfg.teachers))
+    log(f"tracking: MLflow run {run_id} in experiment {tracking['experiment']!r} at {tracking['uri']}")
+    return {"uri": tracking["uri"], "run_id": run_id, "experiment_id": exp_id}
+
+
+def _train_here(cfg, track: Optional[dict], log) -> tuple[dict, Path]:
+    """In this process; returns the result and the latest checkpoint folder."""
+    from .engine import fit
+    from .scale import final_extras
+
+    reporter, extras = None, {}
+    if track:
+        from .tracking import RunLogger
+
+        logger = RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers)
+
+        def reporter(metrics: dict, ckpt_dir: Optional[str]) -> None:
+            extras.update(final_extras(metrics, ckpt_dir))
+            logger.epoch({**metrics, **extras}, ckpt_dir)
+
+    result = fit(cfg, log=log, checkpoint_root=cfg.checkpoint_dir, reporter=reporter)
+    result["metrics"].update(extras)  # the final student's latency, as logged
+    return result, latest_checkpoint(cfg.checkpoint_dir)
+
+
+def _train_on_ray(cfg, track: Optional[dict], out: Path, run_name: str, **ray_options) -> tuple[dict, Path]:
+    from .scale import fit_distributed
+
+    res = fit_distributed(cfg, workers=cfg.workers, out=out, name=run_name, tracking=track, **ray_options)
+    latest = Path(res["checkpoint_dir"])
+    result = {"metrics": safe_load(latest / "student.pt", "student")["metrics"]}
+    result["metrics"].update({k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))})
+    return result, latest
 
 
 def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = None, log=print, address=None,
@@ -15,51 +70,27 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     """``tracking``: ``{"uri": ..., "experiment": ..., "workdir": ...}`` or None for no MLflow."""
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
         from .engine import SYNC_BN_NEEDS_CUDA
-        from .errors import KdrayError
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    track = None
-    if tracking:
-        from . import tracking as tr
-        from .distill import get_method
-
-        exp_id = tr.experiment_id(tracking["uri"], tracking["experiment"], tracking.get("workdir"))
-        run_id = tr.start_run(tracking["uri"], exp_id, run_name=run_name, cfg=cfg, kind="train",
-                              extra_tags=tr.versions())
-        track = {"uri": tracking["uri"], "run_id": run_id, "experiment_id": exp_id}
-        log(f"tracking: MLflow run {run_id} in experiment {tracking['experiment']!r} at {tracking['uri']}")
+    track = _open_run(tracking, cfg, run_name, log)
     try:
         if cfg.workers > 1:
-            from .scale import fit_distributed
-
-            res = fit_distributed(cfg, workers=cfg.workers, out=out, address=address, gpus_per_worker=gpus_per_worker,
-                                  cpus_per_worker=cpus_per_worker, name=run_name, tracking=track,
-                                  max_failures=max_failures)
-            latest = Path(res["checkpoint_dir"])
-            result = {"metrics": safe_load(latest / "student.pt", "student")["metrics"]}
-            result["metrics"].update({k: v for k, v in res["metrics"].items() if isinstance(v, (int, float))})
+            result, latest = _train_on_ray(cfg, track, out, run_name, address=address, max_failures=max_failures,
+                                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
         else:
-            from .engine import fit
-
-            reporter = None
-            if track:
-                total = cfg.epochs * len(get_method(cfg.method).generations(cfg))
-                reporter = tr.RunLogger(track["uri"], run_id, total, teachers=cfg.teachers).epoch
-            result = fit(cfg, log=log, checkpoint_root=cfg.checkpoint_dir, reporter=reporter)
-            latest = sorted(Path(cfg.checkpoint_dir).glob("epoch_*"))[-1]
+            result, latest = _train_here(cfg, track, log)
     except BaseException as exc:
         if track:
-            reason = f"{type(exc).__name__}: {str(exc).strip()[:400]}"
-            tr.finish_run(track["uri"], track["run_id"], "failed", reason)
+            from .outcome import failure_reason
+            from .tracking import finish_run
+
+            finish_run(track["uri"], track["run_id"], "failed", failure_reason(exc))
         raise
     student_path = out / "student.pt"
     shutil.copyfile(latest / "student.pt", student_path)
     result["student_path"] = str(student_path)
     if track:
         result["run_id"] = track["run_id"]
-        m = tr.client(track["uri"]).get_run(track["run_id"]).data.metrics
-        if "latency_ms" in m:
-            result["metrics"]["latency_ms"] = m["latency_ms"]
     return result

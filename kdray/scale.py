@@ -30,35 +30,57 @@ def _quiet_ray_train_console() -> None:
                 h.setLevel(max(h.level, logging.WARNING))
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: the plain engine, reporting through ray.train."""
+def final_extras(metrics: dict, ckpt_dir: Optional[str]) -> dict:
+    """What the last epoch's record adds: the final student's CPU latency, measured where it trained."""
+    student = Path(ckpt_dir) / "student.pt" if ckpt_dir else None
+    if not metrics.get("done") or student is None or not student.is_file():
+        return {}
+    from .export import student_latency_ms
+
+    return {"latency_ms": student_latency_ms(student)}
+
+
+def _rank0_tracker(track: Optional[dict], cfg, node_ip: str):
+    """Rank 0 logs the run to MLflow (over HTTP on a cluster); other ranks log nothing."""
     import ray.train
-    import ray.train.torch
-    from ray.util import get_node_ip_address
 
-    from .distill import get_method
-    from .engine import NonFiniteLoss, fit
+    if not track or ray.train.get_context().get_world_rank() != 0:
+        return None
+    from .tracking import RunLogger
 
-    _quiet_ray_train_console()
-    cfg = from_dict(config["cfg"])
-    node_ip = get_node_ip_address()
-    node_id = ray.get_runtime_context().get_node_id()
-    total_epochs = cfg.epochs * len(get_method(cfg.method).generations(cfg))
+    return RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers, node_ip=node_ip)
 
-    tracker = None
-    track = config.get("tracking")
-    if track and ray.train.get_context().get_world_rank() == 0:
-        from .tracking import RunLogger  # rank 0 logs to MLflow (over HTTP on a cluster)
 
-        tracker = RunLogger(track["uri"], track["run_id"], total_epochs, teachers=cfg.teachers, node_ip=node_ip)
+def _ray_reporter(tracker, node_ip: str, node_id: str):
+    import ray.train
 
-    def reporter(metrics: dict, ckpt_dir: Optional[str]) -> None:
-        metrics = dict(metrics, node_ip=node_ip, node_id=node_id, total_epochs=total_epochs)
+    def report(metrics: dict, ckpt_dir: Optional[str]) -> None:
+        metrics = dict(metrics, node_ip=node_ip, node_id=node_id, **final_extras(metrics, ckpt_dir))
         if tracker is not None:  # before the report: ASHA may end the trial right after it
             tracker.epoch(metrics, ckpt_dir)
         checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+    return report
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: the plain engine, reporting through ray.train. The config
+    arrives as a dict and is rebuilt (validated) once here."""
+    import ray.train
+    import ray.train.torch
+    from ray.util import get_node_ip_address
+
+    from .distill import ensure_registered
+    from .engine import fit
+    from .outcome import failure_reason
+
+    _quiet_ray_train_console()
+    ensure_registered(config.get("methods", ()))  # methods defined outside kdray travel by value
+    cfg = from_dict(config["cfg"])
+    node_ip = get_node_ip_address()
+    tracker = _rank0_tracker(config.get("tracking"), cfg, node_ip)
+    reporter = _ray_reporter(tracker, node_ip, ray.get_runtime_context().get_node_id())
     ckpt = ray.train.get_checkpoint()
     root = tempfile.mkdtemp(prefix="kdray-ckpt-")
     with (ckpt.as_directory() if ckpt else contextlib.nullcontext(None)) as resume_dir:
@@ -67,19 +89,33 @@ def train_loop_per_worker(config: dict) -> None:
             fit(cfg, reporter=reporter, resume_dir=resume_dir, checkpoint_root=root,
                 device=ray.train.torch.get_device(), keep_checkpoints=1,
                 log=(lambda s: None) if config.get("quiet") else None)
-        except NonFiniteLoss as exc:
-            if tracker is not None:
-                tracker.failed(f"NonFiniteLoss: {exc}")
-            raise RuntimeError(f"NonFiniteLoss: {exc}") from None
         except Exception as exc:
             if tracker is not None:
-                tracker.failed(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:400] if str(exc).strip() else ''}")
+                tracker.failed(failure_reason(exc))
             raise
+
+
+def method_payload(method_names) -> list:
+    """Methods the workers must receive by value: those defined outside kdray (a notebook, a
+    user's module, a test file), whose module a Ray worker may not be able to import."""
+    from .distill import methods_defined_outside_kdray
+
+    classes = methods_defined_outside_kdray(method_names)
+    if classes:
+        import sys
+
+        from ray import cloudpickle
+
+        # cloudpickle pickles a class of an importable module by reference (its module name);
+        # ask it to send these by value instead (public cloudpickle API).
+        for cls in classes:
+            cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
+    return classes
 
 
 def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                  storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None,
-                 quiet: bool = False):
+                 quiet: bool = False, methods=()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -89,7 +125,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet},
+        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": list(methods)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -164,11 +200,12 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
     check_resources(workers, gpus_per_worker, cpus_per_worker)
     trainer = make_trainer(cfg, workers=workers, gpus_per_worker=gpus_per_worker,
                            cpus_per_worker=cpus_per_worker, storage_path=str(Path(out).resolve() / "ray"),
-                           name=name, max_failures=max_failures, tracking=tracking)
+                           name=name, max_failures=max_failures, tracking=tracking,
+                           methods=method_payload([cfg.method]))
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error
-        msg = str(exc).strip().splitlines()
-        reason = next((l for l in msg if "NonFiniteLoss" in l or "KdrayError" in l), msg[-1] if msg else repr(exc))
-        raise KdrayError(f"distributed training failed: {reason.strip()[:300]}") from None
+        from .outcome import failure_reason
+
+        raise KdrayError(f"distributed training failed: {failure_reason(exc)}") from None
     return {"metrics": dict(result.metrics), "checkpoint_dir": result.checkpoint.path if result.checkpoint else None}

@@ -23,18 +23,28 @@ samples: 8
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, RunConfig, coerce, from_dict, load_yaml, unknown_key_error
+from .config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
+from .distill import HPARAMS, get_method
 from .errors import KdrayError
 
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
             "per_branch", "scheduler", "samples", "seed")
 DIST_TYPES = ("float", "int", "categorical")
-PER_BRANCH_KEYS = ("branch_alpha",)
 MODES = ("max", "min")
+
+
+def per_branch_keys() -> list[str]:
+    """Keys a ``per_branch`` block may name: the hyperparameters declared per branch."""
+    return sorted(name for name, p in HPARAMS.items() if p.per_branch)
+
+
+def branch_count(values: dict, base: RunConfig) -> int:
+    """How many values each per-branch key has in a trial: its ``branches``, else the base's."""
+    return int(values.get("branches", base.branches))
 
 
 @dataclass
@@ -49,28 +59,53 @@ class Space:
     scheduler: dict
     samples: int
     seed: int = 0
-    raw: dict = field(default_factory=dict)
 
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
 
+    def methods(self) -> list[str]:
+        """Every method a trial of this space may run."""
+        m = self.params.get("method")
+        if isinstance(m, dict):
+            return sorted(set(m["choices"]))
+        return [m if m is not None else self.base.method]
+
     def define_by_run(self) -> "Sampler":
         """An Optuna define-by-run function (picklable): samples every parameter, returns the constants."""
-        return Sampler(self.params, self.per_branch, self.base.branches)
+        return Sampler(self.params, self.per_branch, self.base)
 
     def trial_config(self, flat: dict) -> RunConfig:
         """The RunConfig of one trial from Tune's flat config (per-branch values gathered)."""
-        values = {k: v for k, v in flat.items() if k in FIELDS}
+        values = {k: v for k, v in flat.items() if is_key(k)}
         for key in self.per_branch:
-            branches = int(values.get("branches", self.base.branches))
-            values[key] = [flat[f"{key}_{b}"] for b in range(branches)]
+            values[key] = [flat[f"{key}_{b}"] for b in range(branch_count(values, self.base))]
         return from_dict({**self.base.to_dict(), **values}, self.path)
+
+    def corner(self, pick: str) -> dict:
+        """The values at one corner of the space ('low' or 'high'; categoricals' first or last choice)."""
+        values = {}
+        for k, s in self.params.items():
+            if not isinstance(s, dict):
+                values[k] = s
+            elif s["type"] == "categorical":
+                values[k] = s["choices"][0 if pick == "low" else -1]
+            else:
+                values[k] = s[pick]
+        for k, s in self.per_branch.items():
+            values[k] = [s.get(pick, s.get("choices", [0])[0])] * branch_count(values, self.base)
+        return values
+
+    def max_total_epochs(self) -> int:
+        """The longest epoch axis a trial can have (sequential methods train several generations):
+        the scheduler's ``max_t``, so that no generation is cut short as if pruned."""
+        high = {**self.base.to_dict(), **self.corner("high")}
+        return max(get_method(m).total_epochs(from_dict({**high, "method": m}, self.path)) for m in self.methods())
 
 
 class Sampler:
-    def __init__(self, params: dict, per_branch: dict, default_branches: int):
-        self.params, self.per_branch, self.default_branches = params, per_branch, default_branches
+    def __init__(self, params: dict, per_branch: dict, base: RunConfig):
+        self.params, self.per_branch, self.base = params, per_branch, base
 
     def __call__(self, trial) -> dict:
         constants, chosen = {}, {}
@@ -79,11 +114,10 @@ class Sampler:
                 chosen[name] = suggest(trial, name, spec)
             else:
                 constants[name] = spec
-        if self.per_branch:
-            branches = int(chosen.get("branches", constants.get("branches", self.default_branches)))
-            for key, spec in self.per_branch.items():
-                for b in range(branches):
-                    suggest(trial, f"{key}_{b}", spec)
+        branches = branch_count({**constants, **chosen}, self.base)
+        for key, spec in self.per_branch.items():
+            for b in range(branches):
+                suggest(trial, f"{key}_{b}", spec)
         return constants
 
 
@@ -136,34 +170,8 @@ def _check_dist(where: str, key: str, spec: Any, list_field: bool = False) -> An
     return {"type": kind, "low": low, "high": high, "log": log}
 
 
-def load_space(path: str | Path) -> Space:
-    where = str(path)
-    raw = load_yaml(path)
-    if not isinstance(raw, dict):
-        raise KdrayError(f"{where}: a search space must be a mapping with keys {', '.join(TOP_KEYS)}")
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise KdrayError(f"{where}: unknown top-level key {key!r}; allowed: {', '.join(TOP_KEYS)}")
-    base_raw = raw.get("base") or {}
-    if not isinstance(base_raw, dict):
-        raise KdrayError(f"{where}: 'base' must be a mapping of config keys")
-    for key in base_raw:
-        if key not in FIELDS:
-            raise unknown_key_error(str(key), f"{where}: base")
-    base = from_dict(base_raw, f"{where}: base")
-    params_raw = raw.get("params") or {}
-    if not isinstance(params_raw, dict):
-        raise KdrayError(f"{where}: 'params' must be a mapping of config keys to distributions")
-    params = {}
-    for key, spec in params_raw.items():
-        if key not in FIELDS:
-            raise unknown_key_error(str(key), f"{where}: params")
-        params[key] = _check_dist(where, key, spec)
-    per_branch = {}
-    for key, spec in (raw.get("per_branch") or {}).items():
-        if key not in PER_BRANCH_KEYS:
-            raise KdrayError(f"{where}: per_branch.{key} is not a per-branch key; allowed: {', '.join(PER_BRANCH_KEYS)}")
-        per_branch[key] = _check_dist(where, key, spec, list_field=True)
+def _objectives(raw: dict, where: str) -> list:
+    """[(metric, mode)]: the ``objectives`` list, else ``metric`` / ``mode`` (val_acc, max)."""
     if "objectives" in raw:
         objs = raw["objectives"]
         if not isinstance(objs, list) or not objs:
@@ -178,6 +186,44 @@ def load_space(path: str | Path) -> Space:
         if mode not in MODES:
             raise KdrayError(f"{where}: mode {mode!r} is not allowed; allowed: max, min")
         metrics = [(str(raw.get("metric", "val_acc")), mode)]
+    return metrics
+
+
+def _params(raw: dict, where: str) -> tuple[dict, dict]:
+    """The checked distributions (or constants) of ``params`` and ``per_branch``."""
+    params_raw = raw.get("params") or {}
+    if not isinstance(params_raw, dict):
+        raise KdrayError(f"{where}: 'params' must be a mapping of config keys to distributions")
+    params = {}
+    for key, spec in params_raw.items():
+        if not is_key(str(key)):
+            raise unknown_key_error(str(key), f"{where}: params")
+        params[key] = _check_dist(where, key, spec)
+    per_branch = {}
+    for key, spec in (raw.get("per_branch") or {}).items():
+        if key not in per_branch_keys():
+            raise KdrayError(f"{where}: per_branch.{key} is not a per-branch key; allowed: {', '.join(per_branch_keys())}")
+        per_branch[key] = _check_dist(where, key, spec, list_field=True)
+    return params, per_branch
+
+
+def load_space(path: str | Path) -> Space:
+    where = str(path)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise KdrayError(f"{where}: a search space must be a mapping with keys {', '.join(TOP_KEYS)}")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise KdrayError(f"{where}: unknown top-level key {key!r}; allowed: {', '.join(TOP_KEYS)}")
+    base_raw = raw.get("base") or {}
+    if not isinstance(base_raw, dict):
+        raise KdrayError(f"{where}: 'base' must be a mapping of config keys")
+    for key in base_raw:
+        if not is_key(str(key)):
+            raise unknown_key_error(str(key), f"{where}: base")
+    base = from_dict(base_raw, f"{where}: base")
+    params, per_branch = _params(raw, where)
+    metrics = _objectives(raw, where)
     sched = raw.get("scheduler") or {}
     if not isinstance(sched, dict) or set(sched) - {"grace_period", "reduction_factor"}:
         raise KdrayError(f"{where}: 'scheduler' allows only grace_period and reduction_factor")
@@ -189,7 +235,7 @@ def load_space(path: str | Path) -> Space:
         raise KdrayError(f"{where}: samples must be an integer >= 1, got {samples!r}")
     space = Space(path=where, name=str(raw.get("name") or Path(path).stem), base=base, params=params,
                   per_branch=per_branch, metrics=metrics, teachers=teachers, scheduler=sched,
-                  samples=samples, seed=int(raw.get("seed", 0)), raw=raw)
+                  samples=samples, seed=int(raw.get("seed", 0)))
     _check_extremes(space)
     return space
 
@@ -197,15 +243,4 @@ def load_space(path: str | Path) -> Space:
 def _check_extremes(space: Space) -> None:
     """Every corner of the space must be a valid RunConfig (catches e.g. branches 0..12)."""
     for pick in ("low", "high"):
-        values = {}
-        for k, s in space.params.items():
-            if not isinstance(s, dict):
-                values[k] = s
-            elif s["type"] == "categorical":
-                values[k] = s["choices"][0 if pick == "low" else -1]
-            else:
-                values[k] = s[pick]
-        branches = int(values.get("branches", space.base.branches))
-        for k, s in space.per_branch.items():
-            values[k] = [s.get(pick, s.get("choices", [0])[0])] * branches
-        from_dict({**space.base.to_dict(), **values}, f"{space.path}: params")
+        from_dict({**space.base.to_dict(), **space.corner(pick)}, f"{space.path}: params")

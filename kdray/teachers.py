@@ -1,4 +1,5 @@
-"""Teachers: trained once by kdray (or loaded from state dicts), frozen, verified by manifest.
+"""Teachers: loaded from a verified teacher directory, frozen, and the engine's source of teacher
+outputs. (Training them is ``kdray.teacher_training``, above the engine.)
 
 A teacher directory holds ``manifest.json`` and one ``teacher_<i>.pt`` state dict per teacher.
 The ensemble is a frozen module list: eval mode, no grad, never wrapped in DDP, never in the
@@ -8,16 +9,13 @@ optimizer, and run under ``torch.inference_mode``.
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import atomic_save, safe_load, sha256_file
+from .checkpoint import safe_load, sha256_file
 from .distill.base import TeacherInfo
 from .errors import KdrayError
 from .models import StagedModel, build_model
@@ -53,6 +51,23 @@ class TeacherEnsemble(nn.Module):
                 maps = []
         # clone outside inference mode so the tensors may enter the student's autograd graph
         return {"logits": logits.clone(), "feats": [f.clone() for f in maps]}
+
+
+class LiveTeacherOutputs:
+    """The engine's source of teacher outputs, computed live: the frozen ensemble run on each
+    batch under the step's autocast. ``outputs(x)`` -> ``{"logits": [K,N,C], "feats": [...]}``;
+    feature maps only when the method asks for them (they cost memory)."""
+
+    def __init__(self, ensemble: TeacherEnsemble, autocast: Callable, feats: bool):
+        self.ensemble, self.autocast, self.feats = ensemble, autocast, feats
+
+    @property
+    def info(self):
+        return self.ensemble.info
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        with self.autocast():
+            return self.ensemble(x, feats=self.feats)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -99,48 +114,3 @@ def load_teachers(path: str | Path, classes: Optional[list] = None, device="cpu"
 def _short(items, n=4) -> str:
     items = list(items)
     return "[" + ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "") + "]"
-
-
-def train_teachers(
-    cfg,
-    archs: list[str],
-    count: int,
-    out: str | Path,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Train ``count`` teachers (archs cycled, seed cfg.seed + i) with plain CE; write the manifest."""
-    from .engine import fit  # engine imports this module
-
-    if count < 1:
-        raise KdrayError(f"--count {count} is out of range; allowed: >= 1")
-    for arch in archs:
-        build_model(arch, 2)  # fail on an unknown arch before any training
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    classes = None
-    for i in range(count):
-        arch = archs[i % len(archs)]
-        tcfg = cfg.replace(method="ce", student=arch, seed=cfg.seed + i, teachers=None,
-                           checkpoint_dir=str(out / f".work_teacher_{i}"), resume=False)
-        log(f"teacher {i + 1}/{count}: {arch} seed {tcfg.seed}, {tcfg.epochs} epochs on {cfg.dataset}")
-        t0 = time.time()
-        result = fit(tcfg, log=log, keep_checkpoints=0)
-        classes = result["classes"]
-        file = out / f"teacher_{i}.pt"
-        atomic_save(result["student"].model.state_dict(), file)
-        m = result["metrics"]
-        entries.append({
-            "file": file.name, "arch": arch, "seed": tcfg.seed, "epochs": tcfg.epochs,
-            "val_acc": m["val_acc"], "test_acc": m["test_acc"], "params": m["params"],
-            "sha256": sha256_file(file), "train_time_s": round(time.time() - t0, 2),
-        })
-    manifest = {
-        "format": "kdray-teachers/1", "kdray_version": __version__, "dataset": cfg.dataset,
-        "train_fraction": cfg.train_fraction, "image_size": result["image_size"],
-        "classes": classes, "teachers": entries,
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
-    return manifest

@@ -151,21 +151,16 @@ def config_params(cfg_dict: dict) -> dict:
     return out
 
 
-def run_tags(cfg) -> dict:
+def run_tags(cfg, teacher_archs: Optional[list] = None) -> dict:
     tags = {"kdray.method": cfg.method, "kdray.dataset": cfg.dataset, "kdray.student": cfg.student}
     if cfg.teachers:
         tags["kdray.teachers"] = str(cfg.teachers)
-        try:
-            from .teachers import read_manifest
-
-            man = read_manifest(cfg.teachers)
-            tags["kdray.teacher_archs"] = ",".join(t["arch"] for t in man["teachers"])
-        except Exception:  # noqa: BLE001 - the manifest is validated again when teachers load
-            pass
+    if teacher_archs:
+        tags["kdray.teacher_archs"] = ",".join(teacher_archs)
     return tags
 
 
-def _log_batch(c, run_id: str, params: Optional[dict] = None, tags: Optional[dict] = None,
+def log_batch(c, run_id: str, params: Optional[dict] = None, tags: Optional[dict] = None,
                metrics: Optional[dict] = None, step: int = 0) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
@@ -182,14 +177,14 @@ def _log_batch(c, run_id: str, params: Optional[dict] = None, tags: Optional[dic
 # runs
 # ---------------------------------------------------------------------------------------------
 def start_run(uri: str, exp_id: str, *, run_name: str, cfg, kind: str, parent_run_id: Optional[str] = None,
-              extra_tags: Optional[dict] = None) -> str:
+              extra_tags: Optional[dict] = None, teacher_archs: Optional[list] = None) -> str:
     """Create a run with every config key as a param and kdray's tags; returns its id."""
     c = client(uri)
-    tags = {KIND_TAG: kind, STATE_TAG: "running", **run_tags(cfg), **(extra_tags or {})}
+    tags = {KIND_TAG: kind, STATE_TAG: "running", **run_tags(cfg, teacher_archs), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(exp_id, run_name=run_name, tags=tags)
-    _log_batch(c, run.info.run_id, params=config_params(cfg.to_dict()))
+    log_batch(c, run.info.run_id, params=config_params(cfg.to_dict()))
     return run.info.run_id
 
 
@@ -199,22 +194,21 @@ def finish_run(uri: str, run_id: str, state: str, reason: Optional[str] = None) 
     tags = {STATE_TAG: state}
     if reason:
         tags[REASON_TAG] = reason[:4000]
-    _log_batch(c, run_id, tags=tags)
+    log_batch(c, run_id, tags=tags)
     c.set_terminated(run_id, "FAILED" if state == "failed" else "FINISHED")
 
 
 class RunLogger:
     """Per-epoch logging of one run, picklable so it travels to Ray Train workers.
 
-    ``epoch(metrics, ckpt_dir)`` is called on the logging rank after every epoch: the metrics
-    with step = epoch and the latest student as ``student/student.pt``. When the metrics say the
-    last epoch is done, it also logs latency, the teachers' manifest and ``kdray.state =
-    completed`` *before* the report that may end the trial (ASHA stops a trial at ``max_t``
-    without letting its driver run anything after ``fit``)."""
+    ``epoch(metrics, ckpt_dir)`` is called on the logging rank after every epoch with what to
+    log: the metrics with step = epoch (the caller adds ``latency_ms`` to the last epoch's) and the
+    latest student as ``student/student.pt``. When the metrics say ``done``, it also logs the
+    teachers' manifest and ``kdray.state = completed`` *before* the report that may end the trial
+    (ASHA stops a trial at ``max_t`` without letting its driver run anything after ``fit``)."""
 
-    def __init__(self, uri: str, run_id: str, total_epochs: int, teachers: Optional[str] = None,
-                 node_ip: Optional[str] = None):
-        self.uri, self.run_id, self.total_epochs = uri, run_id, int(total_epochs)
+    def __init__(self, uri: str, run_id: str, teachers: Optional[str] = None, node_ip: Optional[str] = None):
+        self.uri, self.run_id = uri, run_id
         self.teachers, self.node_ip = teachers, node_ip
         self._started = False
 
@@ -226,12 +220,9 @@ class RunLogger:
             if self.node_ip:
                 tags["node_ip"] = self.node_ip
         step = int(metrics.get("epoch", 0))
-        last = step >= self.total_epochs
-        extra = {}
+        last = bool(metrics.get("done"))
         student = Path(ckpt_dir) / "student.pt" if ckpt_dir else None
-        if last and student is not None and student.is_file():
-            extra["latency_ms"] = student_latency_ms(student)
-        _log_batch(c, self.run_id, tags=tags, metrics={**metrics, **extra}, step=step)
+        log_batch(c, self.run_id, tags=tags, metrics=metrics, step=step)
         if student is not None and student.is_file():
             c.log_artifact(self.run_id, str(student), "student")
         if last:
@@ -241,25 +232,6 @@ class RunLogger:
 
     def failed(self, reason: str) -> None:
         finish_run(self.uri, self.run_id, "failed", reason)
-
-
-def student_latency_ms(student_pt: Path) -> float:
-    """Median CPU latency (batch 1) of the deployable student in ``student.pt``."""
-    import torch
-
-    from .checkpoint import safe_load
-    from .engine import rebuild_student
-    from .export import measure_latency_ms
-    from .models import export_module
-
-    record = safe_load(student_pt, "student")
-    module = export_module(rebuild_student(record))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        return float(measure_latency_ms(module, int(record["image_size"]), batch=1, device="cpu"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def find_trial_run(uri: str, exp_id: str, parent_run_id: str, trial_id: str):
@@ -274,7 +246,7 @@ def find_trial_run(uri: str, exp_id: str, parent_run_id: str, trial_id: str):
 # sweeps
 # ---------------------------------------------------------------------------------------------
 def start_sweep_run(uri: str, exp_id: str, *, name: str, space, study_name: str, storage_url: str,
-                    teachers: Optional[str]) -> str:
+                    teachers: Optional[str], teacher_archs: Optional[list] = None) -> str:
     """The parent run: space file and resolved base config as artifacts, study, versions, commit."""
     import yaml
 
@@ -282,12 +254,12 @@ def start_sweep_run(uri: str, exp_id: str, *, name: str, space, study_name: str,
     tags = {KIND_TAG: "sweep", STATE_TAG: "running", "kdray.study_name": study_name,
             "kdray.optuna_storage": storage_url, "kdray.space": str(space.path),
             "kdray.metric": ",".join(m for m, _ in space.metrics),
-            "kdray.mode": ",".join(d for _, d in space.metrics), **versions(), **run_tags(space.base)}
+            "kdray.mode": ",".join(d for _, d in space.metrics), **versions(), **run_tags(space.base, teacher_archs)}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run_id = c.create_run(exp_id, run_name=f"sweep-{name}", tags=tags).info.run_id
-    _log_batch(c, run_id, params={"samples": space.samples, "study_name": study_name, "optuna_storage": storage_url,
+    log_batch(c, run_id, params={"samples": space.samples, "study_name": study_name, "optuna_storage": storage_url,
                                   "space": Path(space.path).name,
                                   **{f"base.{k}": v for k, v in config_params(space.base.to_dict()).items()}})
     c.log_artifact(run_id, str(space.path), "space")
@@ -295,53 +267,6 @@ def start_sweep_run(uri: str, exp_id: str, *, name: str, space, study_name: str,
     if teachers and (Path(teachers) / "manifest.json").is_file():
         c.log_artifact(run_id, str(Path(teachers) / "manifest.json"), "teachers")
     return run_id
-
-
-def make_trial_callback(uri: str, exp_id: str, parent_run_id: str):
-    """A Tune callback on the driver: marks ASHA-stopped trials pruned and failed trials failed
-    (with the reason), creating the child run when a trial died before it could."""
-    from ray.tune import Callback
-
-    class TrialStateCallback(Callback):
-        def _run(self, trial):
-            return find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            res = trial.last_result or {}
-            run = self._run(trial)
-            if run is None or run.data.tags.get(STATE_TAG) in ("completed", "failed", "pruned"):
-                return
-            total, epoch = res.get("total_epochs", 0), res.get("epoch", 0)
-            finish_run(uri, run.info.run_id, "completed" if epoch >= total > 0 else "pruned")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            reason = trial_error_reason(trial)
-            run = self._run(trial)
-            if run is None:
-                c = client(uri)
-                run_id = c.create_run(exp_id, run_name=trial.trial_id, tags={
-                    "mlflow.parentRunId": parent_run_id, KIND_TAG: "trial", TRIAL_TAG: trial.trial_id}).info.run_id
-            elif run.data.tags.get(STATE_TAG) == "failed":
-                return
-            else:
-                run_id = run.info.run_id
-            finish_run(uri, run_id, "failed", reason)
-
-    return TrialStateCallback()
-
-
-def trial_error_reason(trial) -> str:
-    """The last meaningful line of a failed trial's error (NonFiniteLoss, KdrayError, ...)."""
-    text = ""
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        text = Path(path).read_text(errors="replace")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for key in ("NonFiniteLoss", "KdrayError", "Error:"):
-        hit = [ln for ln in lines if key in ln]
-        if hit:
-            return hit[-1][:500]
-    return (lines[-1] if lines else "unknown error")[:500]
 
 
 def log_sweep_plots(uri: str, parent_run_id: str, study, space, top: int = 5, log=print) -> list[str]:

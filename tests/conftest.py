@@ -33,7 +33,7 @@ def small_cfg(**kw) -> RunConfig:
 @pytest.fixture(scope="session")
 def fake_teachers(tmp_path_factory):
     """Two tiny trained teachers on the fake dataset (different archs)."""
-    from kdray.teachers import train_teachers
+    from kdray.teacher_training import train_teachers
 
     out = tmp_path_factory.mktemp("teachers")
     train_teachers(small_cfg(epochs=2), ["resnet8", "resnet14"], 2, out, log=lambda s: None)

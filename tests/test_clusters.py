@@ -8,7 +8,15 @@ kdray's rules (see clusters/README.md):
     started without GPUs;
   * every node installs kdray; the head runs MLflow with a persistent store;
   * nothing listens publicly: the dashboard binds 127.0.0.1, MLflow never 0.0.0.0, no port
-    published by Docker, no security-group rule open to the world but SSH.
+    published by Docker, no security-group rule open to the world but SSH;
+  * Ray's token authentication is on: every `ray start` runs with RAY_AUTH_MODE=token, login shells
+    too, and the token (~/.ray/auth_token) and MLflow's credentials (~/.mlflow/credentials) come
+    to every node through file_mounts from files outside the repository, never written into a
+    cluster file; MLflow on the head runs behind basic auth (`kdray-head.sh start`);
+  * Ray's ports are open to the cluster's own hosts only: on AWS the security group Ray makes for
+    the cluster (no SecurityGroupIds, no extra rule), on GCP a network tag on every node and the
+    firewall rules the file documents for it, on-prem an iptables chain naming exactly head_ip
+    and worker_ips (its rules are checked by a dry run of `kdray-head.sh firewall`).
 What only a real cloud account can check (instance types, images, quotas, IAM) is listed in
 clusters/README.md.
 """
@@ -16,9 +24,12 @@ clusters/README.md.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +43,15 @@ FILES = sorted(CLUSTERS.glob("*.yaml"))
 CLOUD = [f for f in FILES if f.name != "onprem.yaml"]
 HEAD_SCRIPT = CLUSTERS / "kdray-head.sh"
 PUBLIC_CIDRS = {"0.0.0.0/0", "::/0"}
+# Where Ray reads its token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set, and where
+# MLflow's clients read their user and password (mlflow.utils.credentials)
+RAY_TOKEN = "~/.ray/auth_token"
+MLFLOW_CREDENTIALS = "~/.mlflow/credentials"
+GCP_TAG = "kdray-gcp"
+# The TCP ports `kdray-head.sh firewall` closes to everything but the cluster's hosts, besides the
+# ephemeral range (5000: MLflow; 6379: GCS; 8076: object manager; 8265: dashboard; 10001-19999:
+# Ray client server and worker ports)
+FIREWALL_PORTS = {"5000", "6379", "8076", "8265", "10001:19999"}
 
 
 def load(path: Path) -> dict:
@@ -50,10 +70,82 @@ def all_commands(cfg: dict) -> list[str]:
     return cmds
 
 
+def gcp_firewall_rules(raw: str) -> list[dict]:
+    """The `gcloud compute firewall-rules create` commands written in a file's comments, as
+    {"name": ..., "--flag": value} (continuation lines joined)."""
+    lines = [ln.lstrip("#").strip() for ln in raw.splitlines() if ln.lstrip().startswith("#")]
+    joined, cur = [], ""
+    for ln in lines:
+        cur = f"{cur} {ln.rstrip(chr(92)).strip()}" if cur else ln.rstrip(chr(92)).strip()
+        if not ln.endswith(chr(92)):
+            joined.append(cur)
+            cur = ""
+    rules = []
+    for cmd in joined:
+        if "gcloud compute firewall-rules create" not in cmd:
+            continue
+        words = shlex.split(cmd[cmd.index("gcloud compute firewall-rules create"):])
+        rule = {"name": words[4]}
+        for w in words[5:]:
+            key, _, value = w.partition("=")
+            rule[key] = value
+        rules.append(rule)
+    return rules
+
+
+def _gcp_rule_problems(cfg: dict, raw: str) -> list[str]:
+    """Every node carries the tag; the documented rules admit the world on SSH only and the
+    tagged VMs on everything, and deny the rest before the default network's allow rules."""
+    problems = []
+    for name, nt in (cfg.get("available_node_types") or {}).items():
+        tags = ((nt.get("node_config") or {}).get("tags") or {}).get("items") or []
+        if GCP_TAG not in tags:
+            problems.append(f"{name}: node_config.tags lacks {GCP_TAG} (the firewall rules' target)")
+    rules = [r for r in gcp_firewall_rules(raw) if r.get("--target-tags") == GCP_TAG]
+    prio = lambda r: int(r.get("--priority", 1000))  # noqa: E731 - gcloud's default
+    allows = [r for r in rules if r.get("--action", "").upper() == "ALLOW" or "--allow" in r]
+    denies = [r for r in rules if r.get("--action", "").upper() == "DENY"]
+    for r in rules:
+        if r.get("--direction", "INGRESS").upper() != "INGRESS":
+            problems.append(f"firewall rule {r['name']} is not an INGRESS rule")
+    cluster = [r for r in allows if r.get("--source-tags") == GCP_TAG and "--source-ranges" not in r]
+    deny_all = [r for r in denies if r.get("--rules") == "all" and r.get("--source-ranges") == "0.0.0.0/0"]
+    if not cluster:
+        problems.append(f"no firewall rule admits the cluster's own VMs (--source-tags={GCP_TAG})")
+    if not deny_all:
+        problems.append(f"no firewall rule denies everything else to --target-tags={GCP_TAG}")
+    for r in allows:
+        if r in cluster:
+            continue
+        if r.get("--rules", r.get("--allow")) != "tcp:22":
+            problems.append(f"firewall rule {r['name']} admits {r.get('--rules')} from beyond the cluster")
+    for d in deny_all:
+        if not 0 <= prio(d) < 65534:  # the default network's allow rules have priority 65534
+            problems.append(f"firewall rule {d['name']} does not take precedence over default-allow-*")
+        for a in allows:
+            if prio(a) >= prio(d):  # at equal priority a deny wins
+                problems.append(f"firewall rule {a['name']} comes after the deny rule {d['name']}")
+    networks = {r.get("--network", "default") for r in rules}
+    if len(networks) > 1:
+        problems.append(f"the firewall rules are on different networks: {sorted(networks)}")
+    return problems
+
+
+def firewall_hosts(cmds: list[str]) -> list[set[str]] | None:
+    """The host lists of the `kdray-head.sh firewall HOST...` commands (None without one)."""
+    found = []
+    for c in cmds:
+        m = re.search(r"kdray-head\.sh firewall((?:\s+[0-9A-Fa-f.:]+)+)\s*$", c.strip())
+        if m:
+            found.append(set(m.group(1).split()))
+    return found or None
+
+
 def check_cluster_file(path: Path, ray_version: str) -> list[str]:
     """kdray's rules for one cluster file; returns the list of problems (empty when fine)."""
     problems: list[str] = []
-    cfg = yaml.safe_load(path.read_text())
+    raw = path.read_text()
+    cfg = yaml.safe_load(raw)
     text = yaml.safe_dump(cfg)  # without the comments
     cmds = all_commands(cfg)
     joined = "\n".join(cmds)
@@ -140,9 +232,65 @@ def check_cluster_file(path: Path, ray_version: str) -> list[str]:
     for perm in (cfg["provider"].get("security_group") or {}).get("IpPermissions", []):
         cidrs = {r.get("CidrIp") for r in perm.get("IpRanges", [])}
         cidrs |= {r.get("CidrIpv6") for r in perm.get("Ipv6Ranges", [])}
-        if cidrs & PUBLIC_CIDRS and not (perm.get("FromPort") == 22 and perm.get("ToPort") == 22):
+        if perm.get("FromPort") == 22 and perm.get("ToPort") == 22:
+            continue
+        if cidrs & PUBLIC_CIDRS:
             problems.append(f"security group opens {perm} to the world")
+        else:
+            problems.append(f"security group opens {perm} beyond the cluster's own nodes")
+
+    # -- Ray token authentication and MLflow's credentials ---------------------------------------
+    setup = cfg.get("setup_commands") or []
+    for remote, what in ((RAY_TOKEN, "Ray's token"), (MLFLOW_CREDENTIALS, "MLflow's credentials")):
+        src = mounts.get(remote)
+        if not src:
+            problems.append(f"file_mounts do not ship {what} to {remote}")
+        elif not (src.startswith("~/") or os.path.isabs(src)) or _in_repo(src):
+            problems.append(f"{what} come from {src!r}: keep secrets outside the repository")
+    for c in cmds:
+        m = re.search(r"\bray start\b", c)
+        if m and not re.search(r"\bRAY_AUTH_MODE=token\b", c[: m.start()]):
+            problems.append(f"`ray start` without RAY_AUTH_MODE=token before it: {c!r}")
+    if not any(re.search(r"RAY_AUTH_MODE=token", c) and "~/.bashrc" in c for c in setup):
+        problems.append("setup_commands do not turn token authentication on for login shells")
+    if not any(re.search(r"test -s ~/\.ray/auth_token\b", c) for c in setup):
+        problems.append("setup_commands do not check that Ray's token reached the node")
+    if re.search(r"RAY_AUTH_TOKEN\w*\s*[=:]|RAY_AUTH_MODE\s*=\s*(?!token)|MLFLOW_TRACKING_PASSWORD"
+                 r"|MLFLOW_AUTH_ADMIN_PASSWORD|mlflow_tracking_password|https?://[^/\s:@]+:[^/\s@]+@",
+                 text):
+        problems.append("the file sets a token or password itself, points Ray at another token, "
+                        "or turns authentication off")
+
+    # -- Ray's ports: open to the cluster's own hosts only ---------------------------------------------
+    if provider == "aws":
+        for name, nt in (cfg.get("available_node_types") or {}).items():
+            if "SecurityGroupIds" in (nt.get("node_config") or {}):
+                problems.append(f"{name}: SecurityGroupIds replaces the security group Ray makes for the cluster")
+        group = (cfg["provider"].get("security_group") or {}).get("GroupName")
+        if group not in (None, f"ray-autoscaler-{cfg.get('cluster_name')}"):
+            problems.append(f"security_group.GroupName {group!r}: a group not made for this cluster alone")
+    elif provider == "gcp":
+        problems += _gcp_rule_problems(cfg, raw)
+    elif provider == "local":
+        hosts = {cfg["provider"].get("head_ip"), *(cfg["provider"].get("worker_ips") or [])}
+        lists = firewall_hosts(setup)
+        if not lists:
+            problems.append("setup_commands do not run `kdray-head.sh firewall` with the cluster's hosts")
+        for got in lists or []:
+            if got != hosts:
+                problems.append(f"the firewall admits {sorted(got)}, the cluster's hosts are {sorted(hosts)}")
+        if lists and not re.search(r"kdray-head\.sh firewall", setup[0]):
+            problems.append("the firewall is not the first setup command")
+    else:
+        problems.append(f"no port rules known for provider {provider!r}")
     return problems
+
+
+def _in_repo(src: str) -> bool:
+    path = Path(os.path.expanduser(src)) if src.startswith("~") else Path(src)
+    if not path.is_absolute():
+        path = CLUSTERS.parent / path
+    return path.resolve().is_relative_to(CLUSTERS.parent.resolve())
 
 
 def _local_sources(mounts: dict) -> list[Path]:
@@ -157,7 +305,51 @@ def head_script_problems() -> list[str]:
         problems.append("kdray-head.sh: MLflow must bind the head's cluster address, not 0.0.0.0")
     if "sqlite:///$STATE/mlflow.db" not in text:
         problems.append("kdray-head.sh: MLflow's default store is not a sqlite file in $STATE")
+    server = text[text.index("mlflow server --host"):]
+    server = server[: server.index("&\n")]
+    if "--app-name basic-auth" not in server:
+        problems.append("kdray-head.sh: MLflow is not started behind basic auth (--app-name basic-auth)")
+    if "--backend-store-uri" in server:
+        problems.append("kdray-head.sh: the backend URL (and any password in it) on MLflow's command line")
+    for var in ("MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_BACKEND_STORE_URI"):
+        if not re.search(rf'{var}="\$\w+"', text):
+            problems.append(f"kdray-head.sh: the MLflow server gets no {var} from a variable")
+    if "auth_enforced" not in text[text.index("\nstart)"):]:
+        problems.append("kdray-head.sh: `start` does not check that MLflow refuses requests without credentials")
     return problems
+
+
+def head_script(*args: str, tmp_path: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run kdray-head.sh with HOME and KDRAY_STATE in tmp_path and this venv's python first on PATH."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("KDRAY_", "MLFLOW_", "RAY_AUTH"))}
+    base.update(HOME=str(home), KDRAY_STATE=str(tmp_path / "state"),
+                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    base.update(env or {})
+    return subprocess.run(["bash", str(HEAD_SCRIPT), *args], env=base, capture_output=True, text=True,
+                          check=check, timeout=60)
+
+
+def firewall_verdict(rules: list[list[str]], src: str, dport: int, iface: str = "eth0") -> str:
+    """What the KDRAY-RAY chain does with a new TCP connection (SYN): DROP, or RETURN (left to
+    the machine's other rules)."""
+    for r in rules:
+        words, opts = r[3:], {}  # after "<ipt> -A CHAIN"; --syn is the one option without a value
+        while words:
+            key = words.pop(0)
+            opts[key] = True if key == "--syn" else words.pop(0)
+        if "-i" in opts and opts["-i"] != iface:
+            continue
+        if "-s" in opts and ipaddress.ip_address(src) not in ipaddress.ip_network(opts["-s"]):
+            continue
+        if "--dport" in opts:
+            lo, _, hi = opts["--dport"].partition(":")
+            if not int(lo) <= dport <= int(hi or lo):
+                continue
+        return opts["-j"]
+    return "RETURN"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,31 +372,144 @@ def test_kdray_rules(path: Path) -> None:
     assert check_cluster_file(path, ray.__version__) == []
 
 
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_token_auth_and_port_rules(path: Path) -> None:
+    """The security rules, spelt out per file (check_cluster_file enforces them too)."""
+    cfg = load(path)
+    mounts = cfg["file_mounts"]
+    assert mounts[RAY_TOKEN] and mounts[MLFLOW_CREDENTIALS]
+    assert not _in_repo(mounts[RAY_TOKEN]) and not _in_repo(mounts[MLFLOW_CREDENTIALS])
+    starts = [c for c in all_commands(cfg) if "ray start" in c]
+    assert len(starts) == 2 and all("export RAY_AUTH_MODE=token;" in c for c in starts), starts
+    provider = cfg["provider"]
+    if provider["type"] == "aws":
+        assert not provider.get("security_group")  # Ray's own group: SSH + the group's members
+        assert all("SecurityGroupIds" not in nt["node_config"] for nt in cfg["available_node_types"].values())
+    elif provider["type"] == "gcp":
+        rules = {r["name"]: r for r in gcp_firewall_rules(path.read_text())}
+        assert rules["kdray-gcp-allow-cluster"]["--source-tags"] == GCP_TAG
+        assert rules["kdray-gcp-deny-others"]["--action"] == "DENY"
+        assert rules["kdray-gcp-allow-ssh"]["--rules"] == "tcp:22"
+    else:
+        assert firewall_hosts(cfg["setup_commands"]) == [{provider["head_ip"], *provider["worker_ips"]}]
+
+
 def test_head_script() -> None:
     assert head_script_problems() == []
     subprocess.run(["bash", "-n", str(HEAD_SCRIPT)], check=True)
 
 
 def test_head_script_env(tmp_path: Path) -> None:
-    """`kdray-head.sh env` writes the URIs the sweep's driver inherits."""
-    out = subprocess.run(
-        ["bash", str(HEAD_SCRIPT), "env"],
-        env={**os.environ, "KDRAY_STATE": str(tmp_path), "KDRAY_HEAD_IP": "10.1.2.3"},
-        capture_output=True, text=True, check=True, timeout=30,
-    )
-    env = (tmp_path / "kdray.env").read_text()
+    """`kdray-head.sh env` writes the URIs the sweep's driver inherits, and no secret."""
+    (tmp_path / "home" / ".mlflow").mkdir(parents=True)
+    (tmp_path / "home" / ".mlflow" / "credentials").write_text(
+        "[mlflow]\nmlflow_tracking_username = kdray\nmlflow_tracking_password = pw-never-written-1\n")
+    (tmp_path / "home" / ".ray").mkdir()
+    (tmp_path / "home" / ".ray" / "auth_token").write_text("ray-token-never-written")
+    out = head_script("env", tmp_path=tmp_path, env={"KDRAY_HEAD_IP": "10.1.2.3"})
+    env = (tmp_path / "state" / "kdray.env").read_text()
     assert "MLFLOW_TRACKING_URI=http://10.1.2.3:5000" in env, out.stdout
-    assert f"KDRAY_OPTUNA_STORAGE=sqlite:///{tmp_path}/optuna.db" in env
+    assert f"KDRAY_OPTUNA_STORAGE=sqlite:///{tmp_path}/state/optuna.db" in env
+    for secret in ("pw-never-written-1", "ray-token-never-written"):
+        assert secret not in env + out.stdout + out.stderr
+
+
+def test_head_script_refuses_a_password_in_the_optuna_url(tmp_path: Path) -> None:
+    out = head_script("env", tmp_path=tmp_path, check=False,
+                      env={"KDRAY_OPTUNA_STORAGE": "postgresql://kd:s3cret-pw@db.internal/optuna"})
+    assert out.returncode != 0
+    assert "s3cret-pw" not in out.stdout + out.stderr and "kd:***@db.internal" in out.stderr
+    assert not (tmp_path / "state" / "kdray.env").exists()
+
+
+def test_head_script_masks_the_backend_password(tmp_path: Path) -> None:
+    """Log lines show the MLflow backend URL with its password masked (nothing listens on the
+    port: `status` only reports)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = head_script("status", tmp_path=tmp_path, check=False, env={
+        "KDRAY_HEAD_IP": "127.0.0.1", "KDRAY_MLFLOW_PORT": str(port),
+        "KDRAY_MLFLOW_BACKEND": "postgresql://kd:s3cret-pw@db.internal/mlflow"})
+    assert out.returncode == 1 and "not answering" in out.stdout
+    assert "kd:***@db.internal/mlflow" in out.stdout and "s3cret-pw" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [(None, "no MLflow credentials"),
+     ("[mlflow]\nmlflow_tracking_username = kdray\nmlflow_tracking_password = short-pw\n", "unusable"),
+     ("[other]\nmlflow_tracking_username = kdray\n", "unusable")],
+    ids=["missing", "short-password", "no-section"],
+)
+def test_head_script_start_needs_credentials(tmp_path: Path, content, expected: str) -> None:
+    """MLflow never starts without usable credentials, and the password is never echoed."""
+    if content is not None:
+        (tmp_path / "home" / ".mlflow").mkdir(parents=True)
+        (tmp_path / "home" / ".mlflow" / "credentials").write_text(content)
+    out = head_script("start", tmp_path=tmp_path, check=False, env={"KDRAY_HEAD_IP": "127.0.0.1"})
+    assert out.returncode != 0 and expected in out.stderr, out.stderr
+    assert "short-pw" not in out.stdout + out.stderr
+    assert not (tmp_path / "state" / "mlflow.pgid").exists()  # nothing was started
+
+
+def test_head_script_firewall_rules(tmp_path: Path) -> None:
+    """The on-prem firewall (dry run: the iptables commands it would run): Ray's and MLflow's
+    ports take new connections from loopback and the named hosts only; SSH and other ports are
+    left alone; the chain only drops and is jumped to first from INPUT."""
+    hosts = ["192.168.1.10", "192.168.1.11", "fd00::12"]
+    out = head_script("firewall", *hosts, tmp_path=tmp_path, env={"KDRAY_FIREWALL_DRY_RUN": "1"})
+    cmds = [line.split() for line in out.stdout.splitlines()]
+    assert out.stderr == "" and cmds and all(c[0] in ("iptables", "ip6tables") for c in cmds), out.stdout
+    eph = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]
+    for ipt, own in (("iptables", hosts[:2]), ("ip6tables", hosts[2:])):
+        mine = [c for c in cmds if c[0] == ipt]
+        assert mine[0] == [ipt, "-N", "KDRAY-RAY"] and mine[-1] == [ipt, "-I", "INPUT", "1", "-j", "KDRAY-RAY"]
+        rules = mine[1:-1]
+        assert all(r[1:3] == ["-A", "KDRAY-RAY"] and r[-1] in ("RETURN", "DROP") for r in rules), rules
+        assert {r[r.index("-s") + 1] for r in rules if "-s" in r} == set(own)
+        dropped = {r[r.index("--dport") + 1] for r in rules if r[-1] == "DROP"}
+        assert dropped == FIREWALL_PORTS | {f"{eph}:65535"}
+        assert all("--syn" in r and "tcp" in r for r in rules if r[-1] == "DROP")
+        outsider, member = ("203.0.113.9", own[0]) if ipt == "iptables" else ("2001:db8::9", own[0])
+        for port in (5000, 6379, 8076, 8265, 10001, 15000, 19999, int(eph), 52365, 65535):
+            assert firewall_verdict(rules, outsider, port) == "DROP", (ipt, port)
+            assert firewall_verdict(rules, member, port) == "RETURN", (ipt, port)
+            assert firewall_verdict(rules, outsider, port, iface="lo") == "RETURN", (ipt, port)
+        for port in (22, 80, 443, 2049):
+            assert firewall_verdict(rules, outsider, port) == "RETURN", (ipt, port)
+
+
+def test_head_script_firewall_needs_hosts(tmp_path: Path) -> None:
+    out = head_script("firewall", tmp_path=tmp_path, check=False, env={"KDRAY_FIREWALL_DRY_RUN": "1"})
+    assert out.returncode == 2 and "usage" in out.stderr
 
 
 # -- the checks catch what they claim to catch ---------------------------------------------------
 
 
+def _comments(name: str) -> str:
+    return "".join(ln for ln in (CLUSTERS / name).read_text().splitlines(keepends=True)
+                   if ln.lstrip().startswith("#"))
+
+
 def _mutated(tmp_path: Path, name: str, edit) -> Path:
+    """A copy of a cluster file with `edit` applied to its YAML (its comments, which hold the GCP
+    firewall rules, kept)."""
     cfg = load(CLUSTERS / name)
     edit(cfg)
     out = tmp_path / name
-    out.write_text(yaml.safe_dump(cfg))
+    out.write_text(_comments(name) + yaml.safe_dump(cfg))
+    return out
+
+
+def _mutated_text(tmp_path: Path, name: str, old: str, new: str) -> Path:
+    text = (CLUSTERS / name).read_text()
+    assert old in text, old
+    out = tmp_path / name
+    out.write_text(text.replace(old, new))
     return out
 
 
@@ -248,5 +553,64 @@ def test_ray_validation_rejects(tmp_path: Path, edit) -> None:
 )
 def test_kdray_rules_reject(tmp_path: Path, edit, expected: str) -> None:
     bad = _mutated(tmp_path, "aws-gpu.yaml", edit)
+    problems = check_cluster_file(bad, ray.__version__)
+    assert any(expected in p for p in problems), problems
+
+
+def _no_auth_mode(cmds: list[str]) -> list[str]:
+    return [c.replace("export RAY_AUTH_MODE=token;", "") for c in cmds]
+
+
+AUTH_AND_PORT_MUTATIONS = [
+    # token authentication, on every file
+    *[(f, lambda c: c["file_mounts"].pop(RAY_TOKEN), "Ray's token") for f in ("aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml")],
+    *[(f, lambda c: c.__setitem__("worker_start_ray_commands", _no_auth_mode(c["worker_start_ray_commands"])),
+       "without RAY_AUTH_MODE=token") for f in ("aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml")],
+    *[(f, lambda c: c.__setitem__("head_start_ray_commands", _no_auth_mode(c["head_start_ray_commands"])),
+       "without RAY_AUTH_MODE=token") for f in ("aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml")],
+    ("onprem.yaml", lambda c: c["setup_commands"].__setitem__(
+        3, c["setup_commands"][3].replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")), "login shells"),
+    ("gcp-gpu.yaml", lambda c: c["setup_commands"].pop(0), "reached the node"),
+    ("aws-gpu.yaml", lambda c: c["file_mounts"].__setitem__(RAY_TOKEN, "./clusters/auth_token"), "outside the repository"),
+    ("gcp-gpu.yaml", lambda c: c["file_mounts"].pop(MLFLOW_CREDENTIALS), "MLflow's credentials"),
+    ("onprem.yaml", lambda c: c["worker_start_ray_commands"].append("RAY_AUTH_TOKEN=abc123 ray status"), "token or password"),
+    ("aws-gpu.yaml", lambda c: c["head_setup_commands"].append("export MLFLOW_TRACKING_PASSWORD=hunter2hunter2"),
+     "token or password"),
+    # ports
+    ("aws-gpu.yaml", lambda c: c["available_node_types"]["gpu_t4_spot"]["node_config"].__setitem__(
+        "SecurityGroupIds", ["sg-0123"]), "SecurityGroupIds"),
+    ("aws-gpu.yaml", lambda c: c["provider"].__setitem__("security_group", {"IpPermissions": [
+        {"FromPort": 6379, "ToPort": 6379, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}]}),
+     "beyond the cluster"),
+    ("aws-gpu.yaml", lambda c: c["provider"].__setitem__("security_group", {"GroupName": "shared-sg"}), "GroupName"),
+    ("gcp-gpu.yaml", lambda c: c["available_node_types"]["gpu_t4_spot"]["node_config"].pop("tags"), GCP_TAG),
+    ("onprem.yaml", lambda c: c["setup_commands"].pop(0), "kdray-head.sh firewall"),
+    ("onprem.yaml", lambda c: c["provider"]["worker_ips"].append("192.168.1.13"), "the firewall admits"),
+    ("onprem.yaml", lambda c: c["setup_commands"].append(c["setup_commands"].pop(0)), "first setup command"),
+]
+
+
+@pytest.mark.parametrize("name, edit, expected", AUTH_AND_PORT_MUTATIONS,
+                         ids=[f"{i}-{m[0]}-{m[2][:24]}" for i, m in enumerate(AUTH_AND_PORT_MUTATIONS)])
+def test_auth_and_port_rules_reject(tmp_path: Path, name: str, edit, expected: str) -> None:
+    bad = _mutated(tmp_path, name, edit)
+    problems = check_cluster_file(bad, ray.__version__)
+    assert any(expected in p for p in problems), problems
+
+
+GCP_RULE_MUTATIONS = [
+    ("--priority=1000 --action=DENY", "--priority=65535 --action=DENY", "precedence over default-allow"),
+    ("--action=DENY --rules=all", "--action=DENY --rules=tcp:6379", "denies everything else"),
+    ("--source-tags=kdray-gcp", "--source-ranges=10.128.0.0/9", "cluster's own VMs"),
+    ("--rules=tcp:22 --source-ranges=0.0.0.0/0", "--rules=tcp:22,tcp:8265 --source-ranges=0.0.0.0/0",
+     "from beyond the cluster"),
+    ("kdray-gcp-allow-ssh --network=default --direction=INGRESS \\\n#     --priority=900",
+     "kdray-gcp-allow-ssh --network=default --direction=INGRESS \\\n#     --priority=1000", "comes after"),
+]
+
+
+@pytest.mark.parametrize("old, new, expected", GCP_RULE_MUTATIONS, ids=[m[2] for m in GCP_RULE_MUTATIONS])
+def test_gcp_firewall_rules_reject(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    bad = _mutated_text(tmp_path, "gcp-gpu.yaml", old, new)
     problems = check_cluster_file(bad, ray.__version__)
     assert any(expected in p for p in problems), problems

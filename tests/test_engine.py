@@ -7,7 +7,8 @@ import torch
 
 from conftest import small_cfg
 from kdray.checkpoint import safe_load
-from kdray.engine import NonFiniteLoss, fit, lr_factor, rebuild_student
+from kdray.engine import NonFiniteLoss, fit, lr_factor
+from kdray.student_file import rebuild_student
 from kdray.errors import KdrayError
 from kdray.teachers import load_teachers
 

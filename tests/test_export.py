@@ -9,13 +9,14 @@ import torch
 from conftest import small_cfg
 from kdray.checkpoint import safe_load, sha256_file
 from kdray.data import BatchLoader
-from kdray.engine import count_params, fit, rebuild_student
+from kdray.engine import count_params, fit
 from kdray.errors import KdrayError
 from kdray.export import (
     export_student, load_exported, load_record, load_state_dict_module, load_test_split, measure_latency_ms,
     predict, resolve_branch,
 )
 from kdray.models import build_model
+from kdray.student_file import rebuild_student
 
 quiet = dict(log=lambda s: None)
 
@@ -143,11 +144,10 @@ def test_torchscript_fallback_and_missing_data(tmp_path, ce_record, monkeypatch)
     def no_export(*a, **k):
         raise RuntimeError("unsupported op")
 
+    export_student(ce_record, out=tmp_path / "ts", recheck=False, latency=False, **quiet)  # an older export
     monkeypatch.setattr(torch.export, "export", no_export)
-    (tmp_path / "ts").mkdir()
-    (tmp_path / "ts" / "old.txt").write_text("an older export")
     info = export_student(ce_record, out=tmp_path / "ts", overwrite=True, latency=False, **quiet)
-    assert not (tmp_path / "ts" / "old.txt").exists() and (tmp_path / "ts" / "model.ts").is_file()
+    assert not (tmp_path / "ts" / "model.pt2").exists() and (tmp_path / "ts" / "model.ts").is_file()
     assert info["program_format"] == "torchscript" and "unsupported op" in info["export_fallback_reason"]
     assert sorted(info["files"]) == ["model.ts", "state_dict.pt"]
     assert info["test_acc_rechecked"] == info["test_acc_logged"]
@@ -183,3 +183,83 @@ def test_cli_exports_whole_ensemble(ekd_record, tmp_path, capsys):
     assert torch.equal(predict(load_exported(tmp_path / "o"), test.x), _eval_predictions(ekd_record)[0])
     code = main(["export", "--student", str(path), "--branch", "nine", "--out", str(tmp_path / "p")])
     assert code == 2 and "allowed: best, all or a branch number" in capsys.readouterr().err
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli_error(capsys):
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kdray: error:")]
+    assert len(lines) == 1  # one line: folder, what is wrong, what is allowed
+    return lines[0]
+
+
+def test_cli_overwrite_replaces_an_earlier_export(ce_record, tmp_path, capsys):
+    from kdray.checkpoint import atomic_save
+    from kdray.cli import main
+
+    path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
+    out = tmp_path / "o"
+    argv = ["export", "--student", str(path), "--out", str(out), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(argv) == 2 and "exists and is not empty; pass --overwrite" in _cli_error(capsys)
+    assert main(argv + ["--overwrite"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    _check_files(out, info)
+    assert info["files"]["state_dict.pt"] == first["files"]["state_dict.pt"]  # same student, same weights
+    assert info["test_acc_rechecked"] == info["test_acc_logged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "run"]  # no temporary or set-aside folders
+
+
+def test_cli_overwrite_refuses_foreign_files(ce_record, tmp_path, capsys):
+    from kdray.checkpoint import atomic_save
+    from kdray.cli import main
+
+    path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not an export")
+    code = main(["export", "--student", str(path), "--out", str(mine), "--overwrite", "--no-recheck"])
+    err = _cli_error(capsys)
+    assert code == 2
+    assert f"--out {mine} holds files kdray export did not write ('notes.txt')" in err
+    assert "--overwrite replaces only an earlier kdray export" in err
+    assert _snapshot(mine) == {"notes.txt": b"not an export"}
+
+    # an earlier export with one file added by someone else is no longer only an export
+    out = tmp_path / "o"
+    export_student(ce_record, out=out, recheck=False, latency=False, **quiet)
+    (out / "README.md").write_text("my notes")
+    before = _snapshot(out)
+    code = main(["export", "--student", str(path), "--out", str(out), "--overwrite", "--no-recheck"])
+    assert code == 2 and "did not write ('README.md')" in _cli_error(capsys)
+    assert _snapshot(out) == before
+    # a folder with a state_dict.pt but no export.json is not an export either
+    (mine / "notes.txt").unlink()
+    (mine / "state_dict.pt").write_bytes(b"someone's weights")
+    with pytest.raises(KdrayError, match=r"did not write \('state_dict.pt'\)"):
+        export_student(ce_record, out=mine, overwrite=True, recheck=False, latency=False, **quiet)
+    assert _snapshot(mine) == {"state_dict.pt": b"someone's weights"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "o", "run"]
+
+
+def test_cli_overwrite_refuses_the_students_own_folder(ce_record, tmp_path, capsys):
+    from kdray.checkpoint import atomic_save
+    from kdray.cli import main
+
+    run = tmp_path / "run"
+    path = atomic_save(ce_record, run / "epoch_0001" / "student.pt")
+    (run / "epoch_0001" / "checkpoint.pt").write_bytes(b"training state")
+    before = _snapshot(run)
+    for out in (path.parent, run):  # the folder holding student.pt, and a parent of it
+        code = main(["export", "--student", str(path), "--out", str(out), "--overwrite", "--no-recheck"])
+        err = _cli_error(capsys)
+        assert code == 2 and f"--out {out} " in err and "--overwrite replaces only an earlier kdray export" in err
+        assert _snapshot(run) == before
+        # told where the student came from, export names that reason, whatever else the folder holds
+        with pytest.raises(KdrayError, match=r"contains the student being exported .*never the student's own folder"):
+            export_student(ce_record, out=out, overwrite=True, source=path, recheck=False, latency=False, **quiet)
+        assert _snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -80,7 +80,7 @@ def test_asha_stopped_trial_is_pruned_in_optuna_study(tmp_path):
     from optuna.samplers import TPESampler
 
     from kdray.space import load_space
-    from kdray.tune import make_searcher_class
+    from kdray.optuna_adapter import make_searcher_class
 
     space = load_space(write_space(tmp_path, "p", "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n"))
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")

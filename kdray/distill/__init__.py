@@ -1,6 +1,9 @@
 """Distillation methods, one small file each, behind one registry."""
 
 from . import avg_kd, ce, ekd, feed, kd, sfeed  # noqa: F401  (registration)
-from .base import METHODS, Generation, Method, TeacherInfo, check_teacher_count, get_method, register
+from .base import (METHODS, RESERVED_NAMES, Generation, Method, TeacherInfo, check_teacher_count,
+                   ensure_registered, get_method, methods_defined_outside_kdray, register)
+from .hparams import HPARAMS, HParam
 
-__all__ = ["METHODS", "Generation", "Method", "TeacherInfo", "check_teacher_count", "get_method", "register"]
+__all__ = ["HPARAMS", "METHODS", "RESERVED_NAMES", "Generation", "HParam", "Method", "TeacherInfo",
+           "check_teacher_count", "ensure_registered", "get_method", "methods_defined_outside_kdray", "register"]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import KdrayError, choice_error
+from .hparams import HParam, declare
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -41,6 +42,8 @@ class Method(nn.Module):
     min_teachers: ClassVar[int] = 1
     multi_branch: ClassVar[bool] = False
     default_alpha: ClassVar[float] = 0.9
+    #: the hyperparameters this method reads from the config (see hparams.py)
+    hparams: ClassVar[tuple[HParam, ...]] = ()
 
     def __init__(self, cfg, student: nn.Module, teachers: Optional[TeacherInfo]):
         super().__init__()
@@ -58,12 +61,37 @@ class Method(nn.Module):
     def generations(cls, cfg) -> list[Generation]:
         return [Generation(0)]
 
+    @classmethod
+    def total_epochs(cls, cfg) -> int:
+        """Epochs over all generations: the length of the run's epoch axis (ASHA's max_t)."""
+        return int(cfg.epochs) * len(cls.generations(cfg))
+
+
+#: run-config keys of its own (set by kdray.config): a method may not declare one of them
+RESERVED_NAMES: set[str] = set()
+
 
 def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available by its name, with its declared hyperparameters."""
     if not cls.name or cls.name in METHODS:
         raise ValueError(f"method name {cls.name!r} missing or registered twice")
+    declare(cls.name, cls.hparams, RESERVED_NAMES)
     METHODS[cls.name] = cls
     return cls
+
+
+def ensure_registered(classes) -> None:
+    """Register methods defined outside kdray (a notebook, a test file) in a Ray worker process,
+    where only kdray's own methods are registered at import; a name already known is kept."""
+    for cls in classes:
+        if cls.name not in METHODS:
+            register(cls)
+
+
+def methods_defined_outside_kdray(names) -> list[type[Method]]:
+    """The classes among ``names``' methods that a Ray worker cannot import from kdray itself."""
+    found = [METHODS[n] for n in names if n in METHODS]
+    return [cls for cls in found if not cls.__module__.startswith("kdray.")]
 
 
 def get_method(name: str) -> type[Method]:

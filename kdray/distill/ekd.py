@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, register
+from .hparams import ALPHA, BRANCHES, SPLIT_STAGE, TEMPERATURE, HParam
 from .losses import kd_kl, match_spatial, normalized_mse, soften
 
 
@@ -20,6 +21,14 @@ def adapter(c_in: int, c_out: int) -> nn.Module:
 class EKD(Method):
     name = "ekd"
     multi_branch = True
+    hparams = (
+        TEMPERATURE, ALPHA, BRANCHES, SPLIT_STAGE,
+        HParam("branch_alpha", list, None, "one KD weight a_b per branch (default: alpha for every branch)",
+               low=0, high=1, optional=True, per_branch=True),
+        HParam("feat_weight", float, 0.0, "feature term weight g", low=0),
+        HParam("ens_ce_weight", float, 1.0, "ensemble CE weight d", low=0),
+        HParam("ens_kd_weight", float, 0.0, "ensemble KD weight e", low=0),
+    )
 
     def __init__(self, cfg, student, teachers):
         super().__init__(cfg, student, teachers)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Method, register
+from .hparams import ALPHA, TEMPERATURE, HParam
 from .losses import feed_l1, kd_kl, match_spatial, soften
 
 
@@ -30,6 +31,7 @@ class FEED(Method):
     name = "feed"
     default_alpha = 0.0
     uses_teacher_feats = True
+    hparams = (TEMPERATURE, ALPHA, HParam("feed_weight", float, 500.0, "FEED weight b", low=0))
 
     def __init__(self, cfg, student, teachers):
         super().__init__(cfg, student, teachers)

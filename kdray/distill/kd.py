@@ -3,12 +3,14 @@
 import torch.nn.functional as F
 
 from .base import Method, register
+from .hparams import ALPHA, TEMPERATURE
 from .losses import kd_kl, soften
 
 
 @register
 class KD(Method):
     name = "kd"
+    hparams = (TEMPERATURE, ALPHA)
 
     def teacher_probs(self, t_out):
         return soften(t_out["logits"][0], self.T)

@@ -4,11 +4,13 @@ training run; the engine runs them in turn and reports every generation's accura
 
 from .base import Generation, register
 from .feed import FEED
+from .hparams import HParam
 
 
 @register
 class SFEED(FEED):
     name = "sfeed"
+    hparams = FEED.hparams + (HParam("generations", int, 2, "sequential FEED generations", low=1),)
 
     @classmethod
     def generations(cls, cfg):

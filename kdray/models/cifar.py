@@ -67,15 +67,22 @@ class WideBasicBlock(nn.Module):
         return out + residual
 
 
+def _init_layer(m: nn.Module) -> None:
+    """He-normal convs, unit-scale zero-shift norms, zero Linear bias; other modules untouched."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        nn.init.zeros_(m.bias)
+
+
 def _init(model: nn.Module) -> nn.Module:
+    # modules() order (not apply()'s children-first order): it fixes which conv draws which
+    # random numbers, so the same seed keeps giving the same weights
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+        _init_layer(m)
     return model
 
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import KdrayError
-from .registry import build_model
 from .staged import StagedModel
+from .zoo import build_model
 
 
 class Student(nn.Module):

@@ -47,32 +47,52 @@ def _probe_channels(stem: nn.Module, stages: list[nn.Module], size: int = 64) ->
     return chans
 
 
+def _split_resnet(model: nn.Module, name: str):
+    """ResNet/ResNeXt/Wide ResNet: conv-bn-relu-maxpool stem, layer1..layer4, pool-flatten-fc head."""
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+    return stem, stages, head
+
+
+def _split_regnet(model: nn.Module, name: str):
+    """RegNet: its own stem, the blocks of ``trunk_output``, pool-flatten-fc head."""
+    head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
+    return model.stem, list(model.trunk_output), head
+
+
+def _split_features(model: nn.Module, name: str):
+    """MobileNet/EfficientNet/ConvNeXt: ``features[0]`` is the stem, the rest are the stages."""
+    feats = list(model.features)
+    # mobilenet_v2 pools functionally (no avgpool module), so its head gets a fresh one
+    pool = getattr(model, "avgpool", None)
+    if pool is None:
+        pool = nn.AdaptiveAvgPool2d((1, 1))
+    if name.startswith("convnext"):  # convnext's classifier flattens itself
+        head = nn.Sequential(pool, model.classifier)
+    else:
+        head = nn.Sequential(pool, nn.Flatten(1), model.classifier)
+    return feats[0], feats[1:], head
+
+
+#: (name prefixes, splitter) per family, tried in order; a splitter returns (stem, stages, head)
+_FAMILY_SPLITTERS = (
+    (("resnet", "resnext", "wide_resnet"), _split_resnet),
+    (("regnet",), _split_regnet),
+    (("mobilenet_v2", "mobilenet_v3", "efficientnet", "convnext"), _split_features),
+)
+
+
 def wrap_torchvision(model: nn.Module, name: str, num_classes: int) -> StagedModel:
     """Split a torchvision model into stem/stages/head, reusing its modules (same weights)."""
-    if name.startswith(("resnet", "resnext", "wide_resnet")):
-        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
-    elif name.startswith("regnet"):
-        stem, stages = model.stem, list(model.trunk_output)
-        head = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
-    elif name.startswith(("mobilenet_v2", "mobilenet_v3", "efficientnet", "convnext")):
-        feats = list(model.features)
-        stem, stages = feats[0], feats[1:]
-        # mobilenet_v2 pools functionally; convnext's classifier flattens itself
-        pool = getattr(model, "avgpool", None)
-        if pool is None:
-            pool = nn.AdaptiveAvgPool2d((1, 1))
-        if name.startswith("convnext"):
-            head = nn.Sequential(pool, model.classifier)
-        else:
-            head = nn.Sequential(pool, nn.Flatten(1), model.classifier)
-    else:
-        raise KdrayError(
-            f"torchvision model {name!r} is not supported (no stem/stages split known); "
-            f"supported torchvision families: {TV_FAMILIES_TEXT}"
-        )
-    return StagedModel(stem, stages, head, _probe_channels(stem, stages), num_classes, name)
+    for prefixes, split in _FAMILY_SPLITTERS:
+        if name.startswith(prefixes):
+            stem, stages, head = split(model, name)
+            return StagedModel(stem, stages, head, _probe_channels(stem, stages), num_classes, name)
+    raise KdrayError(
+        f"torchvision model {name!r} is not supported (no stem/stages split known); "
+        f"supported torchvision families: {TV_FAMILIES_TEXT}"
+    )
 
 
 def build_torchvision(name: str, num_classes: int) -> StagedModel:

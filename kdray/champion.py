@@ -1,4 +1,4 @@
-"""The MLflow Model Registry: the winning student logged as an MLflow PyTorch model and registered
+"""The champion: the winning student logged as an MLflow PyTorch model and registered
 under a name with the alias ``champion``."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``build_model``: one entry point for CIFAR ResNets, Wide ResNets and torchvision models."""
+"""The architecture zoo: ``build_model`` (one entry point for CIFAR ResNets, Wide ResNets and
+torchvision models) and ``available_models``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,178 @@
+"""What a sweep tells while it runs and when it ends: one console line per trial event, each
+trial's state in MLflow, and the summary (trials, best, Pareto front, where the time went).
+Every state comes from :mod:`kdray.outcome`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .optuna_adapter import earlier_best, study_counts
+from .outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
+
+
+def trial_error(trial) -> Optional[BaseException]:
+    """The exception a Tune trial failed with: the pickled object Tune keeps (its text trace
+    as a TuneError when the object could not be pickled)."""
+    try:
+        return trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - an unreadable error file still means the trial failed
+        return RuntimeError(str(getattr(trial, "error_msg", "") or "unknown error"))
+
+
+def describe(state: str, last: Optional[dict], error: Optional[BaseException] = None) -> str:
+    if state == FAILED:
+        return "failed: " + (failure_reason(error) if error is not None else "unknown error")
+    if state == COMPLETED:
+        return "completed"
+    return f"pruned by ASHA after epoch {(last or {}).get('epoch', 0)}"
+
+
+def make_progress_callback(log: Callable[[str], None], metric: str):
+    """A driver-side Tune callback: one line per trial start, epoch report and end, and the
+    timings behind the per-trial overhead figures (start-up = trial start to first report, less
+    that epoch's training time)."""
+    from ray.tune import Callback
+
+    class SweepProgress(Callback):
+        def __init__(self):
+            self.t0 = time.time()
+            self.timing: dict = {}
+
+        def _say(self, msg: str) -> None:
+            log(f"[{time.time() - self.t0:6.0f}s] {msg}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.timing[trial.trial_id] = {"start": time.time()}
+            cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in sorted((trial.config or {}).items()))
+            self._say(f"trial {trial.trial_id} started: {cfg}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._time_report(self.timing.setdefault(trial.trial_id, {"start": time.time()}), result)
+            val = result.get(metric)
+            val = f"{val:.4f}" if isinstance(val, (int, float)) else "?"
+            self._say(f"trial {trial.trial_id} epoch {result.get('epoch', '?')}/{result.get('total_epochs', '?')}: "
+                      f"{metric}={val} ({result.get('epoch_time_s', 0):.1f}s, node {result.get('node_ip', '?')})")
+
+        @staticmethod
+        def _time_report(rec: dict, result: dict) -> None:
+            now, epoch_s = time.time(), float(result.get("epoch_time_s") or 0)
+            if "first_report" not in rec:
+                rec["first_report"] = now
+                rec["startup_s"] = round(now - rec["start"] - epoch_s, 2)
+            rec["last_report"] = now
+            rec["train_s"] = rec.get("train_s", 0.0) + epoch_s
+
+        def _end(self, trial, text: str) -> None:
+            self.timing.setdefault(trial.trial_id, {"start": time.time()})["end"] = time.time()
+            self._say(f"trial {trial.trial_id} {text}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, describe(trial_state(trial.last_result), trial.last_result))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial, describe(FAILED, trial.last_result, trial_error(trial)))
+
+    return SweepProgress()
+
+
+def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str):
+    """A driver-side Tune callback: closes each trial's MLflow child run with its state (pruned,
+    completed, failed with the reason), creating the run when a trial died before it could."""
+    from ray.tune import Callback
+
+    from . import tracking as tr
+
+    def open_run(trial, create: bool):
+        run = tr.find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)
+        if run is not None and run.data.tags.get(tr.STATE_TAG) != "running":
+            return None  # the worker closed it already
+        if run is not None or not create:
+            return run.info.run_id if run is not None else None
+        return tr.client(uri).create_run(exp_id, run_name=trial.trial_id, tags={
+            "mlflow.parentRunId": parent_run_id, tr.KIND_TAG: "trial", tr.TRIAL_TAG: trial.trial_id}).info.run_id
+
+    class TrialStateCallback(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            run_id = open_run(trial, create=False)
+            if run_id is not None:
+                tr.finish_run(uri, run_id, trial_state(trial.last_result))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run_id = open_run(trial, create=True)
+            if run_id is not None:
+                tr.finish_run(uri, run_id, FAILED, failure_reason(trial_error(trial)))
+
+    return TrialStateCallback()
+
+
+# ---------------------------------------------------------------------------------------------
+# the summary
+# ---------------------------------------------------------------------------------------------
+def result_rows(grid, progress) -> list:
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        rows.append({"trial": m.get("trial_id"), "config": r.config,
+                     "metrics": {k: v for k, v in m.items()
+                                 if isinstance(v, (int, float, str)) and not k.startswith("config/")},
+                     "error": failure_reason(r.error) if r.error else None,
+                     "state": trial_state(m, r.error),
+                     "timing": row_timing(progress, m.get("trial_id"))})
+    return rows
+
+
+def _best_row(study, rows: list, metric: str, mode: str) -> Optional[dict]:
+    """The best fully trained trial (this session's or, on --resume, an earlier one's); a pruned
+    one only when no trial finished."""
+    done = [r for r in rows if not r["error"] and r["metrics"]]
+    full = [r for r in done if is_done(r["metrics"])]
+    earlier = earlier_best(study, rows, metric)
+    pool = (full + [earlier] if full else [earlier]) if earlier is not None else (full or done)
+    if not pool:
+        return None
+    worst = float("-inf") if mode == "max" else float("inf")
+    best = (max if mode == "max" else min)(pool, key=lambda r: r["metrics"].get(metric, worst))
+    ckpt = best["metrics"].get("checkpoint_path")
+    if ckpt:
+        best["student_path"] = str(Path(ckpt) / "student.pt")
+    return best
+
+
+def summarize(name: str, storage, space, rows: list) -> dict:
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    out = {"experiment": name, "space": space.path, "trials": rows, "study_counts": study_counts(study),
+           "metrics": space.metrics}
+    if space.multi_objective:
+        out["pareto_front"] = [{"number": t.number, "values": t.values, "params": t.params}
+                               for t in study.best_trials]
+        return out
+    best = _best_row(study, rows, *space.metrics[0])
+    if best is not None:
+        out["best"] = best
+    return out
+
+
+def row_timing(progress, trial_id) -> dict:
+    """A trial's start-up and training seconds, and when it started and ended (seconds into the sweep)."""
+    rec = progress.timing.get(trial_id or "", {})
+    out = {k: round(rec[k], 2) for k in ("startup_s", "train_s") if k in rec}
+    for key, name in (("start", "started_at_s"), ("end", "ended_at_s")):
+        if key in rec:
+            out[name] = round(rec[key] - progress.t0, 1)
+    return out
+
+
+def sweep_timing(rows: list, wall_s: float, concurrency: int) -> dict:
+    """Where a sweep's time went: mean per-trial start-up (trial start to first report, less that
+    epoch's training) and the fixed cost per trial = (wall x concurrency - training) / trials."""
+    starts = [r["timing"]["startup_s"] for r in rows if "startup_s" in r.get("timing", {})]
+    train = sum(r.get("timing", {}).get("train_s", 0.0) for r in rows)
+    n = max(len(rows), 1)
+    return {"wall_s": round(wall_s, 1), "trials": len(rows), "train_s": round(train, 1),
+            "startup_s_mean": round(sum(starts) / len(starts), 1) if starts else None,
+            "overhead_s_per_trial": round((wall_s * concurrency - train) / n, 1)}

@@ -1,0 +1,84 @@
+"""Training teacher ensembles with the engine (plain CE), above it: ``kdray teachers train`` and
+the teachers a sweep trains once. A teacher directory is found again by the hash of its whole
+recipe, so two recipes that differ anywhere never share teachers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .checkpoint import atomic_save, sha256_file
+from .engine import fit
+from .errors import KdrayError
+from .models import build_model
+from .teachers import MANIFEST
+
+#: config keys that do not change what a teacher learns (where it runs, how it is evaluated or logged)
+NOT_IN_RECIPE = ("method", "student", "teachers", "checkpoint_dir", "resume", "workers", "device",
+                 "eval_batch_size")
+
+
+def recipe(cfg, archs: list[str], count: int) -> dict:
+    """Everything that decides the teachers: architectures, count and every training key
+    (data, split seed and fractions, augmentation, optimizer, lr, schedule, epochs, seed, ...)."""
+    from .distill import HPARAMS  # CE reads no method hyperparameter: they are not part of it
+
+    keys = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_RECIPE and k not in HPARAMS}
+    return {"arch": list(archs), "count": int(count), **keys}
+
+
+def recipe_key(cfg, archs: list[str], count: int) -> str:
+    text = json.dumps(recipe(cfg, archs, count), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _train_one(cfg, arch: str, index: int, count: int, out: Path, log) -> dict:
+    tcfg = cfg.replace(method="ce", student=arch, seed=cfg.seed + index, teachers=None,
+                       checkpoint_dir=str(out / f".work_teacher_{index}"), resume=False)
+    log(f"teacher {index + 1}/{count}: {arch} seed {tcfg.seed}, {tcfg.epochs} epochs on {cfg.dataset}")
+    t0 = time.time()
+    result = fit(tcfg, log=log, keep_checkpoints=0)
+    file = out / f"teacher_{index}.pt"
+    atomic_save(result["student"].model.state_dict(), file)
+    m = result["metrics"]
+    entry = {"file": file.name, "arch": arch, "seed": tcfg.seed, "epochs": tcfg.epochs,
+             "val_acc": m["val_acc"], "test_acc": m["test_acc"], "params": m["params"],
+             "sha256": sha256_file(file), "train_time_s": round(time.time() - t0, 2)}
+    return {"entry": entry, "classes": result["classes"], "image_size": result["image_size"]}
+
+
+def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Train ``count`` teachers (archs cycled, seed cfg.seed + i) with plain CE; write the manifest."""
+    if count < 1:
+        raise KdrayError(f"--count {count} is out of range; allowed: >= 1")
+    for arch in archs:
+        build_model(arch, 2)  # fail on an unknown arch before any training
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trained = [_train_one(cfg, archs[i % len(archs)], i, count, out, log) for i in range(count)]
+    manifest = {
+        "format": "kdray-teachers/1", "kdray_version": __version__, "dataset": cfg.dataset,
+        "train_fraction": cfg.train_fraction, "image_size": trained[-1]["image_size"],
+        "classes": trained[-1]["classes"], "teachers": [t["entry"] for t in trained],
+        "recipe": recipe(cfg, archs, count),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, out / MANIFEST)  # the manifest last: a folder without one is never used
+    return manifest
+
+
+def ensure_teachers(cfg, archs: list[str], count: int, root: Path, log: Callable[[str], None]) -> str:
+    """The teachers of this recipe under ``root`` (trained now if missing); their directory."""
+    out = Path(root) / f"{cfg.dataset}-{recipe_key(cfg, archs, count)}"
+    if (out / MANIFEST).is_file():
+        log(f"teachers: using {out}")
+        return str(out.resolve())
+    log(f"teachers: training {count} x {archs} for {cfg.epochs} epochs once for this sweep")
+    train_teachers(cfg, archs, count, out, log=log)
+    return str(out.resolve())
