@@ -13,8 +13,14 @@ Everything created carries the prefix ``kdrt`` (namespaces, links, run directori
 /var/tmp), so `cleanup_leftovers()` can remove what a crashed earlier run left behind without
 touching anything else. Network traffic goes only to the hosts created here.
 
-Requires root, iproute2, util-linux `unshare`, overlayfs, openssh-server and rsync
-(`ensure_packages()` installs the last two with apt-get when missing).
+Each run also makes the cluster's secrets, as clusters/README.md tells a user to: a Ray token
+(`ray_auth_token`) and MLflow credentials (`mlflow-credentials`), mode 0600 in the run directory;
+the test's copy of the cluster file ships them to the hosts, and `client_env()` points this
+machine's `ray` commands at the token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH).
+
+Requires root, iproute2, util-linux `unshare`, overlayfs, openssh-server, rsync and iptables
+(`ensure_packages()` installs the last three with apt-get when missing: the on-prem cluster file
+puts a firewall on every host, here in each host's own network namespace).
 """
 
 from __future__ import annotations
@@ -91,10 +97,11 @@ def sh(
 
 
 def ensure_packages(timeout: float = 600) -> None:
-    """Install openssh-server and rsync with apt-get when they are missing."""
+    """Install openssh-server, rsync and iptables with apt-get when they are missing."""
     missing = [
         pkg
-        for pkg, exe in (("openssh-server", SSHD), ("rsync", "rsync"), ("openssh-client", "ssh"))
+        for pkg, exe in (("openssh-server", SSHD), ("rsync", "rsync"), ("openssh-client", "ssh"),
+                         ("iptables", "iptables"))
         if not (Path(exe).exists() if exe.startswith("/") else shutil.which(exe))
     ]
     if not missing:
@@ -141,8 +148,21 @@ def skip_reason() -> str | None:
     try:
         ensure_packages()
     except Exception as exc:  # noqa: BLE001 - reported as the skip reason
-        return f"cannot install openssh-server/rsync: {exc}"
+        return f"cannot install openssh-server/rsync/iptables: {exc}"
     return None
+
+
+def ensure_mlflow_auth(venv: Path, timeout: float = 600) -> None:
+    """The hosts run the project's venv and have no network; MLflow on the head runs behind
+    basic auth, which needs the mlflow[auth] extra (Flask-WTF). Install it into the venv, at the
+    installed MLflow's version, when it is missing (as the cluster file's head_setup_commands do
+    on a host with network)."""
+    py = str(Path(venv) / "bin" / "python")
+    if sh([py, "-c", "import flask_wtf"], check=False).returncode == 0:
+        return
+    version = sh([py, "-c", "import mlflow; print(mlflow.__version__)"]).stdout.strip()
+    log(f"pip install mlflow[auth]=={version} into {venv}")
+    sh([py, "-m", "pip", "install", "-q", f"mlflow[auth]=={version}"], timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +200,12 @@ def _kill(pids: list[int], sig: int = signal.SIGKILL) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -288,6 +314,11 @@ class NetnsCluster:
             for i in range(workers + 1)
         ]
         self.key = self.dir / "id_ed25519"
+        # the cluster's secrets (made in start(), shipped by the cluster file's file_mounts)
+        self.ray_token = self.dir / "ray_auth_token"
+        self.mlflow_credentials = self.dir / "mlflow-credentials"
+        self.mlflow_user = "kdray"
+        self.mlflow_password = secrets.token_urlsafe(24)
         self.client_tmp = self.dir / "client-tmp"
         self.control_path: Path | None = None
         self._bridge_made = False
@@ -319,6 +350,13 @@ class NetnsCluster:
         self.client_tmp.mkdir()
         (self.dir / "shared").mkdir(mode=0o1777)
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.cluster_name, "-f", str(self.key)])
+        # what `ray get-auth-token --generate` makes (64 hex digits), and MLflow's credentials file
+        _write_secret(self.ray_token, secrets.token_hex(32))
+        _write_secret(
+            self.mlflow_credentials,
+            f"[mlflow]\nmlflow_tracking_username = {self.mlflow_user}\n"
+            f"mlflow_tracking_password = {self.mlflow_password}\n",
+        )
         host_key = self.dir / "ssh_host_ed25519_key"
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)])
         authorized = self.dir / "authorized_keys"
@@ -528,8 +566,22 @@ class NetnsCluster:
         env["RAY_TMPDIR"] = str(self.client_tmp)
         env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '')}"
         env.pop("RAY_ADDRESS", None)
+        # token authentication, with this cluster's token (RAY_AUTH_TOKEN would take precedence)
+        env.pop("RAY_AUTH_TOKEN", None)
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(self.ray_token)
         env.update(extra)
         return env
+
+    def ray_auth_header(self) -> dict[str, str]:
+        """The header Ray's dashboard wants from an HTTP client when token auth is on."""
+        return {"Authorization": f"Bearer {self.ray_token.read_text().strip()}"}
+
+    def mlflow_auth_header(self) -> dict[str, str]:
+        import base64
+
+        pair = f"{self.mlflow_user}:{self.mlflow_password}".encode()
+        return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
 
     def ray(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         """Run the `ray` CLI of the venv from the root namespace (the user's laptop)."""
@@ -557,8 +609,9 @@ class NetnsCluster:
     ) -> dict:
         """A test copy of an on-prem cluster file, pointed at these hosts.
 
-        Only what has to differ on this machine is changed: the host IPs, the SSH user and key,
-        the local paths of the file mounts, the venv location (the project's venv, overlaid
+        Only what has to differ on this machine is changed: the host IPs (in the provider and in
+        the firewall command), the SSH user and key, the local paths of the file mounts (the
+        same remote paths as the template's), the venv location (the project's venv, overlaid
         per host), and extra `ray start` flags (resources: all hosts share one machine).
         """
         import yaml
@@ -567,11 +620,25 @@ class NetnsCluster:
         text = text.replace(f"$HOME/{venv_placeholder[2:]}", str(self.venv))
         text = text.replace(venv_placeholder, str(self.venv))
         cfg = yaml.safe_load(text)
+        old_ips = [cfg["provider"]["head_ip"], *cfg["provider"]["worker_ips"]]
         cfg["cluster_name"] = self.cluster_name
         cfg["provider"]["head_ip"] = self.head.ip
         cfg["provider"]["worker_ips"] = [h.ip for h in self.workers]
         cfg["auth"] = {"ssh_user": "root", "ssh_private_key": str(self.key)}
+        if set(file_mounts) != set(cfg.get("file_mounts") or {}):
+            raise ValueError(f"file mounts {sorted(file_mounts)} differ from the template's "
+                             f"{sorted(cfg.get('file_mounts') or {})}")
         cfg["file_mounts"] = file_mounts
+
+        def firewall_hosts(cmd: str) -> str:  # `kdray-head.sh firewall <the template's IPs>`
+            if "kdray-head.sh firewall" not in cmd:
+                return cmd
+            words = cmd.split()
+            if sorted(w for w in words if w in old_ips) != sorted(old_ips):
+                raise ValueError(f"the firewall command names other hosts than the provider: {cmd!r}")
+            return " ".join([w for w in words if w not in old_ips] + [h.ip for h in self.hosts])
+
+        cfg["setup_commands"] = [firewall_hosts(c) for c in cfg.get("setup_commands") or []]
 
         def add_flags(cmds: list[str], flags: str) -> list[str]:
             return [re.sub(r"(ray start\b)", rf"\1 {flags}", c) if flags else c for c in cmds]

@@ -6,11 +6,16 @@ What happens (tests/netns_cluster.py builds the hosts):
      the project's venv (so `pip install` on a host never touches the real venv);
   2. a wheel of kdray is built (`pip wheel --no-deps`), as clusters/README.md tells users;
   3. a test copy of clusters/onprem.yaml (only IPs, SSH user/key, local paths, the venv location
-     and `ray start` resource flags changed) goes through `ray up`: the setup commands install the
-     wheel on every node, the head starts MLflow (clusters/kdray-head.sh);
+     and `ray start` resource flags changed) goes through `ray up`: the setup commands put the
+     firewall on every host and install the wheel, the head starts MLflow behind basic auth
+     (clusters/kdray-head.sh); the run's own Ray token and MLflow credentials (made like
+     clusters/README.md says) travel by the cluster file's file_mounts;
   4. through `ray dashboard` (SSH port forwarding, like a user) a small sweep is sent with
-     `ray job submit ... -- kdray tune ...`; its trials must run on more than one node and MLflow
-     on the head must hold the parent run and one child run per trial;
+     `ray job submit ... -- kdray tune ...` (RAY_AUTH_MODE=token, the run's token); its trials
+     must run on more than one node and MLflow on the head must hold the parent run and one
+     child run per trial. Without the token the dashboard refuses, without the credentials MLflow
+     does; from this machine (not one of the cluster's hosts) Ray's and MLflow's ports take no
+     connection while SSH does; neither secret shows in kdray.env, the job's output or MLflow;
   5. `ray down`, then `ray stop` on each worker over SSH (clusters/README.md): no process may be
      left on any host but its sshd. Whatever happens, the hosts are destroyed at the end.
 
@@ -152,7 +157,9 @@ def _wait_nodes(api: str, want: int, cluster: nc.NetnsCluster, timeout: float = 
     nodes: list[dict] = []
     while time.monotonic() < deadline:
         try:
-            nodes = _get_json(f"{api}/api/v0/nodes?limit=100")["data"]["result"]["result"]
+            nodes = _get_json(f"{api}/api/v0/nodes?limit=100", headers=cluster.ray_auth_header())[
+                "data"
+            ]["result"]["result"]
         except Exception:  # noqa: BLE001 - dashboard still starting
             nodes = []
         alive = [n for n in nodes if n.get("state") == "ALIVE"]
@@ -162,26 +169,53 @@ def _wait_nodes(api: str, want: int, cluster: nc.NetnsCluster, timeout: float = 
     raise TimeoutError(f"{want} alive nodes not reached: {nodes}\n{cluster.describe()}")
 
 
-def _get_json(url: str, payload: dict | None = None, timeout: float = 15) -> dict:
+def _get_json(
+    url: str, payload: dict | None = None, timeout: float = 15, headers: dict | None = None
+) -> dict:
     assert url.startswith("http://127.0.0.1:"), url  # only through our forwards
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback
         return json.loads(resp.read().decode())
 
 
-def _mlflow_runs(mlflow_url: str) -> list[dict]:
+def _http_status(url: str, timeout: float = 15) -> int:
+    """The HTTP status of a GET without any credentials."""
+    assert url.startswith("http://127.0.0.1:"), url
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _mlflow_runs(mlflow_url: str, headers: dict) -> list[dict]:
     base = f"{mlflow_url}/api/2.0/mlflow"
     try:
-        exp = _get_json(f"{base}/experiments/get-by-name?experiment_name={EXPERIMENT}")
+        exp = _get_json(f"{base}/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=headers)
     except urllib.error.HTTPError as exc:
         raise AssertionError(
             f"MLflow on the head has no experiment {EXPERIMENT!r} ({exc}): the sweep did not log "
             "to $MLFLOW_TRACKING_URI"
         ) from None
     exp_id = exp["experiment"]["experiment_id"]
-    res = _get_json(f"{base}/runs/search", {"experiment_ids": [exp_id], "max_results": 1000})
+    res = _get_json(
+        f"{base}/runs/search", {"experiment_ids": [exp_id], "max_results": 1000}, headers=headers
+    )
     return res.get("runs", [])
+
+
+def _connects(ip: str, port: int, timeout: float = 3) -> bool:
+    """Whether a TCP connection from this machine (not one of the cluster's hosts) to a host's
+    port succeeds; the firewall drops the SYN of a refused one (timeout)."""
+    assert ip.startswith(nc.SUBNET + "."), ip  # only the hosts made here
+    try:
+        with socket.create_connection((ip, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _wait_port(port: int, timeout: float = 30) -> None:
@@ -224,6 +258,10 @@ def cluster():
     standin = os.environ.get("KDRAY_E2E_STANDIN") == "1"
     if not standin and not (REPO / "pyproject.toml").exists():
         pytest.skip("pyproject.toml missing: kdray cannot be built into a wheel yet")
+    try:
+        nc.ensure_mlflow_auth(VENV)
+    except Exception as exc:  # noqa: BLE001 - reported as the skip reason
+        pytest.skip(f"no mlflow[auth] (Flask-WTF) in {VENV} and it cannot be installed: {exc}")
     c = nc.NetnsCluster(workers=2, venv=VENV)
     try:
         c.start()
@@ -243,7 +281,13 @@ def test_ray_up_sweep_mlflow_ray_down(cluster: nc.NetnsCluster, tmp_path: Path) 
         _build_wheel(dist)
     cfg = cluster.cluster_config(
         ONPREM,
-        file_mounts={"~/kdray-dist": str(dist), "~/kdray-cluster": str(REPO / "clusters")},
+        file_mounts={
+            "~/kdray-dist": str(dist),
+            "~/kdray-cluster": str(REPO / "clusters"),
+            # the secrets, made for this run (clusters/README.md, step 0)
+            "~/.ray/auth_token": str(cluster.ray_token),
+            "~/.mlflow/credentials": str(cluster.mlflow_credentials),
+        },
         head_start_flags=HEAD_FLAGS,
         worker_start_flags=WORKER_FLAGS,
     )
@@ -277,6 +321,12 @@ def test_ray_up_sweep_mlflow_ray_down(cluster: nc.NetnsCluster, tmp_path: Path) 
         timings["workers_joined"] = time.monotonic() - t0
         node_ips = {n["node_ip"] for n in nodes}
         assert node_ips == {h.ip for h in cluster.hosts}, node_ips
+        # token authentication is on: without the token the dashboard's API refuses
+        assert _http_status(f"{api}/api/v0/nodes?limit=1") == 401
+        # the firewall: from this machine, not one of the cluster's hosts, only SSH connects
+        assert _connects(cluster.head.ip, 22)
+        for port in (6379, 5000, 8265):
+            assert not _connects(cluster.head.ip, port), f"port {port} of the head is reachable"
 
         # -- the sweep --------------------------------------------------------------------------
         workdir = tmp_path / "job"
@@ -306,10 +356,20 @@ def test_ray_up_sweep_mlflow_ray_down(cluster: nc.NetnsCluster, tmp_path: Path) 
         mlflow_fwd = cluster.forward(cluster.head, mlflow_port, m.group(1))
         try:
             _wait_port(mlflow_port)
-            runs = _mlflow_runs(f"http://127.0.0.1:{mlflow_port}")
+            mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+            # basic auth: only /health answers without the credentials
+            assert _http_status(f"{mlflow_url}/health") == 200
+            assert _http_status(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+            runs = _mlflow_runs(mlflow_url, cluster.mlflow_auth_header())
         finally:
             mlflow_fwd.terminate()
             mlflow_fwd.wait(timeout=10)
+        # no secret in a file kdray writes, the job's output, MLflow's records or MLflow's log
+        mlflow_log = cluster.head.dir / "home" / "kdray-state" / "mlflow.log"
+        seen = "\n".join([env, job.stdout, job.stderr, json.dumps(runs),
+                          mlflow_log.read_text(errors="replace") if mlflow_log.exists() else ""])
+        for secret in (cluster.mlflow_password, cluster.ray_token.read_text().strip()):
+            assert secret not in seen, "a secret leaked into kdray.env, the job output or MLflow"
         parents = [r for r in runs if not _run_value(r, "mlflow.parentRunId")]
         children = [r for r in runs if _run_value(r, "mlflow.parentRunId")]
         assert parents and len(children) >= SAMPLES, json.dumps(runs)[:3000]

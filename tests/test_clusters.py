@@ -240,7 +240,7 @@ def check_cluster_file(path: Path, ray_version: str) -> list[str]:
             problems.append(f"security group opens {perm} beyond the cluster's own nodes")
 
     # -- Ray token authentication and MLflow's credentials ---------------------------------------
-    setup = cfg.get("setup_commands") or []
+    setup_cmds = cfg.get("setup_commands") or []
     for remote, what in ((RAY_TOKEN, "Ray's token"), (MLFLOW_CREDENTIALS, "MLflow's credentials")):
         src = mounts.get(remote)
         if not src:
@@ -251,9 +251,9 @@ def check_cluster_file(path: Path, ray_version: str) -> list[str]:
         m = re.search(r"\bray start\b", c)
         if m and not re.search(r"\bRAY_AUTH_MODE=token\b", c[: m.start()]):
             problems.append(f"`ray start` without RAY_AUTH_MODE=token before it: {c!r}")
-    if not any(re.search(r"RAY_AUTH_MODE=token", c) and "~/.bashrc" in c for c in setup):
+    if not any(re.search(r"RAY_AUTH_MODE=token", c) and "~/.bashrc" in c for c in setup_cmds):
         problems.append("setup_commands do not turn token authentication on for login shells")
-    if not any(re.search(r"test -s ~/\.ray/auth_token\b", c) for c in setup):
+    if not any(re.search(r"test -s ~/\.ray/auth_token\b", c) for c in setup_cmds):
         problems.append("setup_commands do not check that Ray's token reached the node")
     if re.search(r"RAY_AUTH_TOKEN\w*\s*[=:]|RAY_AUTH_MODE\s*=\s*(?!token)|MLFLOW_TRACKING_PASSWORD"
                  r"|MLFLOW_AUTH_ADMIN_PASSWORD|mlflow_tracking_password|https?://[^/\s:@]+:[^/\s@]+@",
@@ -273,13 +273,13 @@ def check_cluster_file(path: Path, ray_version: str) -> list[str]:
         problems += _gcp_rule_problems(cfg, raw)
     elif provider == "local":
         hosts = {cfg["provider"].get("head_ip"), *(cfg["provider"].get("worker_ips") or [])}
-        lists = firewall_hosts(setup)
+        lists = firewall_hosts(setup_cmds)
         if not lists:
             problems.append("setup_commands do not run `kdray-head.sh firewall` with the cluster's hosts")
         for got in lists or []:
             if got != hosts:
                 problems.append(f"the firewall admits {sorted(got)}, the cluster's hosts are {sorted(hosts)}")
-        if lists and not re.search(r"kdray-head\.sh firewall", setup[0]):
+        if lists and not re.search(r"kdray-head\.sh firewall", setup_cmds[0]):
             problems.append("the firewall is not the first setup command")
     else:
         problems.append(f"no port rules known for provider {provider!r}")
@@ -422,6 +422,14 @@ def test_head_script_refuses_a_password_in_the_optuna_url(tmp_path: Path) -> Non
     assert not (tmp_path / "state" / "kdray.env").exists()
 
 
+def test_head_script_start_refuses_a_password_in_the_backend_url(tmp_path: Path) -> None:
+    out = head_script("start", tmp_path=tmp_path, check=False, env={
+        "KDRAY_HEAD_IP": "127.0.0.1", "KDRAY_MLFLOW_BACKEND": "postgresql://kd:s3cret-pw@db.internal/mlflow"})
+    assert out.returncode != 0 and "kd:***@db.internal" in out.stderr
+    assert "s3cret-pw" not in out.stdout + out.stderr
+    assert not (tmp_path / "state" / "mlflow.pgid").exists()
+
+
 def test_head_script_masks_the_backend_password(tmp_path: Path) -> None:
     """Log lines show the MLflow backend URL with its password masked (nothing listens on the
     port: `status` only reports)."""
@@ -561,19 +569,22 @@ def _no_auth_mode(cmds: list[str]) -> list[str]:
     return [c.replace("export RAY_AUTH_MODE=token;", "") for c in cmds]
 
 
+ALL = ("aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml")
 AUTH_AND_PORT_MUTATIONS = [
-    # token authentication, on every file
-    *[(f, lambda c: c["file_mounts"].pop(RAY_TOKEN), "Ray's token") for f in ("aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml")],
+    # token authentication, in every file
+    *[(f, lambda c: c["file_mounts"].pop(RAY_TOKEN), "Ray's token") for f in ALL],
     *[(f, lambda c: c.__setitem__("worker_start_ray_commands", _no_auth_mode(c["worker_start_ray_commands"])),
-       "without RAY_AUTH_MODE=token") for f in ("aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml")],
+       "without RAY_AUTH_MODE=token") for f in ALL],
     *[(f, lambda c: c.__setitem__("head_start_ray_commands", _no_auth_mode(c["head_start_ray_commands"])),
-       "without RAY_AUTH_MODE=token") for f in ("aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml")],
+       "without RAY_AUTH_MODE=token") for f in ALL],
     ("onprem.yaml", lambda c: c["setup_commands"].__setitem__(
         3, c["setup_commands"][3].replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")), "login shells"),
     ("gcp-gpu.yaml", lambda c: c["setup_commands"].pop(0), "reached the node"),
-    ("aws-gpu.yaml", lambda c: c["file_mounts"].__setitem__(RAY_TOKEN, "./clusters/auth_token"), "outside the repository"),
+    ("aws-gpu.yaml", lambda c: c["file_mounts"].__setitem__(RAY_TOKEN, "./clusters/auth_token"),
+     "outside the repository"),
     ("gcp-gpu.yaml", lambda c: c["file_mounts"].pop(MLFLOW_CREDENTIALS), "MLflow's credentials"),
-    ("onprem.yaml", lambda c: c["worker_start_ray_commands"].append("RAY_AUTH_TOKEN=abc123 ray status"), "token or password"),
+    ("onprem.yaml", lambda c: c["worker_start_ray_commands"].append("RAY_AUTH_TOKEN=abc123 ray status"),
+     "token or password"),
     ("aws-gpu.yaml", lambda c: c["head_setup_commands"].append("export MLFLOW_TRACKING_PASSWORD=hunter2hunter2"),
      "token or password"),
     # ports
@@ -582,7 +593,8 @@ AUTH_AND_PORT_MUTATIONS = [
     ("aws-gpu.yaml", lambda c: c["provider"].__setitem__("security_group", {"IpPermissions": [
         {"FromPort": 6379, "ToPort": 6379, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}]}),
      "beyond the cluster"),
-    ("aws-gpu.yaml", lambda c: c["provider"].__setitem__("security_group", {"GroupName": "shared-sg"}), "GroupName"),
+    ("aws-gpu.yaml", lambda c: c["provider"].__setitem__("security_group", {"GroupName": "shared-sg"}),
+     "GroupName"),
     ("gcp-gpu.yaml", lambda c: c["available_node_types"]["gpu_t4_spot"]["node_config"].pop("tags"), GCP_TAG),
     ("onprem.yaml", lambda c: c["setup_commands"].pop(0), "kdray-head.sh firewall"),
     ("onprem.yaml", lambda c: c["provider"]["worker_ips"].append("192.168.1.13"), "the firewall admits"),
