@@ -6,11 +6,12 @@ method, optimizer) on the same uint8 training split with the same batch size and
 ``--warmup`` steps per side are run first and left out of the timing (on a GPU the clock is read
 only after ``torch.cuda.synchronize``).
 
-kdray side -- the engine's real step: the split held on the device in a :class:`BatchLoader`
-(batch-tensor crop/flip/normalise), the :class:`TeacherEnsemble` (inference mode), then
-``TrainModule(student, method)`` forward/backward/optimizer step, with the engine's autocast
-(bf16 on GPU when ``amp`` is auto) and channels_last (on GPU), and no per-step host sync (loss and
-accuracy are accumulated on the device, as ``engine.fit`` does).
+kdray side -- the engine's own ``train_epoch`` (the function ``engine.fit`` runs), over slices of
+one epoch: the split held on the device in a :class:`BatchLoader` (batch-tensor
+crop/flip/normalise), the :class:`TeacherEnsemble` (inference mode), then ``TrainModule(student,
+method)`` forward/backward/optimizer step, with the engine's autocast (bf16 on GPU when ``amp`` is
+auto) and channels_last (on GPU), and no per-step host sync (loss and accuracy are accumulated on
+the device).
 
 reference side -- a loop written the way KD repositories do it today: a ``torch.utils.data.Dataset``
 that builds a PIL image per sample (``PIL.Image.fromarray``, like ``torchvision.datasets.CIFAR10``),
@@ -38,6 +39,8 @@ images it is tiled, so that each side runs inside one epoch (no DataLoader resta
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -59,8 +62,9 @@ from torch import nn  # noqa: E402
 
 from kdray.config import from_dict  # noqa: E402
 from kdray.data import DATASETS, BatchLoader, Split, load_data  # noqa: E402
-from kdray.distill import METHODS, check_teacher_count, get_method  # noqa: E402
-from kdray.engine import TrainModule, make_optimizer, pick_device  # noqa: E402
+from kdray import engine  # noqa: E402
+from kdray.distill import METHODS, Generation, check_teacher_count, get_method  # noqa: E402
+from kdray.engine import make_optimizer, pick_device  # noqa: E402
 from kdray.errors import KdrayError  # noqa: E402
 from kdray.models import build_model, build_student  # noqa: E402
 from kdray.teachers import TeacherEnsemble  # noqa: E402
@@ -150,7 +154,8 @@ def build_teachers(archs: list[str], count: int, num_classes: int, seed: int) ->
 
 
 def build_student_and_method(cfg, method_cls, num_classes: int, teacher_info):
-    torch.manual_seed(cfg.seed + 1)
+    """The reference side's student and method, initialised as the engine's generation 0 is."""
+    torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, num_classes, branches=cfg.branches,
                             split_stage=cfg.split_stage, multi_branch=method_cls.multi_branch)
     return student, method_cls(cfg, student, teacher_info)
@@ -166,93 +171,39 @@ def sync(device: torch.device) -> None:
 
 
 class KdraySide:
-    """kdray's training step. The per-step body is ``engine.fit``'s inner loop, copied statement
-    for statement (``fit`` has no step-level entry point: it always runs whole epochs plus
-    evaluation and checkpointing); every object in it is the engine's own: ``pick_device``,
-    ``BatchLoader``, ``TeacherEnsemble``, ``TrainModule``, ``make_optimizer``, and the same
-    autocast / channels_last decisions."""
+    """kdray's training step, called through the engine itself: ``engine.prepare`` (device,
+    autocast / channels_last policy, the frozen :class:`TeacherEnsemble`, the on-device
+    :class:`BatchLoader`), ``engine.build_generation`` (student, method, optimizer) and
+    ``engine.train_epoch`` over a slice of one epoch's batches -- the same function ``fit`` runs."""
 
     def __init__(self, cfg, data, train: Split, teacher_models, device):
-        method_cls = get_method(cfg.method)
-        cuda = device.type == "cuda"
-        # same expressions as engine.fit
-        self.use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
-        self.channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+        teachers = TeacherEnsemble(teacher_models) if teacher_models else None
+        self.prep = engine.prepare(cfg, data=dataclasses.replace(data, train=train), teachers=teachers, device=device)
+        self.parts = engine.build_generation(cfg, self.prep, Generation(0))
         self.device = device
-        self.teachers = None
-        if teacher_models:
-            self.teachers = TeacherEnsemble(teacher_models).to(device)
-            check_teacher_count(method_cls, self.teachers.info.count)
-            if self.channels_last:
-                self.teachers = self.teachers.to(memory_format=torch.channels_last)
-        student, method = build_student_and_method(
-            cfg, method_cls, data.num_classes, self.teachers.info if self.teachers is not None else None)
-        module = TrainModule(student, method).to(device)
-        if self.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        self.module = module
-        self.feats = method.uses_teacher_feats
-        self.optimizer = make_optimizer(cfg, [p for p in module.parameters() if p.requires_grad])
-        self.loader = BatchLoader(
-            train, cfg.batch_size, mean=data.mean, std=data.std, device=device, train=True,
-            crop_padding=data.crop_padding, hflip=data.hflip, seed=cfg.seed, channels_last=self.channels_last,
-        )
+        self.use_amp = self.prep.precision.use_amp
+        self.channels_last = self.prep.precision.channels_last
         self.epoch = 0
         self.last_loss = float("nan")
         self.last_acc = float("nan")
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
-
     def run(self, warmup: int, steps: int) -> tuple[float, int]:
         """(seconds, images) of ``steps`` steps after ``warmup`` untimed ones, in one epoch."""
-        device, wrapped, optimizer, teachers, feats = self.device, self.module, self.optimizer, self.teachers, self.feats
-        autocast = self.autocast
-        self.loader.set_epoch(self.epoch)
+        loader = self.prep.loaders.train
+        loader.set_epoch(self.epoch)
         self.epoch += 1
-        self.module.train()
-        sums: dict[str, torch.Tensor] = {}
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        t0 = None
-        step = 0
-        for x, y in self.loader:
-            if step == warmup:
-                sync(device)
-                t0 = time.perf_counter()
-                loss_sum.zero_()
-                correct.zero_()
-                sums.clear()
-                seen = 0
-            # ---- engine.fit inner loop, verbatim -----------------------------------------
-            t_out = None
-            if teachers is not None:
-                with autocast():
-                    t_out = teachers(x, feats=feats)
-            with autocast():
-                logits, terms = wrapped(x, y, t_out)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bs = y.numel()
-            seen += bs
-            loss_sum += loss.detach().float() * bs
-            correct += (logits.detach().argmax(1) == y).sum()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * bs
-            # ------------------------------------------------------------------------------
-            step += 1
-            if step == warmup + steps:
-                break
-        sync(device)
+        batches = iter(loader)
+        engine.train_epoch(self.parts, itertools.islice(batches, warmup))
+        sync(self.device)
+        t0 = time.perf_counter()
+        totals = engine.train_epoch(self.parts, itertools.islice(batches, steps))
+        sync(self.device)
         elapsed = time.perf_counter() - t0
-        if step != warmup + steps:
-            raise SystemExit(f"kdray loader ran out after {step} steps")
-        self.last_loss = loss_sum.item() / max(seen, 1)  # one host read, after the clock
-        self.last_acc = correct.item() / max(seen, 1)
-        return elapsed, seen
+        if totals.seen != steps * loader.batch_size:
+            raise SystemExit(f"kdray loader ran out after {totals.seen} images of {steps} steps")
+        self.last_loss = totals.loss.item() / totals.seen  # one host read, after the clock
+        self.last_acc = totals.correct.item() / totals.seen
+        return elapsed, totals.seen
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import KdrayError
+from .values import mask_credentials
 
 STATE_TAG = "kdray.state"
 KIND_TAG = "kdray.kind"
@@ -65,30 +66,39 @@ def is_local_store(uri: str) -> bool:
     return scheme(uri) in LOCAL_SCHEMES
 
 
+def _check_server(uri: str, timeout: float) -> None:
+    """An ``mlflow server`` must answer its /health page now."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            body = resp.read(200).decode(errors="replace")
+        if resp.status != 200:
+            raise OSError(f"HTTP {resp.status}: {body.strip()[:80]}")
+    except (OSError, urllib.error.URLError, socket.timeout) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise KdrayError(
+            f"the MLflow tracking server at {mask_credentials(uri)} does not answer ({reason}); start it "
+            "(e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix --tracking-uri / MLFLOW_TRACKING_URI, "
+            "or pass --no-track"
+        ) from None
+
+
+def _check_sqlite_folder(uri: str) -> None:
+    path = uri[len("sqlite:///"):]
+    if not path or path == ":memory:":
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KdrayError(f"cannot create the MLflow store {uri}: {exc.strerror}") from None
+
+
 def check_store(uri: str, timeout: float = 5.0) -> None:
     """Fail now, before any training, when the tracking store cannot be used."""
     s = scheme(uri)
     if s in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                body = resp.read(200).decode(errors="replace")
-            if resp.status != 200:
-                raise OSError(f"HTTP {resp.status}: {body.strip()[:80]}")
-        except (OSError, urllib.error.URLError, socket.timeout) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise KdrayError(
-                f"the MLflow tracking server at {uri} does not answer ({reason}); start it "
-                "(e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix --tracking-uri / MLFLOW_TRACKING_URI, "
-                "or pass --no-track"
-            ) from None
+        _check_server(uri, timeout)
     elif s == "sqlite":
-        path = uri[len("sqlite:///"):]
-        if path and path != ":memory:":
-            try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise KdrayError(f"cannot create the MLflow store {uri}: {exc.strerror}") from None
+        _check_sqlite_folder(uri)
     elif s not in ("file", "", "databricks", "postgresql", "mysql", "mssql"):
         raise KdrayError(f"tracking URI {uri!r} has an unknown scheme {s!r}; allowed: http(s)://, sqlite:///, file://")
 
@@ -109,7 +119,7 @@ def experiment_id(uri: str, name: str, workdir: Optional[Path] = None, create: b
         return exp.experiment_id
     if not create:
         known = sorted(e.name for e in c.search_experiments(max_results=50))
-        raise KdrayError(f"MLflow experiment {name!r} does not exist at {uri}; known: {', '.join(known) or 'none'}")
+        raise KdrayError(f"MLflow experiment {name!r} does not exist at {mask_credentials(uri)}; known: {', '.join(known) or 'none'}")
     location = None
     if is_local_store(uri) and workdir is not None:
         location = (Path(workdir).resolve() / "mlartifacts").as_uri()
@@ -251,6 +261,7 @@ def start_sweep_run(uri: str, exp_id: str, *, name: str, space, study_name: str,
     import yaml
 
     c = client(uri)
+    storage_url = mask_credentials(storage_url)  # masked here too: a tag is readable by every user of the store
     tags = {KIND_TAG: "sweep", STATE_TAG: "running", "kdray.study_name": study_name,
             "kdray.optuna_storage": storage_url, "kdray.space": str(space.path),
             "kdray.metric": ",".join(m for m, _ in space.metrics),
@@ -356,7 +367,7 @@ def get_run(uri: str, run_id: str):
     try:
         return client(uri).get_run(run_id)
     except MlflowException as exc:
-        raise KdrayError(f"MLflow run {run_id!r} does not exist at {uri} ({str(exc).splitlines()[0][:120]})") from None
+        raise KdrayError(f"MLflow run {run_id!r} does not exist at {mask_credentials(uri)} ({str(exc).splitlines()[0][:120]})") from None
 
 
 def download_student(uri: str, run_id: str, dst: Optional[Path] = None) -> Path:

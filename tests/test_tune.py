@@ -405,3 +405,41 @@ def test_one_sweep_places_trials_on_both_nodes(tmp_path, capsys):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_sfeed_sweep_trains_every_generation_and_is_complete(tmp_path, capsys, local_ray):
+    """ASHA's max_t is the whole epoch axis (epochs x generations): an sfeed trial is not cut at the
+    end of generation 1 and recorded as PRUNED (the bug: "epoch 2/4 ... pruned by ASHA after epoch 2")."""
+    space = write_space(tmp_path, "sf", "teachers: {arch: [resnet8], count: 1, epochs: 1}\n"
+                        "params:\n  generations: 2\n  lr: {type: float, low: 0.04, high: 0.06}\n"
+                        "scheduler: {grace_period: 1, reduction_factor: 2}\n", method="sfeed", epochs=1, samples=1)
+    rc, out, err = tune(capsys, tmp_path / "w", "--space", str(space), "--json")
+    assert rc == 0, err
+    row = json.loads(out)["trials"][0]
+    assert row["error"] is None and row["state"] == "completed"
+    assert row["metrics"]["epoch"] == row["metrics"]["total_epochs"] == 2 and row["metrics"]["generation"] == 1
+    assert "gen2_test_acc" in row["metrics"] and "pruned" not in err
+    assert states(study_trials(tmp_path / "w", "sf")) == {"COMPLETE": 1}
+
+
+@pytest.mark.parametrize("change", ["lr: 0.1", "seed: 5"])
+def test_teacher_recipes_that_differ_only_in_lr_or_seed_get_different_folders(tmp_path, change):
+    """Teachers a sweep trains are found again by their whole recipe (inherited from `base`), so
+    two spaces that differ in lr or seed never share the first one's teachers; the same recipe reuses them."""
+    from kdray.space import load_space
+    from kdray.tune import teachers_for
+
+    teach = "teachers: {arch: [resnet8], count: 1, epochs: 1}\n"
+    a = write_space(tmp_path, "a", teach, method="kd", epochs=1)
+    b = tmp_path / "b.yaml"
+    b.write_text(a.read_text().replace("name: a", "name: b").replace("epochs: 1}\n", f"epochs: 1, {change}}}\n", 1))
+    assert load_space(b).base != load_space(a).base
+    lines: list = []
+    first = teachers_for(load_space(a), tmp_path / "w", lines.append)
+    again = teachers_for(load_space(a), tmp_path / "w", lines.append)
+    other = teachers_for(load_space(b), tmp_path / "w", lines.append)
+    assert first == again and first != other
+    assert sum("teachers: training" in ln for ln in lines) == 2
+    manifest = json.loads((Path(other) / "manifest.json").read_text())
+    key, value = change.split(": ")
+    assert manifest["recipe"][key] == pytest.approx(float(value))
