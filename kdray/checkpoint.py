@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +39,10 @@ def safe_load(path: str | Path, what: str = "checkpoint"):
         raise KdrayError(f"{what} {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never that
+        raise KdrayError(f"{what} {path} was refused: it holds Python objects other than tensors and plain "
+                         "values, and loading those could run code; kdray loads tensors only") from None
     except Exception as exc:  # corrupt, truncated or not a torch file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KdrayError(f"{what} {path} is corrupt or unreadable ({first[:160]})") from None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .errors import KdrayError
+from .values import mask_credentials
 
 DEFAULT_WORKDIR = "kdray-work"
 
@@ -101,6 +102,9 @@ def cmd_train(args) -> int:
         raise KdrayError(f"method {cfg.method!r} needs teachers: pass --teachers DIR (see `kdray teachers train`)")
     name = args.name or f"{cfg.method}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out) if args.out else workdir(args) / "runs" / name
+    if not args.resume and out.is_dir() and any(out.iterdir()):
+        raise KdrayError(f"--out {out} holds an earlier run; pass --resume to continue it, or choose another --out "
+                         "(kdray never replaces a run folder)")
     if args.resume:
         cfg = cfg.replace(resume=True)
     cfg = cfg.replace(checkpoint_dir=str(out / "checkpoints"))
@@ -160,7 +164,8 @@ def cmd_best(args) -> int:
                      "state": t.get(tr.STATE_TAG), metric: m.get(metric), "test_acc": m.get("test_acc"),
                      "test_acc_best_branch": m.get("test_acc_best_branch"), "params": m.get("params"),
                      "latency_ms": m.get("latency_ms"), "parent_run_id": t.get("mlflow.parentRunId")})
-    out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows, "tracking_uri": uri}
+    out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows,
+           "tracking_uri": mask_credentials(uri)}
     if args.register:
         from .champion import register_champion
 
@@ -207,7 +212,7 @@ def cmd_export(args) -> int:
             raise KdrayError(f"--student {path}: no such file")
     record = safe_load(path, "student")
     info = export_student(record, branch=branch, out=Path(args.out), overwrite=args.overwrite,
-                          recheck=not args.no_recheck, log=log)
+                          recheck=not args.no_recheck, log=log, source=path)
     if args.json:
         emit_json(info, sort_keys=True, default=str)
     else:
@@ -387,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--student", help="or a local student.pt (from `kdray train`)")
     x.add_argument("--branch", default="best", help="best (default: the best single branch), all (the whole ensemble) or N")
     x.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier kdray export in --out (refused for a folder holding anything else)")
     x.add_argument("--no-recheck", action="store_true", help="skip re-checking the accuracy on the test split")
     x.add_argument("--json", action="store_true", help="print what was exported as JSON")
     x.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")

@@ -9,6 +9,7 @@ from typing import Optional
 
 from .checkpoint import latest_checkpoint, safe_load
 from .errors import KdrayError
+from .values import mask_credentials
 
 
 def teacher_archs(teachers: Optional[str]) -> Optional[list]:
@@ -31,7 +32,7 @@ def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dic
     exp_id = tr.experiment_id(tracking["uri"], tracking["experiment"], tracking.get("workdir"))
     run_id = tr.start_run(tracking["uri"], exp_id, run_name=run_name, cfg=cfg, kind="train",
                           extra_tags=tr.versions(), teacher_archs=teacher_archs(cfg.teachers))
-    log(f"tracking: MLflow run {run_id} in experiment {tracking['experiment']!r} at {tracking['uri']}")
+    log(f"tracking: MLflow run {run_id} in experiment {tracking['experiment']!r} at {mask_credentials(tracking['uri'])}")
     return {"uri": tracking["uri"], "run_id": run_id, "experiment_id": exp_id}
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
-from .distill import HPARAMS, get_method
+from .distill import HPARAMS, METHODS, get_method
 from .errors import KdrayError
 
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
@@ -236,8 +236,19 @@ def load_space(path: str | Path) -> Space:
     space = Space(path=where, name=str(raw.get("name") or Path(path).stem), base=base, params=params,
                   per_branch=per_branch, metrics=metrics, teachers=teachers, scheduler=sched,
                   samples=samples, seed=int(raw.get("seed", 0)))
+    _check_per_branch_readers(space)
     _check_extremes(space)
     return space
+
+
+def _check_per_branch_readers(space: Space) -> None:
+    """A per-branch key is searched only where a method of the space reads it (a ``ce`` sweep
+    sampling three unused ``branch_alpha`` values would mislead TPE and the reader)."""
+    for key in space.per_branch:
+        readers = sorted(name for name, cls in METHODS.items() if any(p.name == key for p in cls.hparams))
+        if not set(readers) & set(space.methods()):
+            raise KdrayError(f"{space.path}: per_branch.{key} is read by no method of this space "
+                             f"({', '.join(space.methods())}); methods that read it: {', '.join(readers)}")
 
 
 def _check_extremes(space: Space) -> None:

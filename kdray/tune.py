@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from .errors import KdrayError
 from .space import Space, load_space
+from .values import mask_credentials
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,9 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
     exp_id = tr.experiment_id(uri, name, workdir)
     archs = teacher_archs(teachers)
     parent = tr.start_sweep_run(uri, exp_id, name=name, space=space, study_name=name,
-                                storage_url=getattr(storage, "url", str(storage)), teachers=teachers,
+                                storage_url=mask_credentials(getattr(storage, "url", str(storage))), teachers=teachers,
                                 teacher_archs=archs)
-    log(f"tracking: MLflow experiment {name!r} (id {exp_id}), sweep run {parent} at {uri}")
+    log(f"tracking: MLflow experiment {name!r} (id {exp_id}), sweep run {parent} at {mask_credentials(uri)}")
     return {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent, "teacher_archs": archs,
             "callback": make_tracking_callback(uri, exp_id, parent)}
 
@@ -233,7 +234,7 @@ def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, 
         tr.log_batch(tr.client(uri), parent, metrics=_sweep_metrics(track, space, summary or {}))
     finally:
         tr.finish_run(uri, parent, state, reason)
-    return {"tracking_uri": uri, "experiment_id": track["experiment_id"], "parent_run_id": parent, "plots": plots}
+    return {"tracking_uri": mask_credentials(uri), "experiment_id": track["experiment_id"], "parent_run_id": parent, "plots": plots}
 
 
 def _sweep_metrics(track: dict, space: Space, summary: dict) -> dict:
@@ -315,7 +316,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     progress = make_progress_callback(log, space.metrics[0][0])
     tuner = make_tuner(space, name, options, storage, left, concurrency, str(workdir / "ray_results"), track, progress)
     log(f"sweep {name!r}: {left} trial(s), {concurrency} at a time, {options.workers} worker(s) each; "
-        f"study in {storage.url if hasattr(storage, 'url') else 'optuna storage'}")
+        f"study in {mask_credentials(getattr(storage, 'url', 'optuna storage'))}")
     t_fit = time.time()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the result (--json)

@@ -6,6 +6,7 @@ YAML, ``--set KEY=VALUE`` strings and search-space values the same way."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .errors import KdrayError
@@ -71,3 +72,9 @@ def coerce_value(key: str, typ: type, optional: bool, value: Any, where: str = "
         raise KdrayError(
             f"{where}: key {key!r} must be {TYPE_WORDS[typ]}{' or null' if optional else ''}, got {value!r}"
         ) from None
+
+
+def mask_credentials(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (``postgresql://user:***@host/db``): what kdray
+    logs, tags or prints of a storage or tracking URL."""
+    return re.sub(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/:@\s]*):[^@/\s]*@", r"\g<head>:***@", str(url))
