@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from .errors import KdrayError
+from .guards import Interrupted, stop_signals_interrupt
+from .outcome import disk_full_line
 from .values import mask_credentials
 
 DEFAULT_WORKDIR = "kdray-work"
@@ -114,9 +116,10 @@ def cmd_train(args) -> int:
     tracking = tracking_from_args(args)
     from .runner import run_training
 
-    result = run_training(cfg, out=out, run_name=name, tracking=tracking, log=log, address=args.address,
-                          gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                          max_failures=args.max_failures)
+    with stop_signals_interrupt():
+        result = run_training(cfg, out=out, run_name=name, tracking=tracking, log=log, address=args.address,
+                              gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                              max_failures=args.max_failures)
     m = result["metrics"]
     summary = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     summary.update({"student_path": result["student_path"], "method": cfg.method, "student": cfg.student,
@@ -140,8 +143,10 @@ def tracking_from_args(args, experiment_default: str = "kdray"):
     """None with --no-track; else the checked store, experiment and workdir for MLflow."""
     if getattr(args, "no_track", False):
         return None
-    from .tracking import check_store
+    from .tracking import bounded_http_env, check_store
 
+    for key, value in bounded_http_env().items():  # this process's MLflow calls too
+        os.environ.setdefault(key, value)
     uri = tracking_uri(args)
     check_store(uri)  # before any training starts
     return {"uri": uri, "experiment": getattr(args, "experiment", None) or experiment_default,
@@ -465,10 +470,19 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except KdrayError as exc:
         print(f"kdray: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
+    except Interrupted as exc:
+        print(f"kdray: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("kdray: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        line = disk_full_line(exc)
+        if line is None:
+            raise
+        print(f"kdray: error: {line}", file=sys.stderr)
+        return 1
     finally:
         _JSON_OUT = None
 

@@ -16,6 +16,7 @@ import contextlib
 from typing import Callable, Optional
 
 from .errors import KdrayError
+from .guards import stop_requested
 from .outcome import COMPLETED, FAILED, PRUNED, trial_state
 
 #: what a later ``--resume`` needs to name the best student, kept as Optuna user attributes
@@ -32,6 +33,8 @@ def make_searcher_class():
         """OptunaSearch that records early-stopped trials as PRUNED and failed ones as FAIL."""
 
         def on_trial_complete(self, trial_id, result=None, error=False):
+            if stop_requested() is not None:
+                return  # stopped by a signal: left RUNNING here, recorded as interrupted by the sweep
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is None or not result:
                 return super().on_trial_complete(trial_id, result=result, error=error)
@@ -56,18 +59,44 @@ def make_searcher_class():
     return PrunedAwareOptunaSearch
 
 
-def _close_interrupted(storage, study) -> None:
-    """Trials an interrupted sweep left RUNNING become FAIL (marked interrupted); their parameters
-    are enqueued so each runs once more (one killed before storing them gets a fresh sample)."""
+def _mark_interrupted(storage, study, trials) -> int:
+    """``trials`` become FAIL marked ``interrupted``; their parameters are enqueued so each runs once
+    more (one stopped before its parameters were stored gets a fresh sample)."""
     import optuna
 
     study_id = storage.get_study_id_from_name(study.study_name)
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, "interrupted", True)
-        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    for t in trials:
+        if t.state == optuna.trial.TrialState.RUNNING:  # a finished trial's attributes are frozen
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_user_attr(trial_id, "interrupted", True)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         if t.params:
-            study.enqueue_trial(t.params, skip_if_exists=False)
+            study.enqueue_trial(t.params, user_attrs={"rerun_of": t.number}, skip_if_exists=False)
+    return len(trials)
+
+
+def _close_interrupted(storage, study) -> int:
+    """Trials an interrupted sweep left RUNNING: FAIL, marked interrupted, queued again."""
+    import optuna
+
+    return _mark_interrupted(storage, study, study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def close_interrupted_trials(storage, name: str) -> int:
+    """After a stop signal: the study's RUNNING trials recorded as interrupted; how many."""
+    import optuna
+
+    return _close_interrupted(storage, optuna.load_study(study_name=name, storage=storage))
+
+
+def requeue_trials(storage, name: str, ray_trial_ids) -> int:
+    """Failed trials (by Tune trial id) that did not fail on their own: marked interrupted, queued again."""
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    wanted = set(ray_trial_ids)
+    return _mark_interrupted(storage, study, [t for t in study.get_trials(deepcopy=False)
+                                              if t.user_attrs.get("ray_trial_id") in wanted])
 
 
 def prepare_study(storage, name: str, samples: int, resume: bool, log: Callable[[str], None]) -> int:

@@ -8,6 +8,7 @@ worker, into one line, by the type of the innermost cause: never by searching er
 
 from __future__ import annotations
 
+import errno
 from typing import Iterator, Optional
 
 COMPLETED, PRUNED, FAILED, INTERRUPTED = "completed", "pruned", "failed", "interrupted"
@@ -39,7 +40,7 @@ def _wrapped(exc: BaseException) -> list:
     and ``UserExceptionWithTraceback._base_exc`` (private; the only handle on the worker's own
     exception object that Train keeps)."""
     inner = [getattr(exc, "cause", None), getattr(exc, "controller_failure", None),
-             getattr(exc, "_base_exc", None), exc.__cause__]
+             getattr(exc, "_base_exc", None), getattr(exc, "orig", None), exc.__cause__, exc.__context__]
     failures = getattr(exc, "worker_failures", None)
     if isinstance(failures, dict):
         inner.extend(failures[k] for k in sorted(failures))
@@ -82,3 +83,17 @@ def failure_reason(exc: BaseException) -> str:
         name = name[len("RayTaskError("):-1]
     message = _first_line(getattr(cause, "_error_message", None) or str(cause))
     return (f"{name}: {message}" if message else name)[:REASON_MAX]
+
+
+def disk_full_line(exc: BaseException) -> Optional[str]:
+    """One line naming the path that needed space, when ``exc`` (or a cause) is a full disk."""
+    for e in causes(exc):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            where = f" writing {e.filename}" if e.filename else ""
+            return (f"no space left on the device{where}; free space there (or point --workdir elsewhere) "
+                    "and run again with --resume")
+        # sqlite says so only in its message ("database or disk is full"), wrapped by SQLAlchemy and MLflow
+        if "database or disk is full" in str(e):
+            return ("no space left on the device of a database (the MLflow or Optuna store in the working "
+                    "directory); free space there and run again with --resume")
+    return None

@@ -9,6 +9,7 @@ from typing import Optional
 
 from .checkpoint import latest_checkpoint, safe_load
 from .errors import KdrayError
+from .guards import Interrupted
 from .values import mask_credentials
 
 
@@ -22,6 +23,17 @@ def teacher_archs(teachers: Optional[str]) -> Optional[list]:
         return [t["arch"] for t in read_manifest(teachers)["teachers"]]
     except KdrayError:  # the manifest is verified again, with its own message, when teachers load
         return None
+
+
+def check_inputs(cfg) -> None:
+    """Everything a run reads, checked before it creates anything (its folder, its MLflow run):
+    the data set, and the teachers' manifest, checksums, weights and classes."""
+    if not cfg.teachers:
+        return
+    from .data import load_data
+    from .teachers import load_teachers
+
+    load_teachers(cfg.teachers, load_data(cfg).classes)
 
 
 def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dict]:
@@ -73,6 +85,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
         from .engine import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
+    check_inputs(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     track = _open_run(tracking, cfg, run_name, log)
@@ -82,6 +95,13 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
                                            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
         else:
             result, latest = _train_here(cfg, track, log)
+    except Interrupted as exc:
+        if track:
+            from .tracking import finish_run
+
+            finish_run(track["uri"], track["run_id"], "interrupted", f"interrupted by {exc.signal_name}")
+        raise Interrupted(exc.signum, f"training interrupted by {exc.signal_name}; `kdray train ... --out {out} "
+                                      "--resume` continues from its last checkpoint") from None
     except BaseException as exc:
         if track:
             from .outcome import failure_reason

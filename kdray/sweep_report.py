@@ -8,17 +8,42 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .guards import stop_requested
 from .optuna_adapter import earlier_best, study_counts
 from .outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
 
 
 def trial_error(trial) -> Optional[BaseException]:
-    """The exception a Tune trial failed with: the pickled object Tune keeps (its text trace
-    as a TuneError when the object could not be pickled)."""
+    """The exception a Tune trial failed with. Tune pickles it into the trial's local folder when the
+    trial fails (``Trial.handle_error``), before the callbacks run; ``get_pickled_error`` reads the
+    storage copy, which is synced later, so the local file is read first."""
+    from ray import cloudpickle
+
     try:
-        return trial.get_pickled_error() or trial.get_error()
-    except Exception:  # noqa: BLE001 - an unreadable error file still means the trial failed
-        return RuntimeError(str(getattr(trial, "error_msg", "") or "unknown error"))
+        path = trial.pickled_error_file
+        if path and Path(path).is_file():
+            with open(path, "rb") as fh:
+                return cloudpickle.load(fh)
+        return trial.get_pickled_error()
+    except Exception as exc:  # noqa: BLE001 - an unreadable error file still means the trial failed
+        return RuntimeError(f"the trial's error could not be read ({type(exc).__name__})")
+
+
+class _NoTrialTracebacks:
+    """A logging filter: Tune's controller logs every failed trial with its whole traceback
+    (``"Trial task failed for trial ..."``, exc_info); kdray prints one line per failure with its
+    reason instead, and the traceback stays in the trial's error.txt."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Trial task failed for trial")
+
+
+def quiet_trial_tracebacks() -> None:
+    import logging
+
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, _NoTrialTracebacks) for f in logger.filters):
+        logger.addFilter(_NoTrialTracebacks())
 
 
 def describe(state: str, last: Optional[dict], error: Optional[BaseException] = None) -> str:
@@ -70,6 +95,8 @@ def make_progress_callback(log: Callable[[str], None], metric: str):
             self._say(f"trial {trial.trial_id} {text}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            if stop_requested() is not None:  # stopped by Tune because a stop signal came
+                return self._end(trial, "interrupted")
             self._end(trial, describe(trial_state(trial.last_result), trial.last_result))
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -78,9 +105,10 @@ def make_progress_callback(log: Callable[[str], None], metric: str):
     return SweepProgress()
 
 
-def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str):
+def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str, log: Callable[[str], None]):
     """A driver-side Tune callback: closes each trial's MLflow child run with its state (pruned,
-    completed, failed with the reason), creating the run when a trial died before it could."""
+    completed, failed with the reason), creating the run when a trial died before it could. A
+    store that fails here costs one line, not the sweep (--resume closes what stayed open)."""
     from ray.tune import Callback
 
     from . import tracking as tr
@@ -94,16 +122,21 @@ def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str):
         return tr.client(uri).create_run(exp_id, run_name=trial.trial_id, tags={
             "mlflow.parentRunId": parent_run_id, tr.KIND_TAG: "trial", tr.TRIAL_TAG: trial.trial_id}).info.run_id
 
+    def record(trial, create: bool, state: str, reason: Optional[str] = None) -> None:
+        try:
+            run_id = open_run(trial, create=create)
+            if run_id is not None:
+                tr.finish_run(uri, run_id, state, reason)
+        except Exception as exc:  # noqa: BLE001 - the store is down or refuses: say so once per trial
+            log(f"tracking: trial {trial.trial_id} could not be recorded as {state} ({failure_reason(exc)})")
+
     class TrialStateCallback(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            run_id = open_run(trial, create=False)
-            if run_id is not None:
-                tr.finish_run(uri, run_id, trial_state(trial.last_result))
+            if stop_requested() is None:  # an interrupted trial is closed as such after Tune stops
+                record(trial, False, trial_state(trial.last_result))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            run_id = open_run(trial, create=True)
-            if run_id is not None:
-                tr.finish_run(uri, run_id, FAILED, failure_reason(trial_error(trial)))
+            record(trial, True, FAILED, failure_reason(trial_error(trial)))
 
     return TrialStateCallback()
 

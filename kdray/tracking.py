@@ -198,14 +198,50 @@ def start_run(uri: str, exp_id: str, *, run_name: str, cfg, kind: str, parent_ru
     return run.info.run_id
 
 
+#: kdray.state -> MLflow's run status
+MLFLOW_STATUS = {"failed": "FAILED", "interrupted": "KILLED"}
+
+
 def finish_run(uri: str, run_id: str, state: str, reason: Optional[str] = None) -> None:
-    """Set kdray.state (completed / pruned / failed) and end the MLflow run accordingly."""
+    """Set kdray.state (completed / pruned / failed / interrupted) and end the MLflow run accordingly."""
     c = client(uri)
     tags = {STATE_TAG: state}
     if reason:
         tags[REASON_TAG] = reason[:4000]
     log_batch(c, run_id, tags=tags)
-    c.set_terminated(run_id, "FAILED" if state == "failed" else "FINISHED")
+    c.set_terminated(run_id, MLFLOW_STATUS.get(state, "FINISHED"))
+
+
+def close_running_runs(uri: str, exp_id: str, state: str, reason: str) -> int:
+    """End every run of the experiment that kdray left running (a driver killed, interrupted or cut
+    off from the server) with ``state``; how many were closed."""
+    runs = client(uri).search_runs([exp_id], filter_string=f"tags.`{STATE_TAG}` = 'running'", max_results=5000)
+    for run in runs:
+        finish_run(uri, run.info.run_id, state, reason)
+    return len(runs)
+
+
+# MLflow's HTTP client retries a lost server for about 8 minutes by default (7 retries, backoff
+# factor 2, 120 s timeout per request); these bound one call to under a minute, so that a trial
+# whose server died fails with a clear reason instead of hanging. A value the user exported wins.
+BOUNDED_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bounded_http_env() -> dict:
+    return {k: os.environ.get(k, v) for k, v in BOUNDED_HTTP_ENV.items()}
+
+
+class TrackingLost(KdrayError):
+    """The tracking server stopped answering while a run was logging to it."""
+
+    exit_code = 1  # not the user's input: the run was fine until the server went away
+
+
+def lost(uri: str, exc: BaseException) -> TrackingLost:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return TrackingLost(f"the MLflow tracking server at {mask_credentials(uri)} stopped answering ({first}); "
+                        "training stopped with its checkpoints kept; --resume runs it again once the server is back")
 
 
 class RunLogger:
@@ -223,6 +259,16 @@ class RunLogger:
         self._started = False
 
     def epoch(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
+        try:
+            self._log_epoch(metrics, ckpt_dir)
+        except KdrayError:
+            raise
+        except Exception as exc:  # MLflow's errors after its (bounded) retries: the server is gone
+            if scheme(self.uri) not in ("http", "https"):
+                raise
+            raise lost(self.uri, exc) from None
+
+    def _log_epoch(self, metrics: dict, ckpt_dir: Optional[str]) -> None:
         c = client(self.uri)
         tags = {}
         if not self._started:

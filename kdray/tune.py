@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import KdrayError
+from .guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
 from .space import Space, load_space
 from .values import mask_credentials
 
@@ -106,7 +107,9 @@ def trial_env(local: bool) -> dict:
     """Environment for the sweep's Ray processes (handed to init_ray, which sets it through the job's
     runtime_env; Train then propagates these variables to its controllers and workers). A value the
     user exported wins."""
-    env = dict(TRIAL_ENV_DEFAULTS)
+    from .tracking import BOUNDED_HTTP_ENV
+
+    env = {**TRIAL_ENV_DEFAULTS, **BOUNDED_HTTP_ENV}
     if local:  # one actor process fewer per trial: nothing pre-empts a node of a local Ray
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return {k: os.environ.get(k, v) for k, v in env.items()}
@@ -196,7 +199,8 @@ def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) ->
     return {"uri": uri, "run_id": run_id}
 
 
-def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: Path, teachers, log) -> dict:
+def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: Path, teachers, log,
+                    resume: bool = False) -> dict:
     """The sweep's parent run, and the driver-side callback that records each trial's state."""
     import ray
 
@@ -212,13 +216,17 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
             "trials on other hosts cannot write it: pass --tracking-uri http://HEAD:5000 (an `mlflow server`)"
         )
     exp_id = tr.experiment_id(uri, name, workdir)
+    if resume:  # runs an earlier driver left open (killed, interrupted, cut off from the server)
+        closed = tr.close_running_runs(uri, exp_id, "interrupted", "left running by an earlier driver of this sweep")
+        if closed:
+            log(f"resume: {closed} MLflow run(s) an earlier driver left running closed as interrupted")
     archs = teacher_archs(teachers)
     parent = tr.start_sweep_run(uri, exp_id, name=name, space=space, study_name=name,
                                 storage_url=mask_credentials(getattr(storage, "url", str(storage))), teachers=teachers,
                                 teacher_archs=archs)
     log(f"tracking: MLflow experiment {name!r} (id {exp_id}), sweep run {parent} at {mask_credentials(uri)}")
     return {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent, "teacher_archs": archs,
-            "callback": make_tracking_callback(uri, exp_id, parent)}
+            "callback": make_tracking_callback(uri, exp_id, parent, log)}
 
 
 def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, log, reason=None, summary=None) -> dict:
@@ -229,11 +237,18 @@ def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, 
     uri, parent = track["uri"], track["parent_run_id"]
     plots: list = []
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
-        plots = tr.log_sweep_plots(uri, parent, study, space, log=log)
-        tr.log_batch(tr.client(uri), parent, metrics=_sweep_metrics(track, space, summary or {}))
-    finally:
-        tr.finish_run(uri, parent, state, reason)
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+            plots = tr.log_sweep_plots(uri, parent, study, space, log=log)
+            tr.log_batch(tr.client(uri), parent, metrics=_sweep_metrics(track, space, summary or {}))
+        finally:
+            tr.finish_run(uri, parent, state, reason)
+    except KdrayError:
+        raise
+    except Exception as exc:  # the server went away during the sweep: one line, --resume closes the run
+        if not uri.startswith(("http://", "https://")):
+            raise
+        raise tr.lost(uri, exc) from None
     return {"tracking_uri": mask_credentials(uri), "experiment_id": track["experiment_id"], "parent_run_id": parent, "plots": plots}
 
 
@@ -264,6 +279,7 @@ def start_ray(opts: SweepOptions, log) -> int:
     from .scale import check_resources, init_ray
 
     init_ray(opts.address, env=trial_env(local=opts.local))
+    rearm_stop_signals()  # after Ray's own SIGTERM handler
     check_resources(opts.workers, opts.gpus_per_worker, opts.cpus_per_worker)
     return fit_concurrency(opts.concurrency, opts.workers, opts.gpus_per_worker, opts.cpus_per_worker, log)
 
@@ -291,9 +307,11 @@ def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, 
 
 def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOptions(),
               tracking: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
-    """``tracking``: ``{"uri": ...}`` (an MLflow store checked by the caller) or None for no MLflow."""
+    """``tracking``: ``{"uri": ...}`` (an MLflow store checked by the caller) or None for no MLflow.
+    Raises :class:`~kdray.guards.Interrupted` after recording a SIGINT / SIGTERM."""
+    from .guards import one_sweep_at_a_time, stop_signals_interrupt
     from .optuna_adapter import prepare_study
-    from .sweep_report import make_progress_callback, result_rows, summarize, sweep_timing
+    from .sweep_report import summarize
 
     space = load_space(space_file)  # validated before anything starts
     options.check()
@@ -302,34 +320,83 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     name = options.experiment or space.name
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(options, workdir)
-    left = prepare_study(storage, name, space.samples, options.resume, log)
-    if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
-        log(f"sweep {name!r}: every trial is done already")
-        return summarize(name, storage, space, [])
+    with one_sweep_at_a_time(workdir, name), stop_signals_interrupt():
+        storage = open_storage(options, workdir)
+        left = prepare_study(storage, name, space.samples, options.resume, log)
+        if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
+            log(f"sweep {name!r}: every trial is done already")
+            return summarize(name, storage, space, [])
+        sweep = {"space": space, "space_file": space_file, "name": name, "options": options,
+                 "storage": storage, "workdir": workdir, "log": log, "track": None}
+        try:
+            return _run_trials(sweep, left, tracking)
+        except Interrupted as exc:
+            raise _record_interruption(sweep, exc) from None
 
+
+def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
+    from .sweep_report import make_progress_callback, quiet_trial_tracebacks, result_rows, summarize, sweep_timing
+
+    quiet_trial_tracebacks()
+    space, name, options, storage, workdir, log = (sweep[k] for k in
+                                                    ("space", "name", "options", "storage", "workdir", "log"))
     concurrency = start_ray(options, log)
     teachers = teachers_for(space, workdir, log)
     if teachers:
         space.base = space.base.replace(teachers=teachers)
-    track = _start_tracking(tracking, space, name, storage, workdir, teachers, log) if tracking else None
+    if tracking:
+        sweep["track"] = _start_tracking(tracking, space, name, storage, workdir, teachers, log, options.resume)
+    track = sweep["track"]
     progress = make_progress_callback(log, space.metrics[0][0])
     tuner = make_tuner(space, name, options, storage, left, concurrency, str(workdir / "ray_results"), track, progress)
     log(f"sweep {name!r}: {left} trial(s), {concurrency} at a time, {options.workers} worker(s) each; "
         f"study in {mask_credentials(getattr(storage, 'url', 'optuna storage'))}")
     t_fit = time.time()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the result (--json)
+        with contextlib.redirect_stdout(sys.stderr), tune_stops_gracefully():  # stdout is for the result (--json)
             grid = tuner.fit()
-    except BaseException as exc:
+    except Exception as exc:
         if track:
             from .outcome import failure_reason
 
             _finish_tracking(track, space, name, storage, "failed", log, reason=failure_reason(exc))
         raise
     rows = result_rows(grid, progress)
+    _requeue_lost_tracking(rows, storage, name, log)
     out = summarize(name, storage, space, rows)
     out["timing"] = sweep_timing(rows, time.time() - t_fit, concurrency)
     if track:
         out["mlflow"] = _finish_tracking(track, space, name, storage, "completed", log, summary=out)
     return out
+
+
+def _record_interruption(sweep: dict, exc: Interrupted) -> Interrupted:
+    """Stop the trials (Ray down), then record them as interrupted in Optuna and MLflow."""
+    import ray
+
+    from .optuna_adapter import close_interrupted_trials
+
+    sweep["log"](f"{exc.signal_name}: stopping the sweep's trials")
+    if ray.is_initialized():
+        ray.shutdown()  # the trials' drivers and workers stop here (a cluster's stay for other jobs)
+    name = sweep["name"]
+    count = close_interrupted_trials(sweep["storage"], name)
+    track = sweep["track"]
+    if track:
+        from . import tracking as tr
+
+        tr.close_running_runs(track["uri"], track["experiment_id"], "interrupted", f"interrupted by {exc.signal_name}")
+    return Interrupted(exc.signum, (
+        f"sweep {name!r} interrupted by {exc.signal_name}: {count} running trial(s) recorded as interrupted; "
+        f"`kdray tune --space {sweep['space_file']} --experiment {name} --resume` runs them again"))
+
+
+def _requeue_lost_tracking(rows: list, storage, name: str, log) -> None:
+    """Trials that failed because the tracking server went away did not fail on their own: they
+    are marked interrupted and queued again, so --resume runs them once the server is back."""
+    from .optuna_adapter import requeue_trials
+
+    lost = [r["trial"] for r in rows if (r["error"] or "").startswith("TrackingLost")]
+    if lost:
+        requeue_trials(storage, name, lost)
+        log(f"{len(lost)} trial(s) stopped because the tracking server was lost; --resume runs them again")
