@@ -129,3 +129,27 @@ def one_sweep_at_a_time(workdir: Path, name: str):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def stores_initialising(workdir: Path, timeout_s: float = 120.0):
+    """While inside, no other kdray process of ``workdir`` creates its stores: two drivers that
+    start together would both run the MLflow / Optuna sqlite schema migrations and one would die
+    with ``UNIQUE constraint failed: alembic_version.version_num``. Waits for the other one."""
+    folder = Path(workdir) / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "stores.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KdrayError(f"another kdray process has been creating the stores in {workdir} for "
+                                     f"{timeout_s:.0f}s; is it stuck?") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)

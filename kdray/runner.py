@@ -3,6 +3,7 @@ tracked as one MLflow run unless tracking is off."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -41,7 +42,11 @@ def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dic
         return None
     from . import tracking as tr
 
-    exp_id = tr.experiment_id(tracking["uri"], tracking["experiment"], tracking.get("workdir"))
+    from .guards import stores_initialising
+
+    workdir = tracking.get("workdir")
+    with stores_initialising(workdir) if workdir else contextlib.nullcontext():
+        exp_id = tr.experiment_id(tracking["uri"], tracking["experiment"], workdir)
     run_id = tr.start_run(tracking["uri"], exp_id, run_name=run_name, cfg=cfg, kind="train",
                           extra_tags=tr.versions(), teacher_archs=teacher_archs(cfg.teachers))
     log(f"tracking: MLflow run {run_id} in experiment {tracking['experiment']!r} at {mask_credentials(tracking['uri'])}")

@@ -215,7 +215,10 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
             f"the MLflow store {uri} is a local file, but the Ray cluster spans {len(ips)} hosts ({', '.join(sorted(ips))}); "
             "trials on other hosts cannot write it: pass --tracking-uri http://HEAD:5000 (an `mlflow server`)"
         )
-    exp_id = tr.experiment_id(uri, name, workdir)
+    from .guards import stores_initialising
+
+    with stores_initialising(workdir):
+        exp_id = tr.experiment_id(uri, name, workdir)
     if resume:  # runs an earlier driver left open (killed, interrupted, cut off from the server)
         closed = tr.close_running_runs(uri, exp_id, "interrupted", "left running by an earlier driver of this sweep")
         if closed:
@@ -309,7 +312,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
               tracking: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
     """``tracking``: ``{"uri": ...}`` (an MLflow store checked by the caller) or None for no MLflow.
     Raises :class:`~kdray.guards.Interrupted` after recording a SIGINT / SIGTERM."""
-    from .guards import one_sweep_at_a_time, stop_signals_interrupt
+    from .guards import one_sweep_at_a_time, stop_signals_interrupt, stores_initialising
     from .optuna_adapter import prepare_study
     from .sweep_report import summarize
 
@@ -321,8 +324,9 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     with one_sweep_at_a_time(workdir, name), stop_signals_interrupt():
-        storage = open_storage(options, workdir)
-        left = prepare_study(storage, name, space.samples, options.resume, log)
+        with stores_initialising(workdir):
+            storage = open_storage(options, workdir)
+            left = prepare_study(storage, name, space.samples, options.resume, log)
         if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
             log(f"sweep {name!r}: every trial is done already")
             return summarize(name, storage, space, [])

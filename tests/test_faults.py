@@ -355,3 +355,21 @@ def test_full_disk_is_one_line_naming_the_path_and_leaves_no_corrupt_file(small_
     for f in small_tmpfs.rglob("*.pt"):
         safe_load(f)  # anything kdray left there loads: no half-written checkpoint
     assert not list(small_tmpfs.rglob(".*.pt.*"))  # no temporary file left behind
+
+
+def test_drivers_starting_together_create_the_stores_once(tmp_path):
+    """Three processes creating the same fresh sqlite MLflow and Optuna stores at once, as kdray
+    drivers of one working directory do: none dies on the schema migration race."""
+    work = tmp_path / "w"
+    code = (
+        "import sys, optuna\nfrom pathlib import Path\nfrom kdray import tracking as tr\n"
+        "from kdray.guards import stores_initialising\n"
+        f"work = Path({str(work)!r})\n"
+        "with stores_initialising(work):\n"
+        "    optuna.storages.RDBStorage(f'sqlite:///{work / \"optuna.db\"}')\n"
+        "    print(tr.experiment_id(tr.default_uri(work), 'exp-' + sys.argv[1], work))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(3)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-800:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 3  # three experiments in one store
