@@ -74,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     from .distill import ensure_registered
     from .engine import fit
     from .outcome import failure_reason
+    from .tracking import TrackingLost
 
     _quiet_ray_train_console()
     ensure_registered(config.get("methods", ()))  # methods defined outside kdray travel by value
@@ -90,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
                 device=ray.train.torch.get_device(), keep_checkpoints=1,
                 log=(lambda s: None) if config.get("quiet") else None)
         except Exception as exc:
-            if tracker is not None:
+            if tracker is not None and not isinstance(exc, TrackingLost):  # no server to tell
                 tracker.failed(failure_reason(exc))
             raise
 
@@ -117,7 +118,9 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
                  storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None,
                  quiet: bool = False, methods=()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from . import local_ray
 
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker}
@@ -126,7 +129,8 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": list(methods)},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # on a local Ray, torch's rendezvous store listens on loopback too (see kdray.local_ray)
+        torch_config=local_ray.torch_config("nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=list(callbacks),
@@ -179,15 +183,27 @@ def init_ray(address: Optional[str] = None, env: Optional[dict] = None) -> None:
         # ... and that state API must be named explicitly: left to find it, the cleaner scans for GCS
         # processes and fails ("Found multiple active Ray instances") whenever a second Ray runs on
         # the head's machine (another user's, a test's), with the same starvation as the result.
+        # A local Ray is started by kdray.local_ray: every listener on loopback (the dashboard agent
+        # takes jobs without authentication), every process ended soon after this driver ends.
+        from . import local_ray
+
         kwargs, env = {}, dict(env or {})
-        if not address or address == "local":
+        local = local_ray.is_local(address)
+        if local:
             port = _free_port()
-            kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+            kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **local_ray.init_kwargs()}
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         elif "://" not in address and address != "auto":
             env["RAY_ADDRESS"] = address  # host:port of the GCS
-        ray.init(address=address or None, log_to_driver=True, logging_level="WARNING",
-                 runtime_env={"env_vars": env} if env else None, **kwargs)
+
+        def init():
+            ray.init(address=address or None, log_to_driver=True, logging_level="WARNING",
+                     runtime_env={"env_vars": env} if env else None, **kwargs)
+
+        if local:
+            local_ray.start(init)
+        else:
+            local_ray.connect(init, address)
     except ConnectionError as exc:
         raise KdrayError(f"cannot reach the Ray cluster at {address!r} ({exc})") from None
 
@@ -196,7 +212,12 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
                     address: Optional[str] = None, max_failures: int = 0, name: str = "kdray-train",
                     tracking: Optional[dict] = None) -> dict:
     """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint."""
-    init_ray(address)
+    from .tracking import bounded_http_env
+
+    init_ray(address, env=bounded_http_env())
+    from .guards import rearm_stop_signals
+
+    rearm_stop_signals()  # after Ray's own SIGTERM handler
     check_resources(workers, gpus_per_worker, cpus_per_worker)
     trainer = make_trainer(cfg, workers=workers, gpus_per_worker=gpus_per_worker,
                            cpus_per_worker=cpus_per_worker, storage_path=str(Path(out).resolve() / "ray"),
