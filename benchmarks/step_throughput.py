@@ -61,7 +61,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from kdray.config import from_dict  # noqa: E402
-from kdray.data import DATASETS, BatchLoader, Split, load_data  # noqa: E402
+from kdray.data import DATASETS, Split, load_data  # noqa: E402
 from kdray import engine  # noqa: E402
 from kdray.distill import METHODS, Generation, check_teacher_count, get_method  # noqa: E402
 from kdray.engine import make_optimizer, pick_device  # noqa: E402

@@ -285,7 +285,7 @@ def cmd_tune(args) -> int:
         print(f"best trial {b['metrics'].get('trial_id')}: {metric}={b['metrics'].get(metric):.4f} "
               f"params={json.dumps(params, default=str)}")
         where = " (from an earlier session of this sweep)" if b.get("earlier_session") else ""
-        print(f"  metrics: " + " ".join(f"{k}={b['metrics'][k]:.4f}" for k in ("val_acc", "test_acc", "val_loss")
+        print("  metrics: " + " ".join(f"{k}={b['metrics'][k]:.4f}" for k in ("val_acc", "test_acc", "val_loss")
                                           if isinstance(b["metrics"].get(k), float)) + f" epochs={b['metrics'].get('epoch')}{where}")
         print(f"  student: {b.get('student_path') or b['metrics'].get('checkpoint_path', '?')}")
         if b.get("mlflow_run_id"):

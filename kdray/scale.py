@@ -96,12 +96,12 @@ def train_loop_per_worker(config: dict) -> None:
             raise
 
 
-def method_payload(method_names) -> list:
+def method_payload() -> list:
     """Methods the workers must receive by value: those defined outside kdray (a notebook, a
     user's module, a test file), whose module a Ray worker may not be able to import."""
     from .distill import methods_defined_outside_kdray
 
-    classes = methods_defined_outside_kdray(method_names)
+    classes = methods_defined_outside_kdray()
     if classes:
         import sys
 
@@ -222,7 +222,7 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
     trainer = make_trainer(cfg, workers=workers, gpus_per_worker=gpus_per_worker,
                            cpus_per_worker=cpus_per_worker, storage_path=str(Path(out).resolve() / "ray"),
                            name=name, max_failures=max_failures, tracking=tracking,
-                           methods=method_payload([cfg.method]))
+                           methods=method_payload())
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error

@@ -162,7 +162,7 @@ def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, t
     """The Tune function of one trial: its config validated once, a child MLflow run, a TorchTrainer."""
     from .scale import method_payload
 
-    methods = method_payload(space.methods())
+    methods = method_payload()
 
     def trial(config: dict) -> None:
         import ray

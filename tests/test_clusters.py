@@ -23,7 +23,6 @@ clusters/README.md.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import os
 import re

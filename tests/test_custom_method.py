@@ -11,7 +11,7 @@ import pytest
 import torch.nn.functional as F
 
 from kdray.cli import build_parser, main
-from kdray.distill import HParam, Method, get_method, register
+from kdray.distill import HParam, Method, get_method, register, unregister
 from kdray.distill.losses import kd_kl, soften
 
 pytestmark = pytest.mark.slow
@@ -29,6 +29,14 @@ class SmoothKD(Method):
         terms = {"ce": F.cross_entropy(z, y, label_smoothing=self.cfg.smoothing)}
         terms["kd"] = kd_kl(z, soften(t_out["logits"].float().mean(0), self.T), self.T)
         return z, terms
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_the_method_afterwards():
+    """The method is registered at import, as a user's would be; later test modules expect kdray's
+    own methods and keys only."""
+    yield
+    unregister("smooth_kd")
 
 
 BASE = ["--dataset", "fake", "--image-size", "16", "--student", "resnet8", "--device", "cpu", "--epochs", "1"]
@@ -78,3 +86,18 @@ def test_searched_from_a_space_file_on_ray_workers(tmp_path, capsys, fake_teache
     storage = optuna.storages.RDBStorage(f"sqlite:///{(tmp_path / 'w').resolve() / 'optuna.db'}")
     trials = optuna.load_study(study_name="smooth", storage=storage).get_trials(deepcopy=False)
     assert all(0.05 <= t.params["smoothing"] <= 0.4 for t in trials) and len(trials) == 2
+
+
+def test_other_methods_still_run_on_ray_workers_while_it_is_registered(tmp_path, capsys):
+    """Every config carries every declared hyperparameter (`smoothing` too): the workers of a ce
+    run get the method's declaration with it, or they would refuse the config's keys."""
+    import ray
+
+    try:
+        rc = main(["--workdir", str(tmp_path), "train", "--method", "ce", "--workers", "2", "--no-track",
+                   "--json", *BASE])
+    finally:
+        ray.shutdown()
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["method"] == "ce"

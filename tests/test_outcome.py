@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 
 from kdray.engine import NonFiniteLoss
 from kdray.errors import KdrayError

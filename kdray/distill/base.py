@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import KdrayError, choice_error
-from .hparams import HParam, declare
+from .hparams import HPARAMS, HParam, declare
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -88,10 +88,22 @@ def ensure_registered(classes) -> None:
             register(cls)
 
 
-def methods_defined_outside_kdray(names) -> list[type[Method]]:
-    """The classes among ``names``' methods that a Ray worker cannot import from kdray itself."""
-    found = [METHODS[n] for n in names if n in METHODS]
-    return [cls for cls in found if not cls.__module__.startswith("kdray.")]
+def unregister(name: str) -> None:
+    """Forget method ``name`` and the hyperparameters no other method declares (a notebook
+    redefining a method, a test cleaning up after itself)."""
+    cls = METHODS.pop(name, None)
+    if cls is None:
+        return
+    still = {p.name for other in METHODS.values() for p in other.hparams}
+    for p in cls.hparams:
+        if p.name not in still:
+            HPARAMS.pop(p.name, None)
+
+
+def methods_defined_outside_kdray() -> list[type[Method]]:
+    """Registered methods a Ray worker cannot import from kdray itself. All of them travel with a
+    run, not only the one it trains: every config carries every declared hyperparameter."""
+    return [cls for cls in METHODS.values() if not cls.__module__.startswith("kdray.")]
 
 
 def get_method(name: str) -> type[Method]:
