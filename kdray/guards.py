@@ -140,16 +140,22 @@ def stores_initialising(workdir: Path, timeout_s: float = 120.0):
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / "stores.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise KdrayError(f"another kdray process has been creating the stores in {workdir} for "
-                                     f"{timeout_s:.0f}s; is it stuck?") from None
-                time.sleep(0.2)
+        if not _lock_within(fd, timeout_s):
+            raise KdrayError(f"another kdray process has been creating the stores in {workdir} for "
+                             f"{timeout_s:.0f}s; is it stuck?")
         yield
     finally:
         os.close(fd)
+
+
+def _lock_within(fd: int, timeout_s: float) -> bool:
+    """An exclusive flock on ``fd``, waiting at most ``timeout_s``; whether it was taken."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)

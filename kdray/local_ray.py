@@ -387,30 +387,48 @@ def _signal(pid: int, start: int, sig: int) -> None:
             os.close(pidfd)
 
 
-def _wait_for_first_exit(targets: List[Tuple[int, int]], every_s: float, tick: Callable[[], None]) -> int:
-    """Block until one of the processes ends, calling ``tick`` about every ``every_s``; the index
-    of the first one found ended."""
-    import select
-
+def _pidfds(targets: List[Tuple[int, int]]) -> Dict[int, int]:
+    """A pidfd per process (readable once it ends, zombie or reaped) -> its index; {} where the
+    kernel has none (< 5.3): the caller polls then."""
     fds: Dict[int, int] = {}
     try:
         for i, (pid, _) in enumerate(targets):
-            fds[os.pidfd_open(pid)] = i  # readable once the process ends (zombie or reaped)
-    except (AttributeError, OSError):  # no pidfd (kernel < 5.3): poll
+            fds[os.pidfd_open(pid)] = i
+    except (AttributeError, OSError):
         for f in fds:
             os.close(f)
-        fds = {}
+        return {}
+    return fds
+
+
+def _first_ended(targets: List[Tuple[int, int]]) -> Optional[int]:
+    """The index of a process that has ended (or whose pid now belongs to another), or None."""
+    return next((i for i, (pid, start) in enumerate(targets) if _start_time(pid) != start), None)
+
+
+def _wait_on_pidfds(fds: Dict[int, int], every_s: float) -> Optional[int]:
+    """Up to ``every_s`` for one of the pidfds to turn readable (its index), or a short sleep
+    where there are none."""
+    import select
+
+    if not fds:
+        time.sleep(min(every_s, 0.5))
+        return None
+    ready, _, _ = select.select(list(fds), [], [], every_s)
+    return fds[ready[0]] if ready else None
+
+
+def _wait_for_first_exit(targets: List[Tuple[int, int]], every_s: float, tick: Callable[[], None]) -> int:
+    """Block until one of the processes ends, calling ``tick`` about every ``every_s``; the index
+    of the first one found ended."""
+    fds = _pidfds(targets)
     try:
         while True:
-            for i, (pid, start) in enumerate(targets):  # after the pidfds: none ended unseen
-                if _start_time(pid) != start:
-                    return i
-            if fds:
-                ready, _, _ = select.select(list(fds), [], [], every_s)
-                if ready:
-                    return fds[ready[0]]
-            else:
-                time.sleep(min(every_s, 0.5))
+            ended = _first_ended(targets)  # checked after the pidfds exist: none ends unseen
+            if ended is None:
+                ended = _wait_on_pidfds(fds, every_s)
+            if ended is not None:
+                return ended
             tick()
     finally:
         for f in fds:

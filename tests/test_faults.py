@@ -223,16 +223,22 @@ def study(work: Path, name: str):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_stop_signal_on_a_sweep_records_interrupted_trials_and_leaves_nothing_running(tmp_path, sig, code):
-    name = f"stop-{sig.name.lower()}"
+def sweep_in_its_first_epoch(tmp_path: Path, name: str) -> tuple:
+    """A real `kdray tune` of two slow trials at once, once it reports its first epoch; with the
+    Ray processes it started under it."""
     space = tmp_path / "s.yaml"
     space.write_text(SLOW_SPACE.format(name=name, epochs=200))
     work = tmp_path / "w"
     drv = Driver(["--workdir", str(work), "tune", "--space", str(space), "--concurrency", "2"], cwd=tmp_path)
     drv.wait_for(" epoch 1/200", timeout=240)
-    procs = drv.descendants()
+    return drv, space, work, drv.descendants()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_on_a_sweep_records_interrupted_trials_and_leaves_nothing_running(tmp_path, sig, code):
+    name = f"stop-{sig.name.lower()}"
+    drv, _, work, procs = sweep_in_its_first_epoch(tmp_path, name)
     assert procs, "a local sweep starts Ray processes under its driver"
     drv.proc.send_signal(sig)
     rc = drv.finish(timeout=120)
@@ -253,12 +259,7 @@ def test_stop_signal_on_a_sweep_records_interrupted_trials_and_leaves_nothing_ru
 @pytest.mark.slow
 def test_sigkilled_sweep_leaves_nothing_and_resume_closes_what_it_left_open(tmp_path):
     name = "killed"
-    space = tmp_path / "s.yaml"
-    space.write_text(SLOW_SPACE.format(name=name, epochs=200))
-    work = tmp_path / "w"
-    drv = Driver(["--workdir", str(work), "tune", "--space", str(space), "--concurrency", "2"], cwd=tmp_path)
-    drv.wait_for(" epoch 1/200", timeout=240)
-    procs = drv.descendants()
+    drv, space, work, procs = sweep_in_its_first_epoch(tmp_path, name)
     drv.proc.kill()
     drv.finish(timeout=30)
     assert wait_gone(procs, timeout=30) == []
