@@ -110,8 +110,10 @@ EOF
 
 auth_enforced() {
     # MLflow's API refuses a request without credentials (401) and takes ours (stdin: user, then
-    # password, so neither shows on a command line)
-    python - "$URI" <<'EOF'
+    # password, so neither shows on a command line). The script goes in with -c: a heredoc on
+    # `python -` would take stdin, and the credentials piped in would never reach it.
+    local script
+    script=$(cat <<'EOF'
 import base64, sys, urllib.error, urllib.request
 url = sys.argv[1] + "/api/2.0/mlflow/experiments/search?max_results=1"
 user, pw = sys.stdin.readline().rstrip("\n"), sys.stdin.readline().rstrip("\n")
@@ -128,6 +130,8 @@ try:
 except urllib.error.HTTPError as exc:
     sys.exit(f"kdray-head: MLflow refused the credentials of {user!r} (HTTP {exc.code})")
 EOF
+)
+    python -c "$script" "$URI"
 }
 
 stop() {
