@@ -44,12 +44,16 @@ def _mark_of(pid: int):
 
 
 def _name(pid: int) -> str:
+    """The process's command line with every path shortened to its last part (``python3 -u
+    dashboard.py --host=...``): a checkout's deep path must not push the program's name out of the
+    first 120 characters the messages keep."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        return cmd[:90] or "?"
+            argv = f.read().decode(errors="replace").split("\0")
     except OSError:
         return "?"
+    cmd = " ".join(a.rsplit("/", 1)[-1] if a.startswith("/") else a for a in argv).strip()
+    return cmd[:120] or "?"
 
 
 def session_processes(driver_pid: int) -> tuple:
