@@ -582,46 +582,100 @@ def load_data(cfg) -> DataBundle:
 # augmentation and batching
 
 
-def augment_batch(
-    x: torch.Tensor, crop_padding: int, hflip: bool, generator: Optional[torch.Generator]
-) -> torch.Tensor:
-    """Random crop (zero padding ``crop_padding``) and random horizontal flip of a uint8 batch.
-
-    One gather over the whole batch on ``x``'s device; offsets and flips are drawn from
-    ``generator`` (on any device). Returns a new contiguous [B,C,H,W] tensor (``x`` itself when
-    both augmentations are off).
-    """
+def crop_and_flip(x: torch.Tensor, crop_padding: int, dy: torch.Tensor, dx: torch.Tensor,
+                  flip: Optional[torch.Tensor]) -> torch.Tensor:
+    """Window (dy, dx) of each zero-padded uint8 image, mirrored where ``flip``: one gather over the
+    whole batch on ``x``'s device. Returns a new contiguous [B,C,H,W] tensor."""
     p = int(crop_padding)
-    if p <= 0 and not hflip:
-        return x
     b, c, h, w = x.shape
     dev = x.device
-    gdev = generator.device if generator is not None else dev
     if p > 0:
         x = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev).to(dev)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev).to(dev)
-    else:
-        dy = dx = torch.zeros(b, dtype=torch.long, device=dev)
     cols = torch.arange(w, device=dev).expand(b, w)
-    if hflip:
-        flip = (torch.rand(b, generator=generator, device=gdev) < 0.5).to(dev)
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows = dy[:, None] + torch.arange(h, device=dev)
-    cols = dx[:, None] + cols
+    if flip is not None:
+        cols = torch.where(flip.to(dev)[:, None], cols.flip(1), cols)
+    rows = dy.to(dev)[:, None] + torch.arange(h, device=dev)
+    cols = dx.to(dev)[:, None] + cols
     bi = torch.arange(b, device=dev)[:, None, None, None]
     ci = torch.arange(c, device=dev)[None, :, None, None]
     return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def augment_batch(
+    x: torch.Tensor, crop_padding: int, hflip: bool, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Random crop (zero padding ``crop_padding``) and random horizontal flip of a uint8 batch,
+    offsets and flips drawn from ``generator`` (``x`` itself when both augmentations are off)."""
+    p = int(crop_padding)
+    if p <= 0 and not hflip:
+        return x
+    b = x.shape[0]
+    gdev = generator.device if generator is not None else x.device
+    dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev)
+    dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev)
+    flip = (torch.rand(b, generator=generator, device=gdev) < 0.5) if hflip else None
+    return crop_and_flip(x, p, dy, dx, flip)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The finite set of training views: every crop offset of a ``crop_padding``-padded image, each
+    mirrored or not (``(2p+1)^2 x 2`` views; 162 at p = 4). View ``v`` is ``flip = v % 2`` (with
+    flips), then row offset and column offset of the remaining index."""
+
+    crop_padding: int
+    hflip: bool
+
+    @property
+    def count(self) -> int:
+        return (2 * self.crop_padding + 1) ** 2 * (2 if self.hflip else 1)
+
+    @property
+    def augments(self) -> bool:
+        return self.count > 1
+
+    def to_dict(self) -> dict:
+        return {"crop_padding": self.crop_padding, "hflip": self.hflip}
+
+    def view_ids(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """The view of each sample ``index`` in ``epoch``: a pure function of (seed, epoch, sample
+        index), independent of batch size, rank, worker count and shuffle order, so a teacher's
+        output for it can be recomputed or looked up anywhere."""
+        x = index.to(torch.int64) + _seed("view", seed, epoch) % (1 << 31)
+        for _ in range(2):  # a 32-bit integer mixer; products stay below 2^62, no int64 overflow
+            x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (x >> 16) ^ x
+        return x % self.count
+
+    def apply(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """The uint8 batch ``x`` (sample b seen as view ``views[b]``)."""
+        if not self.augments:
+            return x
+        flip = None
+        if self.hflip:
+            flip, views = views % 2 == 1, views // 2
+        side = 2 * self.crop_padding + 1
+        return crop_and_flip(x, self.crop_padding, views // side, views % side, flip)
+
+
+@dataclass(frozen=True)
+class ViewKeys:
+    """Which sample of the train split (``index``) each row of a batch is, seen as which view."""
+
+    index: torch.Tensor
+    view: torch.Tensor
 
 
 class BatchLoader:
     """Batches from a whole split held on ``device``; DistributedSampler-style sharding.
 
     Training: a permutation seeded by (seed, epoch), identical on every rank, padded to a multiple
-    of ``world_size`` by repeating its start, then ``perm[rank::world_size]``; batches are augmented
-    with :func:`augment_batch`. Call :meth:`set_epoch` before each epoch. Eval: no shuffle, no
-    augmentation, no duplicates: rank r takes samples r, r+world_size, ... Yields
-    ``(x float32 normalised [B,3,H,W], y int64)`` on ``device``; the last batch may be smaller.
+    of ``world_size`` by repeating its start, then ``perm[rank::world_size]``; each sample is seen as
+    the view :meth:`ViewSpec.view_ids` gives it (a pure function of seed, epoch and sample index).
+    Call :meth:`set_epoch` before each epoch. Eval: no shuffle, no augmentation, no duplicates: rank
+    r takes samples r, r+world_size, ... Iterating yields ``(x float32 normalised [B,3,H,W], y
+    int64)`` on ``device``; :meth:`with_views` adds each batch's :class:`ViewKeys`. The last batch
+    may be smaller.
     """
 
     def __init__(self, split: Split, batch_size: int, *, mean, std, device="cpu", train: bool,
@@ -635,8 +689,7 @@ class BatchLoader:
         self.y = split.y.to(self.device)
         self.batch_size = int(batch_size)
         self.train = bool(train)
-        self.crop_padding = int(crop_padding)
-        self.hflip = bool(hflip)
+        self.views = ViewSpec(int(crop_padding), bool(hflip))
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.channels_last = bool(channels_last)
@@ -666,17 +719,23 @@ class BatchLoader:
             perm = perm.repeat(math.ceil(total / n))[:total]
         return perm[self.rank : total : self.world_size]
 
-    def __iter__(self):
-        idx = self.indices().to(self.device)
-        gen = None
-        if self.train and (self.crop_padding > 0 or self.hflip):
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(_seed("augment", self.seed, self.epoch, self.rank))
+    def normalise(self, xb: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return xb.contiguous(memory_format=fmt).float().mul_(self._scale).sub_(self._shift)
+
+    def with_views(self):
+        """``(x, y, ViewKeys)`` for each batch of the epoch (views all 0 when nothing augments)."""
+        idx = self.indices()
+        augment = self.train and self.views.augments
+        views = self.views.view_ids(self.seed, self.epoch, idx) if augment else torch.zeros_like(idx)
+        idx_dev, views_dev = idx.to(self.device), views.to(self.device)
         for start in range(0, len(idx), self.batch_size):
-            b = idx[start : start + self.batch_size]
+            b, v = idx_dev[start : start + self.batch_size], views_dev[start : start + self.batch_size]
             xb = self.x.index_select(0, b)
-            if gen is not None:
-                xb = augment_batch(xb, self.crop_padding, self.hflip, gen)
-            xb = xb.contiguous(memory_format=fmt).float().mul_(self._scale).sub_(self._shift)
-            yield xb, self.y.index_select(0, b)
+            if augment:
+                xb = self.views.apply(xb, v)
+            yield self.normalise(xb), self.y.index_select(0, b), ViewKeys(b, v)
+
+    def __iter__(self):
+        for x, y, _ in self.with_views():
+            yield x, y

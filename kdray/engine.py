@@ -28,10 +28,11 @@ from .distill import Generation, Method, check_teacher_count, get_method
 from .errors import KdrayError
 from .models import build_student
 from .student_file import student_record
+from .teacher_store import DEFAULT_BUDGET_GB, StoredTeacherOutputs, StoreRequest, TeacherStore, ensure_store
 from .teachers import LiveTeacherOutputs, TeacherEnsemble, load_teachers
 
 Reporter = Callable[[dict, Optional[str]], None]
-TeacherOutputs = Callable[[torch.Tensor], dict]
+TeacherOutputs = Callable[..., dict]  # (x, view keys) -> {"logits": [K,N,C], "feats": [...]}
 
 SYNC_BN_NEEDS_CUDA = ("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
                       "leave sync_bn unset or false on CPU")
@@ -204,26 +205,39 @@ class Loaders:
 class Prepared:
     cfg: object
     data: DataBundle
-    teachers: Optional[TeacherEnsemble]
+    teachers: Optional[TeacherEnsemble]  # None until needed when a store serves the outputs
     precision: Precision
     loaders: Loaders
     rank: int
     world: int
+    store: Optional[TeacherStore] = None
+
+    def ensemble(self) -> TeacherEnsemble:
+        """The frozen ensemble, loaded on first need (a run whose store covers it never loads it)."""
+        if self.teachers is None:
+            self.teachers = _on_device(load_teachers(self.cfg.teachers, self.data.classes), self.precision)
+        return self.teachers
 
 
-def _resolve_teachers(cfg, method_cls, data: DataBundle, teachers, precision: Precision):
-    """The frozen ensemble on the training device, loaded from ``cfg.teachers`` unless given."""
-    if teachers is None and method_cls.min_teachers > 0:
+def _on_device(teachers: TeacherEnsemble, precision: Precision) -> TeacherEnsemble:
+    teachers = teachers.to(precision.device)
+    return teachers.to(memory_format=torch.channels_last) if precision.channels_last else teachers
+
+
+def _resolve_teachers(cfg, method_cls, data: DataBundle, teachers, precision: Precision, store):
+    """The frozen ensemble on the training device, loaded from ``cfg.teachers`` unless given or
+    unless a store gives the outputs (then it loads when a view is missing from the store)."""
+    if method_cls.min_teachers == 0 and teachers is None:
+        return None
+    if store is not None:
+        check_teacher_count(method_cls, store.info.count)
+        return teachers and _on_device(teachers, precision)
+    if teachers is None:
         if not cfg.teachers:
             check_teacher_count(method_cls, 0)
-        teachers = load_teachers(cfg.teachers, data.classes, precision.device)
-    if teachers is None:
-        return None
-    teachers = teachers.to(precision.device)
+        teachers = load_teachers(cfg.teachers, data.classes)
     check_teacher_count(method_cls, teachers.info.count)
-    if precision.channels_last:
-        teachers = teachers.to(memory_format=torch.channels_last)
-    return teachers
+    return _on_device(teachers, precision)
 
 
 def make_loaders(cfg, data: DataBundle, precision: Precision, rank: int, world: int) -> Loaders:
@@ -240,14 +254,43 @@ def make_loaders(cfg, data: DataBundle, precision: Precision, rank: int, world: 
     )
 
 
-def prepare(cfg, data=None, teachers=None, device=None) -> Prepared:
+def prepare(cfg, data=None, teachers=None, device=None, store: Optional[TeacherStore] = None) -> Prepared:
     rank, world = _rank_and_world()
     if cfg.batch_size < world:
         raise KdrayError(f"batch_size {cfg.batch_size} is smaller than the number of workers {world}")
     precision = Precision.for_config(cfg, device or pick_device(cfg))
     data = data or load_data(cfg)
-    teachers = _resolve_teachers(cfg, get_method(cfg.method), data, teachers, precision)
-    return Prepared(cfg, data, teachers, precision, make_loaders(cfg, data, precision, rank, world), rank, world)
+    method_cls = get_method(cfg.method)
+    store = store if method_cls.min_teachers > 0 else None
+    teachers = _resolve_teachers(cfg, method_cls, data, teachers, precision, store)
+    return Prepared(cfg, data, teachers, precision, make_loaders(cfg, data, precision, rank, world), rank, world,
+                    store)
+
+
+def teacher_view_epochs(cfg) -> tuple:
+    """The train loader's epoch numbers in which the ensemble teaches (``set_epoch``'s values)."""
+    plans = get_method(cfg.method).generations(cfg)
+    return tuple(e + 1000 * p.index for p in plans if p.teacher != "previous" for e in range(cfg.epochs))
+
+
+def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, epochs=None, feats=None,
+                       root=None, budget_gb: float = DEFAULT_BUDGET_GB, build=None, device=None,
+                       log=print) -> Optional[TeacherStore]:
+    """The teacher store of ``cfg``'s teachers, data, views and precision, holding every view of
+    ``seeds`` x ``epochs`` (default: the config's own); rows it lacks are computed (by ``build``,
+    e.g. over Ray, else here) and saved. None for a method without teachers."""
+    method_cls = get_method(cfg.method)
+    if method_cls.min_teachers == 0 or not cfg.teachers:
+        return None
+    precision = Precision.for_config(cfg, device or pick_device(cfg))
+    data = data or load_data(cfg)
+    ensemble = _on_device(load_teachers(cfg.teachers, data.classes), precision)
+    want_feats = method_cls.needs_teacher_feats(cfg) if feats is None else feats
+    source = LiveTeacherOutputs(ensemble, precision.autocast, want_feats)
+    req = StoreRequest(Path(cfg.teachers), data, precision, tuple(seeds or (cfg.seed,)),
+                       tuple(epochs or teacher_view_epochs(cfg)), want_feats, budget_gb,
+                       Path(root) if root else None)
+    return ensure_store(req, source, build=build, log=log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,13 +310,31 @@ class StepParts:
     precision: Precision
 
 
-def _generation_teachers(plan: Generation, prep: Prepared, prev_student_state: Optional[dict]):
-    """The ensemble, or for a sequential generation the previous generation's student, frozen."""
-    if plan.teacher != "previous":
-        return prep.teachers
-    prev = build_student(prep.cfg.student, prep.data.num_classes)
-    prev.load_state_dict(prev_student_state)
-    return TeacherEnsemble([prev.model]).to(prep.precision.device)
+def teacher_source(plan: Generation, prep: Prepared, feats: bool, prev_student_state: Optional[dict]):
+    """Where a generation's teacher outputs come from: the store when one is given (and holds the
+    feature maps the method needs), else the live ensemble; for a sequential generation the
+    previous generation's student, frozen and live. None for a method without teachers."""
+    autocast = prep.precision.autocast
+    if plan.teacher == "previous":
+        prev = build_student(prep.cfg.student, prep.data.num_classes)
+        prev.load_state_dict(prev_student_state)
+        return LiveTeacherOutputs(TeacherEnsemble([prev.model]).to(prep.precision.device), autocast, feats)
+    if prep.store is not None and (prep.store.feats is not None or not feats):
+        return StoredTeacherOutputs(prep.store, prep.precision.device, feats,
+                                    live=lambda: LiveTeacherOutputs(prep.ensemble(), autocast, feats))
+    if prep.teachers is None and prep.store is None:
+        return None
+    return LiveTeacherOutputs(prep.ensemble(), autocast, feats)
+
+
+def describe_source(source, prep: Prepared) -> str:
+    """One line for the run's log: where this generation's teacher outputs come from."""
+    if isinstance(source, StoredTeacherOutputs):
+        store = source.store
+        return f"teacher outputs: store {store.meta.get('digest', '(in memory)')}, {store.coverage()}"
+    if prep.store is not None:
+        return "teacher outputs: live ensemble (feature maps online: the store holds none)"
+    return "teacher outputs: live ensemble"
 
 
 def _distributed(module: TrainModule, cfg, prep: Prepared) -> nn.Module:
@@ -291,19 +352,17 @@ def _distributed(module: TrainModule, cfg, prep: Prepared) -> nn.Module:
 
 def build_generation(cfg, prep: Prepared, plan: Generation, prev_student_state=None) -> StepParts:
     method_cls = get_method(cfg.method)
-    teachers = _generation_teachers(plan, prep, prev_student_state)
+    source = teacher_source(plan, prep, method_cls.needs_teacher_feats(cfg), prev_student_state)
     torch.manual_seed(cfg.seed + 1000 * plan.index)
     student = build_student(cfg.student, prep.data.num_classes, branches=cfg.branches,
                             split_stage=cfg.split_stage, multi_branch=method_cls.multi_branch)
-    method = method_cls(cfg, student, teachers.info if teachers is not None else None)
+    method = method_cls(cfg, student, source.info if source is not None else None)
     module = TrainModule(student, method).to(prep.precision.device)
     if prep.precision.channels_last:
         module = module.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, [p for p in module.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
-    outputs = (LiveTeacherOutputs(teachers, prep.precision.autocast, feats=method.uses_teacher_feats)
-               if teachers is not None else None)
-    return StepParts(student, method, module, module, optimizer, scheduler, outputs, prep.precision)
+    return StepParts(student, method, module, module, optimizer, scheduler, source, prep.precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,9 +391,10 @@ class EpochTotals:
             self.terms[k] = self.terms.get(k, torch.zeros((), device=self.device)) + v.detach().float() * bs
 
 
-def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals) -> None:
-    """One optimizer step: teacher outputs, the method's loss terms summed, backward, update."""
-    t_out = parts.teacher_outputs(x) if parts.teacher_outputs is not None else None
+def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor, totals: EpochTotals, keys=None) -> None:
+    """One optimizer step: teacher outputs (for the batch's views ``keys``), the method's loss
+    terms summed, backward, update."""
+    t_out = parts.teacher_outputs(x, keys) if parts.teacher_outputs is not None else None
     with parts.precision.autocast():
         logits, terms = parts.wrapped(x, y, t_out)
     loss = sum(terms.values())  # the engine never asks which method it runs
@@ -345,11 +405,12 @@ def train_step(parts: StepParts, x: torch.Tensor, y: torch.Tensor, totals: Epoch
 
 
 def train_epoch(parts: StepParts, batches: Iterable) -> EpochTotals:
-    """Train on every ``(x, y)`` of ``batches`` (an epoch of a BatchLoader, or any slice of one)."""
+    """Train on every ``(x, y, view keys)`` of ``batches`` (``BatchLoader.with_views()`` of an
+    epoch, or any slice of one)."""
     parts.module.train()
     totals = EpochTotals(parts.precision.device)
-    for x, y in batches:
-        train_step(parts, x, y, totals)
+    for x, y, keys in batches:
+        train_step(parts, x, y, totals, keys)
     return totals
 
 
@@ -440,6 +501,8 @@ def epoch_metrics(cfg, parts: StepParts, prep: Prepared, plan: Generation, plans
         **{f"val_{k}": v for k, v in val.items()},
         "lr": lr, "epoch_time_s": epoch_time, "images_per_s": train["images"] / epoch_time,
         "params": count_params(parts.student),
+        # images the teachers ran on in this process so far (0 per epoch when a store serves them)
+        "teacher_images": getattr(parts.teacher_outputs, "images", 0),
     }
     if hasattr(parts.student, "extract_branch"):
         metrics["branch_params"] = count_params(parts.student.extract_branch(0))
@@ -482,7 +545,7 @@ def run_generation(cfg, prep: Prepared, parts: StepParts, plan: Generation, plan
     for epoch in range(start_epoch, cfg.epochs):
         prep.loaders.train.set_epoch(epoch + 1000 * plan.index)
         t0 = time.perf_counter()
-        train = reduce_epoch(train_epoch(parts, prep.loaders.train), epoch + 1)
+        train = reduce_epoch(train_epoch(parts, prep.loaders.train.with_views()), epoch + 1)
         if prep.precision.device.type == "cuda":
             torch.cuda.synchronize(prep.precision.device)  # the epoch's time includes its queued kernels
         epoch_time = time.perf_counter() - t0
@@ -508,14 +571,16 @@ def fit(
     keep_checkpoints: int = 2,
     device: Optional[torch.device] = None,
     log: Optional[Callable[[str], None]] = None,
+    teacher_store: Optional[TeacherStore] = None,
 ) -> dict:
     """Train ``cfg`` to the end and return ``{"metrics", "history", "student", "classes", ...}``.
 
     ``reporter(metrics, checkpoint_dir)`` is called on every rank after every epoch (the
     checkpoint directory only on rank 0). ``resume_dir`` is a checkpoint directory to continue
-    from; with ``cfg.resume`` the latest one under the checkpoint root is used.
+    from; with ``cfg.resume`` the latest one under the checkpoint root is used. ``teacher_store``
+    gives the teachers' outputs (``kdray.teacher_store``); without it they run live.
     """
-    prep = prepare(cfg, data, teachers, device)
+    prep = prepare(cfg, data, teachers, device, teacher_store)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if prep.rank == 0 else (lambda s: None)
     root = Path(checkpoint_root or cfg.checkpoint_dir or "kdray-work/checkpoints")
@@ -524,6 +589,8 @@ def fit(
     metrics, parts = {}, None
     for plan in plans[run.generation:]:  # generations finished before an interruption are skipped
         parts = build_generation(cfg, prep, plan, run.prev_student)
+        if parts.teacher_outputs is not None:
+            say(describe_source(parts.teacher_outputs, prep))
         start = _restore(parts, run, plan)
         parts.wrapped = _distributed(parts.module, cfg, prep)
         metrics = run_generation(cfg, prep, parts, plan, plans, run, start, root=root, keep=keep_checkpoints,

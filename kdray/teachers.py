@@ -55,17 +55,24 @@ class TeacherEnsemble(nn.Module):
 
 class LiveTeacherOutputs:
     """The engine's source of teacher outputs, computed live: the frozen ensemble run on each
-    batch under the step's autocast. ``outputs(x)`` -> ``{"logits": [K,N,C], "feats": [...]}``;
-    feature maps only when the method asks for them (they cost memory)."""
+    batch under the step's autocast. ``outputs(x, keys)`` -> ``{"logits": [K,N,C], "feats": [...]}``
+    (``keys``, the batch's views, are not needed: the batch is the views); feature maps only when
+    the method asks for them (they cost memory). ``images`` counts the images the teachers ran on."""
 
     def __init__(self, ensemble: TeacherEnsemble, autocast: Callable, feats: bool):
         self.ensemble, self.autocast, self.feats = ensemble, autocast, feats
+        self.images = 0
 
     @property
     def info(self):
         return self.ensemble.info
 
-    def __call__(self, x: torch.Tensor) -> dict:
+    @property
+    def device(self) -> torch.device:
+        return next(self.ensemble.parameters()).device
+
+    def __call__(self, x: torch.Tensor, keys=None) -> dict:
+        self.images += int(x.shape[0])
         with self.autocast():
             return self.ensemble(x, feats=self.feats)
 

@@ -54,6 +54,11 @@ class Method(nn.Module):
     #: whether the engine must return the teachers' feature maps (costs memory)
     uses_teacher_feats: bool = False
 
+    @classmethod
+    def needs_teacher_feats(cls, cfg) -> bool:
+        """Whether a run of ``cfg`` needs the teachers' feature maps (known before it is built)."""
+        return cls.uses_teacher_feats
+
     def forward(self, y: torch.Tensor, s_out: dict, t_out: Optional[dict]):  # pragma: no cover
         raise NotImplementedError
 

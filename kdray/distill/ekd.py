@@ -30,6 +30,10 @@ class EKD(Method):
         HParam("ens_kd_weight", float, 0.0, "ensemble KD weight e", low=0),
     )
 
+    @classmethod
+    def needs_teacher_feats(cls, cfg) -> bool:
+        return float(cfg.feat_weight) > 0
+
     def __init__(self, cfg, student, teachers):
         super().__init__(cfg, student, teachers)
         self.B = int(student.num_branches)
@@ -38,7 +42,7 @@ class EKD(Method):
         alphas = cfg.branch_alpha if cfg.branch_alpha is not None else [self.alpha] * self.B
         self.branch_alpha = [float(a) for a in alphas]
         self.g, self.d, self.e = float(cfg.feat_weight), float(cfg.ens_ce_weight), float(cfg.ens_kd_weight)
-        self.uses_teacher_feats = self.g > 0
+        self.uses_teacher_feats = self.needs_teacher_feats(cfg)
         if self.uses_teacher_feats:
             self.adapters = nn.ModuleList(
                 adapter(student.feat_channels, teachers.feat_channels[k]) for k in self.pair
