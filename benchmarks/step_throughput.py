@@ -170,15 +170,40 @@ def sync(device: torch.device) -> None:
 # kdray side
 
 
+def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, per_epoch: int):
+    """An in-memory teacher store holding the views of the first ``per_epoch`` samples of each of
+    ``epochs`` epochs (what the timed rounds visit): (store, seconds it took, views computed)."""
+    from kdray.data import ViewSpec
+    from kdray.teacher_store import compute_rows, empty_store, view_batch
+
+    data = dataclasses.replace(data, train=train)
+    prep = engine.prepare(cfg, data=data, teachers=TeacherEnsemble(teacher_models), device=device)
+    feats = get_method(cfg.method).needs_teacher_feats(cfg)
+    source = engine.LiveTeacherOutputs(prep.teachers, prep.precision.autocast, feats)
+    views, loader = ViewSpec(data.crop_padding, data.hflip), prep.loaders.train
+    codes = []
+    for e in range(epochs):
+        loader.set_epoch(e)
+        idx = loader.indices()[:per_epoch]
+        codes.append(idx * views.count + views.view_ids(loader.seed, e, idx))
+    codes = torch.unique(torch.cat(codes))
+    t0 = time.perf_counter()
+    sample = source(view_batch(data, views, codes[:1], prep.precision.channels_last).to(device))
+    store = empty_store({}, source.info, len(train), views, sample, feats)
+    store.add(codes, *compute_rows(source, data, views, codes, prep.precision.channels_last))
+    return store, time.perf_counter() - t0, len(codes)
+
+
 class KdraySide:
     """kdray's training step, called through the engine itself: ``engine.prepare`` (device,
-    autocast / channels_last policy, the frozen :class:`TeacherEnsemble`, the on-device
-    :class:`BatchLoader`), ``engine.build_generation`` (student, method, optimizer) and
+    autocast / channels_last policy, the frozen :class:`TeacherEnsemble` or a teacher store, the
+    on-device :class:`BatchLoader`), ``engine.build_generation`` (student, method, optimizer) and
     ``engine.train_epoch`` over a slice of one epoch's batches -- the same function ``fit`` runs."""
 
-    def __init__(self, cfg, data, train: Split, teacher_models, device):
+    def __init__(self, cfg, data, train: Split, teacher_models, device, store=None):
         teachers = TeacherEnsemble(teacher_models) if teacher_models else None
-        self.prep = engine.prepare(cfg, data=dataclasses.replace(data, train=train), teachers=teachers, device=device)
+        self.prep = engine.prepare(cfg, data=dataclasses.replace(data, train=train), teachers=teachers,
+                                   device=device, store=store)
         self.parts = engine.build_generation(cfg, self.prep, Generation(0))
         self.device = device
         self.use_amp = self.prep.precision.use_amp
@@ -192,7 +217,7 @@ class KdraySide:
         loader = self.prep.loaders.train
         loader.set_epoch(self.epoch)
         self.epoch += 1
-        batches = iter(loader)
+        batches = loader.with_views()
         engine.train_epoch(self.parts, itertools.islice(batches, warmup))
         sync(self.device)
         t0 = time.perf_counter()
@@ -316,6 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"), help="kdray side only (engine default)")
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader num_workers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-store", dest="store", action="store_false",
+                   help="leave out the kdray side whose teacher outputs come from a teacher store")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.repeats < 1 or args.workers < 0:
@@ -355,12 +382,20 @@ def main(argv=None) -> int:
         ref_teachers = build_teachers(archs, count, data.num_classes, args.seed)  # identical weights
         kd_side = KdraySide(cfg, data, train, teachers, device)
         ref_side = ReferenceSide(cfg, data, train, ref_teachers, device, args.workers)
+        sides = [("kdray", kd_side), ("reference", ref_side)]
+        store_info = None
+        if args.store and count:
+            store, build_s, n_views = build_store(cfg, data, train, teachers, device, args.repeats, per_round)
+            log(f"teacher store: {n_views} views x {count} teachers in {build_s:.1f}s (untimed; "
+                f"shared by every trial of a sweep)")
+            sides.insert(0, ("kdray+store", KdraySide(cfg, data, train, teachers, device, store=store)))
+            store_info = {"views": n_views, "build_s": round(build_s, 2), "bytes": store.nbytes}
     except KdrayError as exc:
         raise SystemExit(f"step_throughput: {exc}") from None
 
-    rates: dict[str, list[float]] = {"kdray": [], "reference": []}
+    rates: dict[str, list[float]] = {name: [] for name, _ in sides}
     for r in range(args.repeats):
-        for name, side in (("kdray", kd_side), ("reference", ref_side)):
+        for name, side in sides:
             secs, n = side.run(args.warmup, args.steps)
             rates[name].append(n / secs)
             log(f"round {r + 1}/{args.repeats} {name}: {n} images in {secs:.2f}s = {n / secs:.1f} img/s "
@@ -368,6 +403,7 @@ def main(argv=None) -> int:
     kd_ips = statistics.median(rates["kdray"])
     ref_ips = statistics.median(rates["reference"])
     ratio = kd_ips / ref_ips
+    store_ips = statistics.median(rates["kdray+store"]) if "kdray+store" in rates else None
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     result = {
@@ -388,6 +424,9 @@ def main(argv=None) -> int:
         "kdray_img_s_rounds": [round(v, 2) for v in rates["kdray"]],
         "reference_img_s_rounds": [round(v, 2) for v in rates["reference"]],
     }
+    if store_ips is not None:
+        result.update({"kdray_store_img_s": round(store_ips, 2), "store_ratio": round(store_ips / ref_ips, 3),
+                       "store": store_info})
     if args.json:
         print(json.dumps(result))
     else:
@@ -402,6 +441,9 @@ def main(argv=None) -> int:
         print(f"kdray:     {kd_ips:10.1f} img/s")
         print(f"reference: {ref_ips:10.1f} img/s")
         print(f"ratio:     {ratio:10.2f}x (kdray / reference)")
+        if store_ips is not None:
+            print(f"kdray+store: {store_ips:8.1f} img/s  ratio {store_ips / ref_ips:.2f}x (kdray with a teacher "
+                  f"store / reference; store built once in {store_info['build_s']}s)")
     return 0
 
 

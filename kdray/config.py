@@ -60,8 +60,8 @@ class RunConfig:
     seed: int = 0
     # --- runtime -------------------------------------------------------------------------
     device: str = "auto"
-    amp: str = "auto"  # bf16 autocast on GPU when auto
-    channels_last: Optional[bool] = None  # None: on for GPU
+    amp: str = "auto"  # auto: bf16 autocast on GPU and on CPUs with native bf16 (AVX512_BF16 / AMX)
+    channels_last: Optional[bool] = None  # None: on (GPU and CPU)
     sync_bn: Optional[bool] = None  # None: SyncBatchNorm when several GPU workers train (CUDA only)
     workers: int = 1  # Ray Train workers (1 = in-process)
     checkpoint_dir: Optional[str] = None
