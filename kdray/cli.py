@@ -119,7 +119,8 @@ def cmd_train(args) -> int:
     with stop_signals_interrupt():
         result = run_training(cfg, out=out, run_name=name, tracking=tracking, log=log, address=args.address,
                               gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                              max_failures=args.max_failures)
+                              max_failures=args.max_failures, store_root=args.teacher_store,
+                              store_budget=args.teacher_store_budget)
     m = result["metrics"]
     summary = {k: v for k, v in m.items() if isinstance(v, (int, float))}
     summary.update({"student_path": result["student_path"], "method": cfg.method, "student": cfg.student,
@@ -244,16 +245,61 @@ def cmd_teachers_train(args) -> int:
 
 
 def cmd_teachers_show(args) -> int:
+    from .teacher_store import STORES, list_stores
     from .teachers import load_teachers, read_manifest
 
     manifest = read_manifest(args.dir)
     load_teachers(args.dir)  # verifies every checksum and state dict
+    stores = list_stores(Path(args.dir) / STORES)
     if args.json:
-        emit_json(manifest, sort_keys=True)
+        emit_json({**manifest, "stores": stores}, sort_keys=True)
+        return 0
+    print(f"{args.dir}: {len(manifest['teachers'])} teachers on {manifest['dataset']} ({len(manifest['classes'])} classes), all verified")
+    for t in manifest["teachers"]:
+        print(f"  {t['file']}: {t['arch']} seed {t['seed']} test acc {t['test_acc']:.4f}")
+    for m in stores:
+        print(store_line(m))
+    if not stores:
+        print(f"  no teacher store yet (`kdray teachers store {args.dir} --space FILE` builds one; sweeps build theirs)")
+    return 0
+
+
+def store_line(m: dict) -> str:
+    k = m["key"]
+    views = k["views"]
+    return (f"  store {m['digest']}: {k['dataset']} {k['image_size']}px train split {k['train'][:12]}, views crop "
+            f"{views['crop_padding']} flip {views['hflip']}, {'bf16' if k['precision']['bf16'] else 'fp32'}; "
+            f"{m['rows']}/{m['views']} views ({100.0 * m['rows'] / max(m['views'], 1):.1f}%), "
+            f"{'logits + feature maps' if m['feats'] else 'logits'}, {m['bytes'] / 1024**2:.1f} MB, built in {m['build_s']} s")
+
+
+def cmd_teachers_store(args) -> int:
+    from .engine import open_teacher_store
+    from .teacher_store import list_stores
+
+    if args.space:
+        from .space import load_space
+        from .tune import sweep_store_needs
+
+        space = load_space(args.space)
+        space.base = space.base.replace(teachers=str(args.dir))
+        needs = sweep_store_needs(space)
+        if needs is None:
+            raise KdrayError(f"--space {args.space}: no method of this space uses teachers; nothing to store")
+        cfg, seeds, epochs, feats = needs
     else:
-        print(f"{args.dir}: {len(manifest['teachers'])} teachers on {manifest['dataset']} ({len(manifest['classes'])} classes), all verified")
-        for t in manifest["teachers"]:
-            print(f"  {t['file']}: {t['arch']} seed {t['seed']} test acc {t['test_acc']:.4f}")
+        cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys()).replace(teachers=str(args.dir))
+        seeds, epochs, feats = None, None, None
+    with stop_signals_interrupt():
+        store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=args.store,
+                                   budget_gb=args.budget, log=log)
+    if store is None:
+        raise KdrayError(f"method {cfg.method!r} uses no teachers; nothing to store")
+    meta = next(m for m in list_stores(Path(args.store or Path(args.dir) / "stores")) if m["digest"] == store.meta["digest"])
+    if args.json:
+        emit_json(meta, sort_keys=True)
+    else:
+        print(store_line(meta).strip())
     return 0
 
 
@@ -264,7 +310,8 @@ def cmd_tune(args) -> int:
         samples=args.samples, concurrency=args.concurrency, workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, experiment=args.experiment,
         address=args.address, resume=args.resume, optuna_storage=args.optuna_storage,
-        max_failures=args.max_failures,
+        max_failures=args.max_failures, teacher_store=args.teacher_store_on,
+        teacher_store_dir=args.teacher_store, teacher_store_budget=args.teacher_store_budget,
     )
     result = run_sweep(args.space, workdir=workdir(args), options=options, log=log,
                        tracking=tracking_from_args(args))
@@ -341,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--address", help="Ray cluster address for --workers > 1 (default: a local Ray)")
     m.add_argument("--max-failures", type=int, default=0,
                    help="with --workers > 1: worker failures the run survives, resuming from its last checkpoint (default 0)")
+    m.add_argument("--teacher-store", metavar="DIR|auto",
+                   help="take the teachers' outputs from a teacher store in DIR (auto: the teacher set's stores/), "
+                   "computing the views it lacks once (default: teachers run live on every batch)")
+    m.add_argument("--teacher-store-budget", type=float, default=4.0, metavar="GB",
+                   help="memory / disk a teacher store may take (default 4); feature maps beyond it are computed online")
     add_data_args(t)
     add_optim_args(t)
     o = t.add_argument_group("output")
@@ -366,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--resume", action="store_true", help="continue the sweep's Optuna study; interrupted trials run again")
     tu.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///WORKDIR/optuna.db)")
     tu.add_argument("--max-failures", type=int, default=0, help="worker failures a trial survives, resuming from its last checkpoint (default 0)")
+    tu.add_argument("--no-teacher-store", dest="teacher_store_on", action="store_false",
+                    help="run the teachers live in every trial instead of sharing their outputs from a teacher store")
+    tu.add_argument("--teacher-store", metavar="DIR", help="where teacher stores live (default: the teacher set's stores/)")
+    tu.add_argument("--teacher-store-budget", type=float, default=4.0, metavar="GB",
+                    help="memory / disk the sweep's teacher store may take (default 4); feature maps beyond it are computed online")
     tu.add_argument("--json", action="store_true", help="print the sweep's result (trials, best, Pareto front) as JSON")
     tu.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db); "
                     "an `mlflow server` when trials run on several hosts")
@@ -416,7 +473,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(tt)
     add_optim_args(tt)
     tt.set_defaults(func=cmd_teachers_train)
-    ts = tsub.add_parser("show", help="verify and list a teacher directory", description="Verify checksums and weights of a teacher directory and list its teachers.")
+    st = tsub.add_parser("store", help="build (or extend) a teacher store: the teachers' outputs for the views runs will see",
+                         description="Compute the teachers' outputs for every training view a sweep of --space (or a "
+                         "run of the given method, data and epochs) will see, once, into a verified store that sweeps "
+                         "and `kdray train --teacher-store` read instead of running the teachers.")
+    st.add_argument("dir", help="teacher directory")
+    st.add_argument("--space", help="build what a sweep of this search space needs (its seeds, epochs, methods)")
+    st.add_argument("--method", help="otherwise: the method a run will train (default ekd)")
+    st.add_argument("--store", metavar="DIR", help="where stores live (default DIR/stores)")
+    st.add_argument("--budget", type=float, default=4.0, metavar="GB", help="memory / disk the store may take (default 4)")
+    st.add_argument("--json", action="store_true", help="print the store's record as JSON")
+    add_hparam_args(st)
+    add_data_args(st)
+    add_optim_args(st)
+    st.set_defaults(func=cmd_teachers_store)
+    ts = tsub.add_parser("show", help="verify and list a teacher directory and its stores", description="Verify checksums and weights of a teacher directory and list its teachers and teacher stores (key, size, coverage).")
     ts.add_argument("dir", help="teacher directory")
     ts.add_argument("--json", action="store_true", help="print the manifest as JSON")
     ts.set_defaults(func=cmd_teachers_show)

@@ -288,22 +288,26 @@ def teacher_view_epochs(cfg) -> tuple:
 
 
 def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, epochs=None, feats=None,
-                       root=None, budget_gb: float = DEFAULT_BUDGET_GB, build=None, device=None,
+                       root=None, budget_gb: float = DEFAULT_BUDGET_GB, builder=None, device=None,
                        log=print) -> Optional[TeacherStore]:
-    """The teacher store of ``cfg``'s teachers, data, views and precision, holding every view of
-    ``seeds`` x ``epochs`` (default: the config's own); rows it lacks are computed (by ``build``,
-    e.g. over Ray, else here) and saved. None for a method without teachers."""
+    """The teacher store of ``cfg``'s teachers, data, views and precision (that of ``device``, the
+    trials' device type), holding every view of ``seeds`` x ``epochs`` (default: the config's own);
+    rows it lacks are computed and saved: by ``builder(ensemble, data, precision, feats)`` (a
+    :data:`~kdray.teacher_store.Builder` factory, e.g. Ray tasks) or else here. None for a method
+    without teachers."""
     method_cls = get_method(cfg.method)
     if method_cls.min_teachers == 0 or not cfg.teachers:
         return None
-    precision = Precision.for_config(cfg, device or pick_device(cfg))
+    precision = Precision.for_config(cfg, torch.device(device) if device else pick_device(cfg))
+    here = precision if builder is None else Precision(torch.device("cpu"), precision.use_amp, precision.channels_last)
     data = data or load_data(cfg)
-    ensemble = _on_device(load_teachers(cfg.teachers, data.classes), precision)
+    ensemble = _on_device(load_teachers(cfg.teachers, data.classes), here)
     want_feats = method_cls.needs_teacher_feats(cfg) if feats is None else feats
-    source = LiveTeacherOutputs(ensemble, precision.autocast, want_feats)
+    source = LiveTeacherOutputs(ensemble, here.autocast, want_feats)
     req = StoreRequest(Path(cfg.teachers), data, precision, tuple(seeds or (cfg.seed,)),
                        tuple(epochs or teacher_view_epochs(cfg)), want_feats, budget_gb,
                        Path(root) if root else None)
+    build = builder(ensemble, data, precision, want_feats) if builder is not None else None
     return ensure_store(req, source, build=build, log=log)
 
 

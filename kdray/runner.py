@@ -53,7 +53,16 @@ def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dic
     return {"uri": tracking["uri"], "run_id": run_id, "experiment_id": exp_id}
 
 
-def _train_here(cfg, track: Optional[dict], log) -> tuple[dict, Path]:
+def open_store(cfg, root: Optional[str], budget_gb: float, log):
+    """``--teacher-store DIR|auto``: the store with every view this run needs (built here), or None."""
+    if not root:
+        return None
+    from .engine import open_teacher_store
+
+    return open_teacher_store(cfg, root=None if root == "auto" else root, budget_gb=budget_gb, log=log)
+
+
+def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path]:
     """In this process; returns the result and the latest checkpoint folder."""
     from .engine import fit
     from .scale import final_extras
@@ -68,12 +77,13 @@ def _train_here(cfg, track: Optional[dict], log) -> tuple[dict, Path]:
             extras.update(final_extras(metrics, ckpt_dir))
             logger.epoch({**metrics, **extras}, ckpt_dir)
 
-    result = fit(cfg, log=log, checkpoint_root=cfg.checkpoint_dir, reporter=reporter)
+    result = fit(cfg, log=log, checkpoint_root=cfg.checkpoint_dir, reporter=reporter, teacher_store=store)
     result["metrics"].update(extras)  # the final student's latency, as logged
     return result, latest_checkpoint(cfg.checkpoint_dir)
 
 
 def _train_on_ray(cfg, track: Optional[dict], out: Path, run_name: str, **ray_options) -> tuple[dict, Path]:
+    """On ``cfg.workers`` Ray Train workers (``ray_options``: address, resources, retries, store)."""
     from .scale import fit_distributed
 
     res = fit_distributed(cfg, workers=cfg.workers, out=out, name=run_name, tracking=track, **ray_options)
@@ -84,22 +94,33 @@ def _train_on_ray(cfg, track: Optional[dict], out: Path, run_name: str, **ray_op
 
 
 def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = None, log=print, address=None,
-                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, max_failures: int = 0) -> dict:
-    """``tracking``: ``{"uri": ..., "experiment": ..., "workdir": ...}`` or None for no MLflow."""
+                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, max_failures: int = 0,
+                 store_root: Optional[str] = None, store_budget: float = 4.0) -> dict:
+    """``tracking``: ``{"uri": ..., "experiment": ..., "workdir": ...}`` or None for no MLflow.
+    ``store_root``: a teacher-store folder (or "auto": the teacher set's) to take the teachers'
+    outputs from; None: they run live."""
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
         from .engine import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
     check_inputs(cfg)
+    if store_budget <= 0:
+        raise KdrayError(f"--teacher-store-budget {store_budget} is out of range; allowed: > 0 (GB)")
+    store = open_store(cfg, store_root, store_budget, log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     track = _open_run(tracking, cfg, run_name, log)
+    if track and store is not None:
+        from .tracking import STORE_TAG, client
+
+        client(track["uri"]).set_tag(track["run_id"], STORE_TAG, f"{store.meta.get('digest')}: {store.coverage()}")
     try:
         if cfg.workers > 1:
             result, latest = _train_on_ray(cfg, track, out, run_name, address=address, max_failures=max_failures,
-                                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+                                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                                           store=store)
         else:
-            result, latest = _train_here(cfg, track, log)
+            result, latest = _train_here(cfg, track, log, store)
     except Interrupted as exc:
         if track:
             from .tracking import finish_run

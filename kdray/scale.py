@@ -19,6 +19,11 @@ from .errors import KdrayError
 DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
 
 
+def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> dict:
+    """What one training process asks of Tune when a 1-worker trial trains in the trial itself."""
+    return {"cpu": cpus_per_worker, "gpu": gpus_per_worker}
+
+
 def _quiet_ray_train_console() -> None:
     """Ray Train logs every report and checkpoint (a full metrics dict) at INFO to the console of
     each worker; keep those in Ray's log files only, the console for warnings and kdray's lines."""
@@ -51,17 +56,55 @@ def _rank0_tracker(track: Optional[dict], cfg, node_ip: str):
     return RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers, node_ip=node_ip)
 
 
-def _ray_reporter(tracker, node_ip: str, node_id: str):
-    import ray.train
+def _ray_reporter(tracker, node_ip: str, node_id: str, api=None):
+    """``api``: ``ray.train`` on a Train worker, ``ray.tune`` in a trial that trains itself."""
+    if api is None:
+        import ray.train as api
 
     def report(metrics: dict, ckpt_dir: Optional[str]) -> None:
         metrics = dict(metrics, node_ip=node_ip, node_id=node_id, **final_extras(metrics, ckpt_dir))
         if tracker is not None:  # before the report: ASHA may end the trial right after it
             tracker.epoch(metrics, ckpt_dir)
-        checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        checkpoint = api.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        api.report(metrics, checkpoint=checkpoint)
 
     return report
+
+
+def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet: bool) -> None:
+    """``fit`` from ``checkpoint`` (Ray's last, or None) with the store behind ``store_ref``; a
+    failure is recorded on the run before it propagates."""
+    from .engine import fit
+    from .outcome import failure_reason
+    from .store_ray import fetch
+    from .tracking import TrackingLost
+
+    root = tempfile.mkdtemp(prefix="kdray-ckpt-")
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
+        try:
+            # in a sweep, the driver prints one line per trial epoch; the workers stay quiet
+            fit(cfg, reporter=reporter, resume_dir=resume_dir, checkpoint_root=root, device=device,
+                keep_checkpoints=1, log=(lambda s: None) if quiet else None, teacher_store=fetch(store_ref))
+        except Exception as exc:
+            if tracker is not None and not isinstance(exc, TrackingLost):  # no server to tell
+                tracker.failed(failure_reason(exc))
+            raise
+
+
+def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None) -> None:
+    """A 1-worker trial trains in the trial's own process (no Train worker group to start):
+    reports and checkpoints go to Tune each epoch, and a retried trial resumes from its last one."""
+    import ray
+    import ray.tune
+    from ray.util import get_node_ip_address
+
+    from .engine import pick_device
+    from .tracking import RunLogger
+
+    node_ip = get_node_ip_address()
+    tracker = RunLogger(tracking["uri"], tracking["run_id"], teachers=cfg.teachers, node_ip=node_ip) if tracking else None
+    reporter = _ray_reporter(tracker, node_ip, ray.get_runtime_context().get_node_id(), api=ray.tune)
+    _fit_reporting(cfg, tracker, reporter, ray.tune.get_checkpoint(), store_ref, pick_device(cfg), quiet=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -72,9 +115,6 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.util import get_node_ip_address
 
     from .distill import ensure_registered
-    from .engine import fit
-    from .outcome import failure_reason
-    from .tracking import TrackingLost
 
     _quiet_ray_train_console()
     ensure_registered(config.get("methods", ()))  # methods defined outside kdray travel by value
@@ -82,18 +122,8 @@ def train_loop_per_worker(config: dict) -> None:
     node_ip = get_node_ip_address()
     tracker = _rank0_tracker(config.get("tracking"), cfg, node_ip)
     reporter = _ray_reporter(tracker, node_ip, ray.get_runtime_context().get_node_id())
-    ckpt = ray.train.get_checkpoint()
-    root = tempfile.mkdtemp(prefix="kdray-ckpt-")
-    with (ckpt.as_directory() if ckpt else contextlib.nullcontext(None)) as resume_dir:
-        try:
-            # in a sweep, the driver prints one line per trial epoch; the workers stay quiet
-            fit(cfg, reporter=reporter, resume_dir=resume_dir, checkpoint_root=root,
-                device=ray.train.torch.get_device(), keep_checkpoints=1,
-                log=(lambda s: None) if config.get("quiet") else None)
-        except Exception as exc:
-            if tracker is not None and not isinstance(exc, TrackingLost):  # no server to tell
-                tracker.failed(failure_reason(exc))
-            raise
+    _fit_reporting(cfg, tracker, reporter, ray.train.get_checkpoint(), config.get("teacher_store"),
+                   ray.train.torch.get_device(), quiet=bool(config.get("quiet")))
 
 
 def method_payload() -> list:
@@ -116,7 +146,7 @@ def method_payload() -> list:
 
 def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                  storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None,
-                 quiet: bool = False, methods=()):
+                 quiet: bool = False, methods=(), store_ref=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -128,7 +158,8 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": list(methods)},
+        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": list(methods),
+                           "teacher_store": store_ref},
         # on a local Ray, torch's rendezvous store listens on loopback too (see kdray.local_ray)
         torch_config=local_ray.torch_config("nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -210,8 +241,10 @@ def init_ray(address: Optional[str] = None, env: Optional[dict] = None) -> None:
 
 def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                     address: Optional[str] = None, max_failures: int = 0, name: str = "kdray-train",
-                    tracking: Optional[dict] = None) -> dict:
-    """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint."""
+                    tracking: Optional[dict] = None, store=None) -> dict:
+    """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint.
+    ``store``: a teacher store, handed to the workers through Ray's object store."""
+    from .store_ray import share
     from .tracking import bounded_http_env
 
     init_ray(address, env=bounded_http_env())
@@ -222,7 +255,7 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
     trainer = make_trainer(cfg, workers=workers, gpus_per_worker=gpus_per_worker,
                            cpus_per_worker=cpus_per_worker, storage_path=str(Path(out).resolve() / "ray"),
                            name=name, max_failures=max_failures, tracking=tracking,
-                           methods=method_payload())
+                           methods=method_payload(), store_ref=share(store))
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error

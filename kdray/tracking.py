@@ -39,6 +39,7 @@ STATE_TAG = "kdray.state"
 KIND_TAG = "kdray.kind"
 REASON_TAG = "kdray.failure_reason"
 TRIAL_TAG = "kdray.trial_id"
+STORE_TAG = "kdray.teacher_store"  # where a run's teacher outputs came from
 STUDENT_ARTIFACT = "student/student.pt"
 LOCAL_SCHEMES = ("sqlite", "file", "")
 

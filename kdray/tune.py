@@ -37,12 +37,32 @@ class SweepOptions:
     resume: bool = False
     optuna_storage: Optional[str] = None
     max_failures: int = 0
+    teacher_store: bool = True  # teachers' outputs computed once and shared (--no-teacher-store: live)
+    teacher_store_dir: Optional[str] = None  # default: the teacher set's stores/
+    teacher_store_budget: float = 4.0  # GB of memory (and disk) a store may take
 
     def check(self) -> None:
         if self.samples is not None and self.samples < 1:
             raise KdrayError(f"--samples {self.samples} is out of range; allowed: >= 1")
         if self.concurrency < 1 or self.workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise KdrayError("--concurrency and --workers must be >= 1, --gpus-per-worker >= 0, --cpus-per-worker > 0")
+        if not self.teacher_store_budget > 0:
+            raise KdrayError(f"--teacher-store-budget {self.teacher_store_budget} is out of range; allowed: > 0 (GB)")
+
+    @property
+    def in_trial(self) -> bool:
+        """A 1-worker trial trains in the trial's own process: no Train worker group to start."""
+        return self.workers == 1
+
+    @property
+    def trial_resources(self) -> dict:
+        if self.in_trial:
+            from .scale import worker_resources
+
+            return worker_resources(self.cpus_per_worker, self.gpus_per_worker)
+        from .scale import DRIVER_RESOURCES
+
+        return DRIVER_RESOURCES
 
     @property
     def local(self) -> bool:
@@ -50,7 +70,7 @@ class SweepOptions:
 
 
 def fit_concurrency(concurrency: int, workers: int, gpus_per_worker: float, cpus_per_worker: float,
-                    log: Callable[[str], None]) -> int:
+                    log: Callable[[str], None], in_trial: bool = False) -> int:
     """How many trials the cluster can host at once, at most ``concurrency``.
 
     Tune only sees each trial's driver (DRIVER_RESOURCES: no CPU); the TorchTrainer a trial starts
@@ -66,7 +86,7 @@ def fit_concurrency(concurrency: int, workers: int, gpus_per_worker: float, cpus
     free = [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
             for n in ray.nodes() if n.get("Alive")]
     bundle = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
-    driver = {"CPU": float(DRIVER_RESOURCES.get("cpu", 0)), "GPU": 0.0}
+    driver = {"CPU": 0.0 if in_trial else float(DRIVER_RESOURCES.get("cpu", 0)), "GPU": 0.0}
     eps = 1e-9
 
     def place(need: dict) -> bool:
@@ -158,30 +178,92 @@ def make_searcher(space: Space, name: str, storage):
     )
 
 
-def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, trial_track: Optional[dict]):
-    """The Tune function of one trial: its config validated once, a child MLflow run, a TorchTrainer."""
+def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, trial_track: Optional[dict],
+               store_ref=None):
+    """The Tune function of one trial: its config validated once, a child MLflow run, then the
+    engine: in this process for a 1-worker trial, else a TorchTrainer of W workers. ``store_ref``:
+    the sweep's teacher store in Ray's object store (or None: teachers run live)."""
     from .scale import method_payload
 
     methods = method_payload()
 
     def trial(config: dict) -> None:
         import ray
-        from ray.tune.integration.ray_train import TuneReportCallback
 
         from .distill import ensure_registered
-        from .scale import make_trainer
 
         ensure_registered(methods)  # methods defined outside kdray travel by value
         cfg = space.trial_config(config)
         context = ray.tune.get_context()
         run = _start_trial_run(trial_track, cfg, context, config)
+        if opts.in_trial:
+            from .scale import fit_in_tune_trial
+
+            fit_in_tune_trial(cfg, tracking=run, store_ref=store_ref)
+            return
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from .scale import make_trainer
+
         trainer = make_trainer(cfg, workers=opts.workers, gpus_per_worker=opts.gpus_per_worker,
                                cpus_per_worker=opts.cpus_per_worker, storage_path=storage_path,
                                name=f"{name}-{context.get_trial_name()}", max_failures=opts.max_failures,
-                               callbacks=[TuneReportCallback()], tracking=run, quiet=True, methods=methods)
+                               callbacks=[TuneReportCallback()], tracking=run, quiet=True, methods=methods,
+                               store_ref=store_ref)
         trainer.fit()
 
     return trial
+
+
+def sweep_seeds(space: Space) -> tuple:
+    """The seeds a sweep's trials may train with (their views go in the teacher store): the base
+    seed, or a searched seed's choices / small integer range."""
+    spec = space.params.get("seed")
+    if isinstance(spec, dict) and spec["type"] == "categorical":
+        return tuple(int(c) for c in spec["choices"])
+    if isinstance(spec, dict) and spec["type"] == "int" and spec["high"] - spec["low"] < 16:
+        return tuple(range(int(spec["low"]), int(spec["high"]) + 1))
+    return (int(spec) if isinstance(spec, int) else space.base.seed,)
+
+
+def sweep_store_needs(space: Space):
+    """What a sweep of ``space`` needs from a teacher store: (a config of its teachers, data and
+    precision, the seeds, the loader epochs, whether feature maps); None without teachers."""
+    from .config import from_dict
+    from .distill import get_method
+    from .engine import teacher_view_epochs
+
+    high = {**space.base.to_dict(), **space.corner("high")}
+    cfgs = [from_dict({**high, "method": m}, space.path) for m in space.methods() if get_method(m).min_teachers > 0]
+    if not cfgs or not space.base.teachers:
+        return None
+    epochs = sorted({e for c in cfgs for e in teacher_view_epochs(c)})
+    feats = any(get_method(c.method).needs_teacher_feats(c) for c in cfgs)
+    return cfgs[0], sweep_seeds(space), epochs, feats
+
+
+def sweep_teacher_store(space: Space, opts: SweepOptions, log):
+    """The sweep's teacher store, built before any trial (its missing views by Ray tasks over the
+    cluster) and put in Ray's object store: (ObjectRef or None, one line for the sweep's run)."""
+    needs = sweep_store_needs(space)
+    if needs is None:
+        return None, None
+    if not opts.teacher_store:
+        return None, "off (--no-teacher-store): teachers run live in every trial"
+    from .engine import open_teacher_store
+    from .store_ray import ray_builder, share
+
+    cfg, seeds, epochs, feats = needs
+    store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=opts.teacher_store_dir,
+                               budget_gb=opts.teacher_store_budget,
+                               builder=ray_builder(opts.cpus_per_worker, opts.gpus_per_worker),
+                               device="cuda" if opts.gpus_per_worker > 0 else "cpu", log=log)
+    return share(store), describe_store(store)
+
+
+def describe_store(store) -> str:
+    what = "logits and feature maps" if store.feats is not None else "logits (feature maps online)"
+    return f"{store.meta.get('digest')}: {what}, {store.coverage()}, {store.nbytes / 1024**2:.1f} MB"
 
 
 def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) -> Optional[dict]:
@@ -195,6 +277,7 @@ def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) ->
                           kind="trial", parent_run_id=trial_track["parent_run_id"],
                           teacher_archs=trial_track.get("teacher_archs"),
                           extra_tags={tr.TRIAL_TAG: context.get_trial_id(),
+                                      **({tr.STORE_TAG: trial_track["teacher_store"]} if trial_track.get("teacher_store") else {}),
                                       "kdray.sampled": json.dumps(config, sort_keys=True, default=str)})
     return {"uri": uri, "run_id": run_id}
 
@@ -284,27 +367,29 @@ def start_ray(opts: SweepOptions, log) -> int:
     init_ray(opts.address, env=trial_env(local=opts.local))
     rearm_stop_signals()  # after Ray's own SIGTERM handler
     check_resources(opts.workers, opts.gpus_per_worker, opts.cpus_per_worker)
-    return fit_concurrency(opts.concurrency, opts.workers, opts.gpus_per_worker, opts.cpus_per_worker, log)
+    return fit_concurrency(opts.concurrency, opts.workers, opts.gpus_per_worker, opts.cpus_per_worker, log,
+                           in_trial=opts.in_trial)
 
 
 def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, concurrency: int,
-               storage_path: str, track: Optional[dict], progress):
+               storage_path: str, track: Optional[dict], progress, store_ref=None):
     from ray import tune
 
-    from .scale import DRIVER_RESOURCES
-
-    trial_track = ({k: track[k] for k in ("uri", "experiment_id", "parent_run_id", "teacher_archs")}
+    trial_track = ({k: track.get(k) for k in ("uri", "experiment_id", "parent_run_id", "teacher_archs", "teacher_store")}
                    if track else None)
     metric, mode = space.metrics[0]
     return tune.Tuner(
-        tune.with_resources(make_trial(space, name, opts, storage_path, trial_track), DRIVER_RESOURCES),
+        tune.with_resources(make_trial(space, name, opts, storage_path, trial_track, store_ref), opts.trial_resources),
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(space, name, storage), scheduler=make_scheduler(space), num_samples=left,
             max_concurrent_trials=concurrency, **({} if space.multi_objective else {"metric": metric, "mode": mode}),
         ),
         # progress: our one line per event on stderr (Tune's own tables would go to stdout)
         run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
-                                  callbacks=[progress] + ([track["callback"]] if track else [])),
+                                  callbacks=[progress] + ([track["callback"]] if track else []),
+                                  # a 1-worker trial is retried by Tune from its last checkpoint; a
+                                  # TorchTrainer retries its own workers (its FailureConfig)
+                                  failure_config=tune.FailureConfig(max_failures=opts.max_failures if opts.in_trial else 0)),
     )
 
 
@@ -348,11 +433,18 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
     teachers = teachers_for(space, workdir, log)
     if teachers:
         space.base = space.base.replace(teachers=teachers)
+    store_ref, sweep["teacher_store"] = sweep_teacher_store(space, options, log)
     if tracking:
         sweep["track"] = _start_tracking(tracking, space, name, storage, workdir, teachers, log, options.resume)
+        if sweep["teacher_store"]:
+            from .tracking import STORE_TAG, client
+
+            client(sweep["track"]["uri"]).set_tag(sweep["track"]["parent_run_id"], STORE_TAG, sweep["teacher_store"])
+            sweep["track"]["teacher_store"] = sweep["teacher_store"]
     track = sweep["track"]
     progress = make_progress_callback(log, space.metrics[0][0])
-    tuner = make_tuner(space, name, options, storage, left, concurrency, str(workdir / "ray_results"), track, progress)
+    tuner = make_tuner(space, name, options, storage, left, concurrency, str(workdir / "ray_results"), track, progress,
+                       store_ref)
     log(f"sweep {name!r}: {left} trial(s), {concurrency} at a time, {options.workers} worker(s) each; "
         f"study in {mask_credentials(getattr(storage, 'url', 'optuna storage'))}")
     t_fit = time.time()
