@@ -33,9 +33,11 @@ teachers gets ``--parity-teachers``, or teachers trained here once in fp32 and s
 
 Examples::
 
-    # a smoke check (well under a minute on 2 cores)
+    # a smoke check (about 40 s on 2 cores; the figures are only indicative)
     python benchmarks/cpu_precision.py --repeats 1 --warmup 1 --iters 2
-    # the full measurement plus accuracy parity (digits, 15 epochs x 3 seeds x 2 settings)
+    # the measurement (several minutes on 2 cores: the store build dominates)
+    python benchmarks/cpu_precision.py
+    # plus accuracy parity (digits, 15 epochs x 3 seeds x 2 settings), as one JSON object
     python benchmarks/cpu_precision.py --parity --json
 """
 
@@ -49,8 +51,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -342,7 +344,7 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--iters", type=int, default=10, help="timed iterations per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per setting before the rounds")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per setting; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per setting; the median is reported")
     p.add_argument("--seed", type=int, default=0, help="weights and random batch of the timing")
     p.add_argument("--skip-timing", action="store_true", help="only the parity check (with --parity)")
     p.add_argument("--parity", action="store_true", help="also train on digits: fp32 NCHW vs bf16 channels_last")

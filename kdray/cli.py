@@ -344,8 +344,9 @@ def cmd_tune(args) -> int:
             print(f"  trial #{t['number']}: values={t['values']} params={t['params']}")
     t = result.get("timing") or {}
     if t.get("trials"):
-        print(f"time: {t['wall_s']:.0f}s for {t['trials']} trial(s), {t['train_s']:.0f}s of it training; "
-              f"fixed cost per trial about {t['overhead_s_per_trial']:.0f}s (start-up to first report "
+        share = f" ({100 * t['train_share']:.0f}% of the trials' time)" if t.get("train_share") else ""
+        print(f"time: {t['wall_s']:.0f}s for {t['trials']} trial(s), {t['train_s']:.0f}s of it in epochs{share}; "
+              f"fixed cost per trial about {t['overhead_s_per_trial']:.1f}s (start-up to first report "
               f"{t['startup_s_mean']}s)")
     return _all_failed(result)
 

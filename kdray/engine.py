@@ -573,8 +573,8 @@ def run_generation(cfg, prep: Prepared, parts: StepParts, plan: Generation, plan
         run.history.append(dict(metrics))
         say(_fmt_progress(metrics))
         ckpt_dir = save_checkpoint(cfg, parts, prep, run, metrics, root, keep) if prep.rank == 0 else None
-        if reporter is not None:
-            reporter(dict(metrics), ckpt_dir)
+        if reporter is not None:  # the whole epoch: training, evaluation and the checkpoint
+            reporter(dict(metrics, epoch_wall_s=time.perf_counter() - t0), ckpt_dir)
     return metrics
 
 

@@ -29,7 +29,7 @@ def _quiet_ray_train_console() -> None:
     each worker; keep those in Ray's log files only, the console for warnings and kdray's lines."""
     import logging
 
-    for name in ("", "ray.train"):
+    for name in ("", "ray.train", "ray.tune"):
         for h in logging.getLogger(name).handlers:
             if type(h) is logging.StreamHandler or type(h).__name__ == "PlainRayHandler":  # the console
                 h.setLevel(max(h.level, logging.WARNING))
@@ -57,12 +57,17 @@ def _rank0_tracker(track: Optional[dict], cfg, node_ip: str):
 
 
 def _ray_reporter(tracker, node_ip: str, node_id: str, api=None):
-    """``api``: ``ray.train`` on a Train worker, ``ray.tune`` in a trial that trains itself."""
+    """``api``: ``ray.train`` on a Train worker, ``ray.tune`` in a trial that trains itself (there
+    the checkpoint folder is kdray's own, kept in the trial's folder: its path names the student;
+    Train reports its own ``checkpoint_path``)."""
     if api is None:
         import ray.train as api
+    in_trial = api.__name__ == "ray.tune"
 
     def report(metrics: dict, ckpt_dir: Optional[str]) -> None:
         metrics = dict(metrics, node_ip=node_ip, node_id=node_id, **final_extras(metrics, ckpt_dir))
+        if in_trial and ckpt_dir:
+            metrics["checkpoint_path"] = ckpt_dir
         if tracker is not None:  # before the report: ASHA may end the trial right after it
             tracker.epoch(metrics, ckpt_dir)
         checkpoint = api.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
@@ -71,7 +76,7 @@ def _ray_reporter(tracker, node_ip: str, node_id: str, api=None):
     return report
 
 
-def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet: bool) -> None:
+def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet: bool, root: Optional[str] = None) -> None:
     """``fit`` from ``checkpoint`` (Ray's last, or None) with the store behind ``store_ref``; a
     failure is recorded on the run before it propagates."""
     from .engine import fit
@@ -79,7 +84,7 @@ def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet:
     from .store_ray import fetch
     from .tracking import TrackingLost
 
-    root = tempfile.mkdtemp(prefix="kdray-ckpt-")
+    root = root or tempfile.mkdtemp(prefix="kdray-ckpt-")
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
         try:
             # in a sweep, the driver prints one line per trial epoch; the workers stay quiet
@@ -91,9 +96,12 @@ def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet:
             raise
 
 
-def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None) -> None:
+def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None, checkpoint_root: str) -> None:
     """A 1-worker trial trains in the trial's own process (no Train worker group to start):
-    reports and checkpoints go to Tune each epoch, and a retried trial resumes from its last one."""
+    reports and checkpoints go to Tune each epoch, and a retried trial resumes from its last one.
+    ``checkpoint_root``: kdray's own checkpoint folder of this trial (its latest names the student)."""
+    import logging
+
     import ray
     import ray.tune
     from ray.util import get_node_ip_address
@@ -104,7 +112,11 @@ def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None) -> None:
     node_ip = get_node_ip_address()
     tracker = RunLogger(tracking["uri"], tracking["run_id"], teachers=cfg.teachers, node_ip=node_ip) if tracking else None
     reporter = _ray_reporter(tracker, node_ip, ray.get_runtime_context().get_node_id(), api=ray.tune)
-    _fit_reporting(cfg, tracker, reporter, ray.tune.get_checkpoint(), store_ref, pick_device(cfg), quiet=True)
+    # Tune persists each reported checkpoint with an INFO line on the console ("Checkpoint
+    # successfully created at ...", ray/train/_internal/storage.py): one per epoch per trial
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    _fit_reporting(cfg, tracker, reporter, ray.tune.get_checkpoint(), store_ref, pick_device(cfg), quiet=True,
+                   root=checkpoint_root)
 
 
 def train_loop_per_worker(config: dict) -> None:

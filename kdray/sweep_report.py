@@ -83,7 +83,8 @@ def make_progress_callback(log: Callable[[str], None], metric: str):
 
         @staticmethod
         def _time_report(rec: dict, result: dict) -> None:
-            now, epoch_s = time.time(), float(result.get("epoch_time_s") or 0)
+            now = time.time()
+            epoch_s = float(result.get("epoch_wall_s") or result.get("epoch_time_s") or 0)
             if "first_report" not in rec:
                 rec["first_report"] = now
                 rec["startup_s"] = round(now - rec["start"] - epoch_s, 2)
@@ -201,11 +202,17 @@ def row_timing(progress, trial_id) -> dict:
 
 
 def sweep_timing(rows: list, wall_s: float, concurrency: int) -> dict:
-    """Where a sweep's time went: mean per-trial start-up (trial start to first report, less that
-    epoch's training) and the fixed cost per trial = (wall x concurrency - training) / trials."""
-    starts = [r["timing"]["startup_s"] for r in rows if "startup_s" in r.get("timing", {})]
-    train = sum(r.get("timing", {}).get("train_s", 0.0) for r in rows)
+    """Where a sweep's time went. Training = the trials' epochs (steps, evaluation, checkpoint);
+    a trial's fixed cost = its time in a slot outside its epochs (start-up, loading, the end);
+    start-up = trial start to first report, less that epoch; slots busy = trial time over
+    wall x concurrency (a sweep's tail leaves slots idle when no trial is left to start)."""
+    timings = [r.get("timing", {}) for r in rows]
+    starts = [t["startup_s"] for t in timings if "startup_s" in t]
+    train = sum(t.get("train_s", 0.0) for t in timings)
+    in_slot = sum(t["ended_at_s"] - t["started_at_s"] for t in timings if "ended_at_s" in t and "started_at_s" in t)
     n = max(len(rows), 1)
     return {"wall_s": round(wall_s, 1), "trials": len(rows), "train_s": round(train, 1),
+            "trial_s": round(in_slot, 1), "train_share": round(train / in_slot, 3) if in_slot else None,
+            "slots_busy": round(in_slot / (wall_s * concurrency), 3) if wall_s else None,
             "startup_s_mean": round(sum(starts) / len(starts), 1) if starts else None,
-            "overhead_s_per_trial": round((wall_s * concurrency - train) / n, 1)}
+            "overhead_s_per_trial": round(max(in_slot - train, 0.0) / n, 1)}

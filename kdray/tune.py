@@ -199,7 +199,8 @@ def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, t
         if opts.in_trial:
             from .scale import fit_in_tune_trial
 
-            fit_in_tune_trial(cfg, tracking=run, store_ref=store_ref)
+            fit_in_tune_trial(cfg, tracking=run, store_ref=store_ref,
+                              checkpoint_root=str(Path(storage_path) / name / "kdray-checkpoints" / context.get_trial_id()))
             return
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -389,7 +390,8 @@ def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, 
                                   callbacks=[progress] + ([track["callback"]] if track else []),
                                   # a 1-worker trial is retried by Tune from its last checkpoint; a
                                   # TorchTrainer retries its own workers (its FailureConfig)
-                                  failure_config=tune.FailureConfig(max_failures=opts.max_failures if opts.in_trial else 0)),
+                                  failure_config=tune.FailureConfig(max_failures=opts.max_failures if opts.in_trial else 0),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
