@@ -376,6 +376,11 @@ def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, 
                storage_path: str, track: Optional[dict], progress, store_ref=None):
     from ray import tune
 
+    # Tune snapshots its experiment state whenever a trial has checkpointed num_to_keep times since
+    # the last snapshot, and warns (three lines) each time that happens more than once in 5 s:
+    # with a checkpoint every epoch of short epochs that is every few seconds. The snapshot is
+    # cheap on a local disk; the warning is noise (ray/tune/execution/experiment_state.py).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trial_track = ({k: track.get(k) for k in ("uri", "experiment_id", "parent_run_id", "teacher_archs", "teacher_store")}
                    if track else None)
     metric, mode = space.metrics[0]
@@ -383,7 +388,9 @@ def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, 
         tune.with_resources(make_trial(space, name, opts, storage_path, trial_track, store_ref), opts.trial_resources),
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(space, name, storage), scheduler=make_scheduler(space), num_samples=left,
-            max_concurrent_trials=concurrency, **({} if space.multi_objective else {"metric": metric, "mode": mode}),
+            max_concurrent_trials=concurrency,
+            reuse_actors=opts.in_trial,  # a finished trial's process runs the next: no process start, no imports
+            **({} if space.multi_objective else {"metric": metric, "mode": mode}),
         ),
         # progress: our one line per event on stderr (Tune's own tables would go to stdout)
         run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
