@@ -113,7 +113,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     if track and store is not None:
         from .tracking import STORE_TAG, client
 
-        client(track["uri"]).set_tag(track["run_id"], STORE_TAG, f"{store.meta.get('digest')}: {store.coverage()}")
+        client(track["uri"]).set_tag(track["run_id"], STORE_TAG, store.describe())
     try:
         if cfg.workers > 1:
             result, latest = _train_on_ray(cfg, track, out, run_name, address=address, max_failures=max_failures,

@@ -111,6 +111,11 @@ class TeacherStore:
     def covers(self, codes: torch.Tensor) -> bool:
         return len(self.missing(codes)) == 0
 
+    def describe(self) -> str:
+        """One line for logs and the MLflow tag ``kdray.teacher_store``."""
+        what = "logits and feature maps" if self.feats is not None else "logits (feature maps online)"
+        return f"{self.meta.get('digest', '(in memory)')}: {what}, {self.coverage()}, {self.nbytes / 1024**2:.1f} MB"
+
     def coverage(self) -> str:
         total = self.index.numel()
         return f"{self.rows}/{total} views ({100.0 * self.rows / max(total, 1):.1f}%)"
@@ -329,7 +334,13 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
         logits, feats = build(todo, progress)
     store.add(todo, logits, feats)
     build_s = time.perf_counter() - t0
-    save(store, folder, build_s)
+    try:
+        save(store, folder, build_s)
+    except PermissionError as exc:  # a read-only teacher set: the store serves this run from memory
+        store.meta = {"digest": key_digest(key), "build_s": round(build_s, 2)}
+        log(f"teacher store: cannot write {folder} ({exc.strerror}); kept in memory for this run only "
+            "(--teacher-store DIR puts stores elsewhere)")
+        return store
     log(f"teacher store: built in {build_s:.1f} s; {store.coverage()}, {_gb(store.nbytes)}"
         f"{', feature maps stored' if store.feats is not None else ', logits only'}")
     return store

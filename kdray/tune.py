@@ -259,12 +259,7 @@ def sweep_teacher_store(space: Space, opts: SweepOptions, log):
                                budget_gb=opts.teacher_store_budget,
                                builder=ray_builder(opts.cpus_per_worker, opts.gpus_per_worker),
                                device="cuda" if opts.gpus_per_worker > 0 else "cpu", log=log)
-    return share(store), describe_store(store)
-
-
-def describe_store(store) -> str:
-    what = "logits and feature maps" if store.feats is not None else "logits (feature maps online)"
-    return f"{store.meta.get('digest')}: {what}, {store.coverage()}, {store.nbytes / 1024**2:.1f} MB"
+    return share(store), store.describe()
 
 
 def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) -> Optional[dict]:

@@ -23,6 +23,7 @@ import optuna
 import pytest
 
 from kdray.cli import main
+from kdray.teacher_store import STORES
 
 pytestmark = pytest.mark.slow
 
@@ -172,6 +173,78 @@ def test_sweep_teachers_once_concurrency_clamped_nan_trial_fails_sweep_goes_on(t
     full = [r["metrics"]["val_acc"] for r in ok_rows if r["metrics"]["epoch"] == r["metrics"]["total_epochs"]]
     assert full and best["metrics"]["val_acc"] == max(full)  # ASHA lets the first trial at a rung go on
     assert result["timing"]["trials"] == 3 and result["timing"]["startup_s_mean"] > 0
+    # the teachers ran once per view, before the trials, into the sweep's store: no trial ran them
+    assert "teacher store: computing" in err and len(list((work / "teachers").glob(f"*/{STORES}/*/store.pt"))) == 1
+    assert all(r["metrics"]["teacher_images"] == 0 for r in ok_rows), [r["metrics"] for r in ok_rows]
+
+
+def test_no_teacher_store_runs_the_teachers_in_every_trial_with_the_same_result(tmp_path, capsys, local_ray):
+    """One kd trial with the store (the default) and one with --no-teacher-store, both on 2 DDP
+    workers (the TorchTrainer path; 1-worker trials train in the trial itself): the same sampled
+    trial gives the same validation accuracy; only the live one ran its teachers."""
+    body = ("teachers: {arch: [resnet8], count: 2, epochs: 1}\n"
+            "params:\n  temperature: {type: float, low: 1, high: 8}\n")
+    results = {}
+    for flag in ("", "--no-teacher-store"):
+        space = write_space(tmp_path, "ts", body, method="kd", epochs=2, samples=1)
+        rc, out, err = tune(capsys, tmp_path / f"w{flag}", "--space", str(space), "--workers", "2", "--json",
+                            *([flag] if flag else []))
+        assert rc == 0, err[-3000:]
+        results[flag] = json.loads(out)["trials"][0]["metrics"]
+    stored, live = results[""], results["--no-teacher-store"]
+    assert stored["teacher_images"] == 0 and live["teacher_images"] > 0
+    assert stored["val_acc"] == pytest.approx(live["val_acc"], abs=1e-6) and stored["epoch"] == live["epoch"] == 2
+    assert stored["train_loss"] == pytest.approx(live["train_loss"], rel=1e-5)
+
+
+def test_killed_trial_resumes_in_the_trial_from_its_last_checkpoint_with_max_failures(tmp_path, capsys, local_ray):
+    """A 1-worker trial trains in Tune's trial process; that process is SIGKILLed after two epoch
+    checkpoints; with --max-failures 1 Tune starts the trial again from its last checkpoint (not
+    epoch 1): the trial's MLflow run has every epoch, epoch 1 once, and the trial is COMPLETE."""
+    import threading
+
+    import mlflow
+
+    work = tmp_path / "w"
+    space = write_space(tmp_path, "kt", "params:\n  lr: {type: float, low: 0.02, high: 0.05}\n", epochs=12,
+                        samples=1)
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def killer():
+        seen: set[str] = set()
+        deadline = time.monotonic() + 240
+        while not stop.is_set() and time.monotonic() < deadline:
+            seen |= {p.name for p in (work / "ray_results").glob("kt/*/checkpoint_*")}
+            if len(seen) >= 2:
+                time.sleep(1)
+                for pid in sorted(_descendants(os.getpid())):
+                    if "ImplicitFunc" in _cmdline(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(_cmdline(pid) or str(pid))
+                        return
+            time.sleep(0.1)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        rc = main(["--workdir", str(work), "tune", "--space", str(space), "--address", local_ray,
+                   "--max-failures", "1", "--json"])
+    finally:
+        stop.set()
+        th.join(10)
+    out, err = capsys.readouterr()
+    assert killed, "no trial process was killed: the trial ended before two checkpoints were seen?"
+    assert rc == 0, err[-3000:]
+    row = json.loads(out)["trials"][0]
+    assert row["error"] is None and row["metrics"]["epoch"] == 12
+    assert states(study_trials(work, "kt")) == {"COMPLETE": 1}
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kt")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    assert set(steps) == set(range(1, 13)) and steps.count(1) == 1, steps
+    assert run.info.status == "FINISHED"
 
 
 def test_every_trial_failed_exits_1_naming_the_reason(tmp_path, capsys, local_ray):
@@ -391,8 +464,8 @@ def test_one_sweep_places_trials_on_both_nodes(tmp_path, capsys):
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        space = write_space(tmp_path, "two", "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n",
-                            epochs=1, samples=2)
+        space = write_space(tmp_path, "two", "teachers: {arch: [resnet8], count: 2, epochs: 1}\n"
+                            "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n", method="kd", epochs=1, samples=2)
         rc, out, err = tune(capsys, tmp_path / "w", "--space", str(space), "--address", cluster.address,
                             "--concurrency", "2", "--workers", "1", "--json")
         assert rc == 0, err
@@ -402,6 +475,9 @@ def test_one_sweep_places_trials_on_both_nodes(tmp_path, capsys):
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(node_ids) == 2 and node_ids <= alive, (node_ids, alive)
         assert states(study_trials(tmp_path / "w", "two")) == {"COMPLETE": 2}
+        # both nodes' trials read the one store through Ray's object store: no teacher ran in either
+        assert "teacher store: computing" in err and all(r["metrics"]["teacher_images"] == 0 for r in rows)
+        assert len(list((tmp_path / "w" / "teachers").glob(f"*/{STORES}/*/store.pt"))) == 1
     finally:
         ray.shutdown()
         cluster.shutdown()
