@@ -105,7 +105,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
     check_inputs(cfg)
     if store_budget <= 0:
-        raise KdrayError(f"--teacher-store-budget {store_budget} is out of range; allowed: > 0 (GB)")
+        raise KdrayError(f"--teacher-store-budget {store_budget:g} is out of range; allowed: > 0 (GB)")
     store = open_store(cfg, store_root, store_budget, log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ class SweepOptions:
         if self.concurrency < 1 or self.workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise KdrayError("--concurrency and --workers must be >= 1, --gpus-per-worker >= 0, --cpus-per-worker > 0")
         if not self.teacher_store_budget > 0:
-            raise KdrayError(f"--teacher-store-budget {self.teacher_store_budget} is out of range; allowed: > 0 (GB)")
+            raise KdrayError(f"--teacher-store-budget {self.teacher_store_budget:g} is out of range; allowed: > 0 (GB)")
 
     @property
     def in_trial(self) -> bool:
@@ -262,6 +262,13 @@ def sweep_teacher_store(space: Space, opts: SweepOptions, log):
     return share(store), store.describe()
 
 
+def ray_trial_retried() -> bool:
+    """Whether this trial was started before (Tune hands it a checkpoint to resume from)."""
+    import ray.tune
+
+    return ray.tune.get_checkpoint() is not None
+
+
 def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) -> Optional[dict]:
     """The trial's child run, created on the trial's node (over HTTP on a cluster)."""
     if not trial_track:
@@ -269,6 +276,11 @@ def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) ->
     from . import tracking as tr
 
     uri = trial_track["uri"]
+    retried = ray_trial_retried()
+    if retried:  # Tune started this trial again from its checkpoint: it goes on in the same run
+        earlier = tr.find_trial_run(uri, trial_track["experiment_id"], trial_track["parent_run_id"], context.get_trial_id())
+        if earlier is not None:
+            return {"uri": uri, "run_id": earlier.info.run_id}
     run_id = tr.start_run(uri, trial_track["experiment_id"], run_name=context.get_trial_name(), cfg=cfg,
                           kind="trial", parent_run_id=trial_track["parent_run_id"],
                           teacher_archs=trial_track.get("teacher_archs"),

@@ -357,7 +357,7 @@ def session_processes_by_token(tokens) -> dict:
 
 TINY_SPACE = """name: ports
 samples: 1
-base: {dataset: fake, image_size: 16, student: resnet8, batch_size: 64, device: cpu, method: ce, epochs: 1}
+base: {dataset: fake, image_size: 16, student: resnet8, batch_size: 64, device: cpu, method: ce, epochs: 2}
 params:
   lr: {type: float, low: 0.01, high: 0.1}
 """
@@ -377,7 +377,9 @@ def test_local_sweep_listens_on_loopback_only(tmp_path):
     space.write_text(TINY_SPACE)
     err = open(tmp_path / "tune.err", "w")
     proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "--workdir", str(tmp_path / "w"), "tune",
-                             "--no-track", "--space", str(space)], cwd=ROOT, start_new_session=True,
+                             # 2 workers: a TorchTrainer, its workers and torch's rendezvous store
+                             # (a 1-worker trial trains in Tune's trial process)
+                             "--no-track", "--space", str(space), "--workers", "2"], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=err)
     listeners, seen, tokens = {}, {}, set()
     try:

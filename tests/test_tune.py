@@ -397,8 +397,9 @@ def test_resume_after_killed_sweep_counts_every_trial_once(tmp_path, capsys, loc
     """A sweep of 2 trials is killed (SIGKILL of its driver) while its second trial runs; `--resume`
     marks that trial FAIL(interrupted), runs its parameters again, and the study ends with exactly 2
     finished trials."""
-    space = write_space(tmp_path, "rs", "params:\n  lr: {type: float, low: 0.01, high: 0.1, log: true}\n",
-                        epochs=1, samples=2)
+    # 10 epochs that ASHA does not cut: a trial lasts a few seconds, long enough to be caught running
+    space = write_space(tmp_path, "rs", "params:\n  lr: {type: float, low: 0.01, high: 0.1, log: true}\n"
+                        "scheduler: {grace_period: 10}\n", epochs=10, samples=2)
     work = tmp_path / "w"
     db = work / "optuna.db"
     proc = subprocess.Popen(KDRAY + ["--workdir", str(work), "tune", "--no-track", "--space", str(space),
