@@ -357,7 +357,7 @@ def session_processes_by_token(tokens) -> dict:
 
 TINY_SPACE = """name: ports
 samples: 1
-base: {dataset: fake, image_size: 16, student: resnet8, batch_size: 64, device: cpu, method: ce, epochs: 2}
+base: {dataset: fake, image_size: 16, student: resnet8, batch_size: 64, device: cpu, method: ce, epochs: 8}
 params:
   lr: {type: float, low: 0.01, high: 0.1}
 """
