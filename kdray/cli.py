@@ -406,12 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # tune -----------------------------------------------------------------------------------
     tu = sub.add_parser("tune", help="search distillation hyperparameters (Ray Tune + Optuna TPE + ASHA)",
-                        description="Run a sweep from a YAML search space: each trial is a Ray Train run with W DDP "
-                        "workers; Optuna's TPE proposes, ASHA stops weak trials early (recorded as PRUNED).")
+                        description="Run a sweep from a YAML search space: the teachers' outputs are computed once "
+                        "into a teacher store shared by every trial; a 1-worker trial trains in Tune's trial process, "
+                        "a trial of W > 1 workers is a Ray Train run with W DDP workers; Optuna's TPE proposes, ASHA "
+                        "stops weak trials early (recorded as PRUNED).")
     tu.add_argument("--space", required=True, help="search space YAML, e.g. search_spaces/quick.yaml")
     tu.add_argument("--samples", type=int, help="number of trials (default: the space's `samples`)")
     tu.add_argument("--concurrency", type=int, default=1, help="trials running at once (default 1)")
-    tu.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    tu.add_argument("--workers", type=int, default=1, help="DDP workers per trial (default 1: the trial trains in its own process; W > 1: a Ray Train TorchTrainer)")
     tu.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; fractions let small trials share a GPU (default 0)")
     tu.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
     tu.add_argument("--experiment", help="sweep / Optuna study / MLflow experiment name (default: the space's name)")

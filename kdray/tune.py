@@ -1,9 +1,12 @@
 """Sweeps: Ray Tune + OptunaSearch (TPE, persistent study) + ASHA on the epoch axis.
 
-Each trial is a Tune function that builds and fits a TorchTrainer with W workers (the supported
-Train-inside-Tune pattern); a TuneReportCallback forwards every epoch's report to Tune. Teachers
-are trained once, before any trial, by the driver. ``run_sweep`` reads as the outline: check the
-options, open the study, start Ray, teachers, tracking, then the Tuner, then the summary.
+Each trial is a Tune function. A 1-worker trial runs the engine in the trial's own process
+(reporting and checkpointing through ``ray.tune``; Tune reuses the process for the next trial); a
+trial of W > 1 workers builds and fits a TorchTrainer (the supported Train-inside-Tune pattern),
+whose TuneReportCallback forwards every epoch's report to Tune. Teachers are trained once, and
+their outputs computed once into the teacher store, before any trial, by the driver (the store's
+rows by Ray tasks). ``run_sweep`` reads as the outline: check the options, open the study, start
+Ray, teachers, their store, tracking, then the Tuner, then the summary.
 """
 
 from __future__ import annotations
