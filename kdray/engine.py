@@ -245,7 +245,7 @@ def _resolve_teachers(cfg, method_cls, data: DataBundle, teachers, precision: Pr
         return None
     if store is not None:
         check_teacher_count(method_cls, store.info.count)
-        return teachers and _on_device(teachers, precision)
+        return _on_device(teachers, precision) if teachers is not None else None
     if teachers is None:
         if not cfg.teachers:
             check_teacher_count(method_cls, 0)

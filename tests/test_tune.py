@@ -197,6 +197,40 @@ def test_no_teacher_store_runs_the_teachers_in_every_trial_with_the_same_result(
     assert stored["train_loss"] == pytest.approx(live["train_loss"], rel=1e-5)
 
 
+def test_multi_worker_trials_record_failed_and_finished_trials_in_optuna_and_mlflow(tmp_path, capsys, local_ray):
+    """The TorchTrainer path (2 DDP workers per trial) with the teacher store: a NaN trial is FAIL in
+    the study and `failed` in its MLflow child run with the reason; the others are COMPLETE or
+    PRUNED there and in their runs, each with an epoch checkpoint and its store tag."""
+    import mlflow
+
+    space = write_space(
+        tmp_path, "mw", "teachers: {arch: [resnet8], count: 1, epochs: 1}\n"
+        f"params:\n  lr: {{type: categorical, choices: [0.05, {NAN_LR}]}}\n"
+        "scheduler: {grace_period: 1, reduction_factor: 2}\n", method="kd", epochs=2, samples=3)
+    work = tmp_path / "w"
+    rc = main(["--workdir", str(work), "tune", "--space", str(space), "--workers", "2", "--address", local_ray,
+               "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    rows = json.loads(out)["trials"]
+    nan_rows = [r for r in rows if r["config"]["lr"] == NAN_LR]
+    assert nan_rows and len(nan_rows) < 3, "seed 0 should sample both learning rates"
+    by_state = states(study_trials(work, "mw"))
+    assert by_state.get("FAIL") == len(nan_rows) and sum(by_state.values()) == 3, by_state
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mw")
+    runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
+    assert len(runs) == 3
+    run_states = sorted(r.data.tags["kdray.state"] for r in runs)
+    assert run_states.count("failed") == len(nan_rows) and set(run_states) <= {"failed", "completed", "pruned"}
+    for r in runs:
+        assert "kdray.teacher_store" in r.data.tags
+        if r.data.tags["kdray.state"] == "failed":
+            assert "NonFiniteLoss" in r.data.tags.get("kdray.failure_reason", "")
+        else:
+            assert r.data.metrics["teacher_images"] == 0 and r.data.metrics["epoch"] >= 1
+
+
 def test_killed_trial_resumes_in_the_trial_from_its_last_checkpoint_with_max_failures(tmp_path, capsys, local_ray):
     """A 1-worker trial trains in Tune's trial process; that process is SIGKILLed after two epoch
     checkpoints; with --max-failures 1 Tune starts the trial again from its last checkpoint (not
