@@ -235,32 +235,14 @@ def test_killed_trial_resumes_in_the_trial_from_its_last_checkpoint_with_max_fai
     """A 1-worker trial trains in Tune's trial process; that process is SIGKILLed after two epoch
     checkpoints; with --max-failures 1 Tune starts the trial again from its last checkpoint (not
     epoch 1): the trial's MLflow run has every epoch, epoch 1 once, and the trial is COMPLETE."""
-    import threading
 
     import mlflow
 
     work = tmp_path / "w"
     space = write_space(tmp_path, "kt", "params:\n  lr: {type: float, low: 0.02, high: 0.05}\n", epochs=12,
                         samples=1)
-    killed: list[str] = []
-    stop = threading.Event()
-
-    def killer():
-        seen: set[str] = set()
-        deadline = time.monotonic() + 240
-        while not stop.is_set() and time.monotonic() < deadline:
-            seen |= {p.name for p in (work / "ray_results").glob("kt/*/checkpoint_*")}
-            if len(seen) >= 2:
-                time.sleep(1)
-                for pid in sorted(_descendants(os.getpid())):
-                    if "ImplicitFunc" in _cmdline(pid):
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(_cmdline(pid) or str(pid))
-                        return
-            time.sleep(0.1)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
+    killed, stop, th = kill_after_checkpoints(lambda: (work / "ray_results").glob("kt/*/checkpoint_*"),
+                                              "ImplicitFunc", settle_s=1)
     try:
         rc = main(["--workdir", str(work), "tune", "--space", str(space), "--address", local_ray,
                    "--max-failures", "1", "--json"])
@@ -351,6 +333,33 @@ def test_multi_objective_sweep_prints_and_returns_the_pareto_front(tmp_path, cap
     assert text.count("  trial #") == len(front)
 
 
+def kill_after_checkpoints(checkpoints, needle: str, settle_s: float):
+    """A thread that SIGKILLs this process's descendant whose command line holds ``needle``
+    ``settle_s`` after ``checkpoints()`` has shown two checkpoint folders: (killed, stop, thread)."""
+    import threading
+
+    killed: list[str] = []
+    stop = threading.Event()
+
+    def killer():
+        seen: set[str] = set()
+        deadline = time.monotonic() + 240
+        while not stop.is_set() and time.monotonic() < deadline:
+            seen |= {p.name for p in checkpoints()}
+            if len(seen) >= 2:
+                time.sleep(settle_s)
+                for pid in sorted(_descendants(os.getpid())):
+                    if needle in _cmdline(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(_cmdline(pid) or str(pid))
+                        return
+            time.sleep(0.1)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    return killed, stop, th
+
+
 def _descendants(pid: int) -> set[int]:
     """pids below ``pid`` in the process tree (from /proc; no psutil here)."""
     children: dict[int, list[int]] = {}
@@ -381,32 +390,14 @@ def test_killed_worker_resumes_from_last_checkpoint_with_max_failures(tmp_path, 
     """`kdray train --workers 2 --max-failures 1`: a Ray Train worker process is SIGKILLed a few
     seconds after two epoch checkpoints; Ray Train restarts the worker group, which resumes from the latest checkpoint
     (not epoch 1): the MLflow history has every epoch, epoch 1 only once, and the run completes."""
-    import threading
 
     import mlflow
 
     out_dir = tmp_path / "run"
-    killed: list[str] = []
-    stop = threading.Event()
-
-    def killer():
-        seen: set[str] = set()
-        deadline = time.monotonic() + 240
-        while not stop.is_set() and time.monotonic() < deadline:
-            seen |= {p.name for p in (out_dir / "ray").glob("*/checkpoint_*")}
-            if len(seen) >= 2:
-                # the controller learns of a checkpoint when it next polls the workers (every 2 s by
-                # default): a kill right after the files appear could restart from scratch, by design
-                time.sleep(5)
-                for pid in sorted(_descendants(os.getpid())):
-                    if "RayTrainWorker" in _cmdline(pid):
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(_cmdline(pid) or str(pid))
-                        return
-            time.sleep(0.1)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
+    # the controller learns of a checkpoint when it next polls the workers (every 2 s by default):
+    # a kill right after the files appear could restart from scratch, by design
+    killed, stop, th = kill_after_checkpoints(lambda: (out_dir / "ray").glob("*/checkpoint_*"), "RayTrainWorker",
+                                              settle_s=5)
     epochs = 16
     try:
         rc = main(["--workdir", str(tmp_path), "train", "--method", "ce", "--student", "resnet8", "--dataset", "fake",
