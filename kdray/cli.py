@@ -295,7 +295,11 @@ def cmd_teachers_store(args) -> int:
                                    budget_gb=args.budget, log=log)
     if store is None:
         raise KdrayError(f"method {cfg.method!r} uses no teachers; nothing to store")
-    meta = next(m for m in list_stores(Path(args.store or Path(args.dir) / "stores")) if m["digest"] == store.meta["digest"])
+    on_disk = list_stores(Path(args.store or Path(args.dir) / "stores"))
+    meta = next((m for m in on_disk if m["digest"] == store.meta.get("digest")), None)
+    if meta is None:
+        raise KdrayError(f"teacher store {store.meta.get('digest')} was computed but could not be written "
+                         "(see the line above); point --store at a writable folder")
     if args.json:
         emit_json(meta, sort_keys=True)
     else:

@@ -28,7 +28,8 @@ from .distill import Generation, Method, check_teacher_count, get_method
 from .errors import KdrayError
 from .models import build_student
 from .student_file import student_record
-from .teacher_store import DEFAULT_BUDGET_GB, StoredTeacherOutputs, StoreRequest, TeacherStore, ensure_store
+from .teacher_store import (DEFAULT_BUDGET_GB, StoredTeacherOutputs, StoreRequest, TeacherStore, ensure_store,
+                            mismatch)
 from .teachers import LiveTeacherOutputs, TeacherEnsemble, load_teachers
 
 Reporter = Callable[[dict, Optional[str]], None]
@@ -225,6 +226,7 @@ class Prepared:
     rank: int
     world: int
     store: Optional[TeacherStore] = None
+    note: Optional[str] = None  # what the run's log should say about its teacher outputs
 
     def ensemble(self) -> TeacherEnsemble:
         """The frozen ensemble, loaded on first need (a run whose store covers it never loads it)."""
@@ -276,9 +278,24 @@ def prepare(cfg, data=None, teachers=None, device=None, store: Optional[TeacherS
     data = data or load_data(cfg)
     method_cls = get_method(cfg.method)
     store = store if method_cls.min_teachers > 0 else None
+    note = None
+    why = store_mismatch(store, cfg, data, precision) if store is not None else None
+    if why:
+        store, note = None, f"teacher store not used ({why}): the teachers run live"
     teachers = _resolve_teachers(cfg, method_cls, data, teachers, precision, store)
     return Prepared(cfg, data, teachers, precision, make_loaders(cfg, data, precision, rank, world), rank, world,
-                    store)
+                    store, note)
+
+
+def store_mismatch(store: TeacherStore, cfg, data: DataBundle, precision: Precision) -> Optional[str]:
+    """Why a given store cannot serve this run, or None (the teachers' manifest is compared where
+    the run can read it: on a cluster node without the teacher files the store's key stands)."""
+    manifest = None
+    if cfg.teachers and (Path(cfg.teachers) / "manifest.json").is_file():
+        from .teachers import read_manifest
+
+        manifest = read_manifest(cfg.teachers)
+    return mismatch(store, manifest, data, precision)
 
 
 def teacher_view_epochs(cfg) -> tuple:
@@ -375,6 +392,9 @@ def build_generation(cfg, prep: Prepared, plan: Generation, prev_student_state=N
     student = build_student(cfg.student, prep.data.num_classes, branches=cfg.branches,
                             split_stage=cfg.split_stage, multi_branch=method_cls.multi_branch)
     method = method_cls(cfg, student, source.info if source is not None else None)
+    if source is not None and method.uses_teacher_feats and not source.feats:
+        raise KdrayError(f"method {cfg.method!r} uses the teachers' feature maps, but its class does not say so "
+                         "before it is built: override needs_teacher_feats(cfg) to return True when it will")
     module = TrainModule(student, method).to(prep.precision.device)
     if prep.precision.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -601,6 +621,8 @@ def fit(
     prep = prepare(cfg, data, teachers, device, teacher_store)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if prep.rank == 0 else (lambda s: None)
+    if prep.note:
+        say(prep.note)
     root = Path(checkpoint_root or cfg.checkpoint_dir or "kdray-work/checkpoints")
     run = find_resume_state(cfg, root, resume_dir, say)
     plans = get_method(cfg.method).generations(cfg)

@@ -53,13 +53,15 @@ def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dic
     return {"uri": tracking["uri"], "run_id": run_id, "experiment_id": exp_id}
 
 
-def open_store(cfg, root: Optional[str], budget_gb: float, log):
-    """``--teacher-store DIR|auto``: the store with every view this run needs (built here), or None."""
+def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
+    """``--teacher-store DIR|auto``: the store with every view this run needs (built here, in the
+    precision of ``device``, the workers' device type), or None."""
     if not root:
         return None
     from .engine import open_teacher_store
 
-    return open_teacher_store(cfg, root=None if root == "auto" else root, budget_gb=budget_gb, log=log)
+    return open_teacher_store(cfg, root=None if root == "auto" else root, budget_gb=budget_gb, log=log,
+                              device=device)
 
 
 def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path]:
@@ -106,7 +108,8 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     check_inputs(cfg)
     if store_budget <= 0:
         raise KdrayError(f"--teacher-store-budget {store_budget:g} is out of range; allowed: > 0 (GB)")
-    store = open_store(cfg, store_root, store_budget, log)
+    workers_device = ("cuda" if gpus_per_worker > 0 else "cpu") if cfg.workers > 1 else None
+    store = open_store(cfg, store_root, store_budget, log, workers_device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     track = _open_run(tracking, cfg, run_name, log)

@@ -16,6 +16,7 @@ and the precision they were computed in.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import atomic_save, safe_load, sha256_file
+from .checkpoint import atomic_save, sha256_file
 from .data import DataBundle, ViewKeys, ViewSpec
 from .distill.base import TeacherInfo
 from .errors import KdrayError
@@ -59,8 +60,26 @@ def store_key(manifest: dict, data: DataBundle, views: ViewSpec, precision) -> d
         "train": data_fingerprint(data),
         "image_size": data.image_size,
         "views": views.to_dict(),
-        "precision": {"bf16": bool(precision.use_amp), "channels_last": bool(precision.channels_last)},
+        "precision": {"device": precision.device.type, "bf16": bool(precision.use_amp),
+                      "channels_last": bool(precision.channels_last)},
     }
+
+
+def mismatch(store: "TeacherStore", manifest: Optional[dict], data: DataBundle, precision) -> Optional[str]:
+    """Why ``store`` cannot serve a run on ``data`` in ``precision`` (None when it can): another
+    data set, split, view set, precision or teacher set gives other outputs, or other rows."""
+    key = store.key
+    views = ViewSpec(data.crop_padding, data.hflip)
+    want = {"dataset": data.name, "image_size": data.image_size, "views": views.to_dict(),
+            "precision": store_key({"teachers": []}, data, views, precision)["precision"]}
+    for name, value in want.items():
+        if key.get(name) != value:
+            return f"{name} {key.get(name)} in the store, {value} in this run"
+    if tuple(store.index.shape) != (len(data.train.y), views.count) or key.get("train") != data_fingerprint(data):
+        return "it was built for another train split"
+    if manifest is not None and key.get("teachers") != [t.get("sha256") for t in manifest["teachers"]]:
+        return "it was built for other teachers"
+    return None
 
 
 def key_digest(key: dict) -> str:
@@ -122,6 +141,8 @@ class TeacherStore:
 
     def add(self, codes: torch.Tensor, logits: torch.Tensor, feats: Optional[list]) -> None:
         """Append rows for ``codes`` (pairs not yet stored)."""
+        if len(logits) != len(codes) or (self.feats is not None and (feats is None or len(feats[0]) != len(codes))):
+            raise ValueError("teacher store: rows to add do not match their codes (logits and feature maps)")
         start = self.rows
         self.index.view(-1)[codes] = torch.arange(start, start + len(codes), dtype=torch.int32)
         self.logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
@@ -215,8 +236,13 @@ def plan_features(rows: int, index_bytes: int, sample: dict, want_feats: bool, b
 
 
 def check_disk(root: Path, nbytes: int) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
+    """KdrayError when ``root`` has too little room for ``nbytes``; a folder that cannot be made
+    (read-only) is left to :func:`save`, which keeps the store in memory."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return
     if nbytes * 2 > free:  # the new file is written beside the old one before the rename
         raise KdrayError(f"teacher store: {_gb(nbytes)} to write at {root} but only {_gb(free)} free; "
                          "free space, point --teacher-store elsewhere or pass --no-teacher-store")
@@ -246,17 +272,38 @@ def read_meta(folder: Path) -> Optional[dict]:
         return None
 
 
+class StoreCorrupt(KdrayError):
+    pass
+
+
 def load(folder: Path) -> Optional[TeacherStore]:
-    """The store in ``folder``, verified against its meta; None when there is none."""
+    """The store in ``folder``, verified against its meta (the bytes hashed are the bytes loaded);
+    None when there is none; :class:`StoreCorrupt` when it does not verify."""
+    import io
+
     meta = read_meta(folder)
     file = Path(folder) / STORE_FILE
     if meta is None or not file.is_file():
         return None
-    if sha256_file(file) != meta.get("sha256"):
-        raise KdrayError(f"teacher store: {file} is corrupt (its sha256 does not match {META_FILE}); "
-                         f"delete {folder} and it is rebuilt, or pass --no-teacher-store")
-    obj = safe_load(file, "teacher store")
+    raw = file.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
+        raise StoreCorrupt(f"teacher store: {file} does not verify (its sha256 does not match {META_FILE})")
+    try:  # tensors only: a file holding other Python objects is refused, never run
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise StoreCorrupt(f"teacher store: {file} was refused ({type(exc).__name__}: it is unreadable or holds "
+                           "more than tensors)") from None
     return TeacherStore(meta["key"], _info(meta["info"]), obj["index"], obj["logits"], obj["feats"], meta)
+
+
+def _load_or_rebuild(folder: Path, log) -> Optional[TeacherStore]:
+    """A store that does not verify (a crash between its two files, a damaged disk) is kdray's own
+    derived data: it is rebuilt, with a line saying so."""
+    try:
+        return load(folder)
+    except StoreCorrupt as exc:
+        log(f"{exc}; rebuilding it")
+        return None
 
 
 def list_stores(root: Path) -> list[dict]:
@@ -302,10 +349,14 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     views = req.views
     key = store_key(read_manifest(req.teachers_dir), req.data, views, req.precision)
     folder = req.folder(key)
-    store = load(folder)
+    store = _load_or_rebuild(folder, log)
     codes = pair_codes(len(req.data.train.y), views, req.seeds, req.epochs)
     sample = source(view_batch(req.data, views, codes[:1], req.precision.channels_last).to(source.device))
     index_bytes = len(req.data.train.y) * views.count * 4
+    if store is not None and store.feats is not None and not req.feats and len(store.missing(codes)):
+        # this run's source computes no feature maps: new rows would have logits only
+        log("teacher store: keeping logits only (this run adds views without computing feature maps)")
+        store.feats = None
     if store is not None and req.feats and store.feats is None:
         codes = torch.unique(torch.cat([codes, store.stored_codes()]))
         if plan_features(len(codes), index_bytes, sample, True, req.budget_gb):
@@ -320,10 +371,11 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     if len(todo) == 0:
         log(f"teacher store: {folder} covers the run ({store.coverage()}, {_gb(store.nbytes)})")
         return store
-    if not plan_features(store.rows + len(todo), index_bytes, sample, store.feats is not None, req.budget_gb) \
-            and store.feats is not None:
-        raise KdrayError(f"teacher store: {folder} with feature maps for {store.rows + len(todo)} views exceeds the "
-                         f"budget of {req.budget_gb:g} GB; raise --teacher-store-budget or pass --no-teacher-store")
+    if store.feats is not None and not plan_features(store.rows + len(todo), index_bytes, sample, True, req.budget_gb):
+        log("teacher store: feature maps for the added views do not fit the budget; they are computed online")
+        store.feats = None
+    lb, fb = row_bytes(sample, store.feats is not None)
+    check_disk(folder.parent, store.nbytes + len(todo) * (lb + fb))  # before the teachers run, not after
     log(f"teacher store: computing {len(todo)} views x {source.info.count} teachers into {folder}")
     t0 = time.perf_counter()
     progress = _progress_line(len(todo), log)
@@ -336,7 +388,9 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     build_s = time.perf_counter() - t0
     try:
         save(store, folder, build_s)
-    except PermissionError as exc:  # a read-only teacher set: the store serves this run from memory
+    except (PermissionError, OSError) as exc:  # e.g. a read-only teacher set: the store serves this run from memory
+        if getattr(exc, "errno", None) == errno.ENOSPC:  # no space: said (kdray's disk-full line), not hidden
+            raise
         store.meta = {"digest": key_digest(key), "build_s": round(build_s, 2)}
         log(f"teacher store: cannot write {folder} ({exc.strerror}); kept in memory for this run only "
             "(--teacher-store DIR puts stores elsewhere)")

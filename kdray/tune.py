@@ -225,9 +225,15 @@ def sweep_seeds(space: Space) -> tuple:
     spec = space.params.get("seed")
     if isinstance(spec, dict) and spec["type"] == "categorical":
         return tuple(int(c) for c in spec["choices"])
-    if isinstance(spec, dict) and spec["type"] == "int" and spec["high"] - spec["low"] < 16:
-        return tuple(range(int(spec["low"]), int(spec["high"]) + 1))
+    if isinstance(spec, dict) and spec["type"] == "int":
+        span = range(int(spec["low"]), int(spec["high"]) + 1)
+        return tuple(span) if len(span) <= 16 else ()  # too many to store: () says so
     return (int(spec) if isinstance(spec, int) else space.base.seed,)
+
+
+#: keys whose searched values change the teachers' outputs or the train split: one store cannot serve them
+STORE_CHANGING_KEYS = ("dataset", "data_dir", "train_fraction", "val_fraction", "data_seed", "image_size",
+                       "crop_padding", "hflip", "amp", "channels_last", "device", "teachers")
 
 
 def sweep_store_needs(space: Space):
@@ -254,10 +260,16 @@ def sweep_teacher_store(space: Space, opts: SweepOptions, log):
         return None, None
     if not opts.teacher_store:
         return None, "off (--no-teacher-store): teachers run live in every trial"
+    cfg, seeds, epochs, feats = needs
+    varied = [k for k in STORE_CHANGING_KEYS if isinstance(space.params.get(k), dict)]
+    why = (f"the space searches {', '.join(varied)}" if varied else
+           "the space searches seed over more than 16 values" if not seeds else None)
+    if why:
+        log(f"teacher store: off ({why}); the teachers run live in every trial")
+        return None, f"off ({why})"
     from .engine import open_teacher_store
     from .store_ray import ray_builder, share
 
-    cfg, seeds, epochs, feats = needs
     store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=opts.teacher_store_dir,
                                budget_gb=opts.teacher_store_budget,
                                builder=ray_builder(opts.cpus_per_worker, opts.gpus_per_worker),

@@ -16,7 +16,7 @@ from kdray.cli import main
 from kdray.data import BatchLoader, Split, ViewSpec, crop_and_flip, load_data
 from kdray.engine import fit, open_teacher_store
 from kdray.errors import KdrayError
-from kdray.teacher_store import META_FILE, STORE_FILE, STORES, list_stores, load
+from kdray.teacher_store import META_FILE, STORE_FILE, STORES, StoreCorrupt, list_stores, load
 
 QUIET = dict(log=lambda s: None)
 
@@ -133,12 +133,37 @@ def test_store_is_reused_extended_and_verified(fake_teachers, tmp_path):
     # another data split is another key
     other = open_teacher_store(cfg.replace(train_fraction=0.5), root=tmp_path, **QUIET)
     assert other.meta["digest"] != first.meta["digest"] and len(list_stores(tmp_path)) == 2
-    # a corrupt file is refused with one clear line
+    # a damaged file does not verify, and is rebuilt (kdray's own derived data) with a line saying so
     raw = bytearray((folder / STORE_FILE).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     (folder / STORE_FILE).write_bytes(bytes(raw))
-    with pytest.raises(KdrayError, match="is corrupt"):
+    with pytest.raises(StoreCorrupt, match="does not verify"):
         load(folder)
+    rebuilt = open_teacher_store(cfg, root=tmp_path, log=logs.append)
+    assert any("does not verify" in line and "rebuilding" in line for line in logs)
+    assert load(folder).rows == rebuilt.rows == first.rows
+
+
+def test_a_store_for_other_data_is_not_used_and_the_run_says_so(fake_teachers, tmp_path):
+    cfg = small_cfg(method="kd", teachers=str(fake_teachers))
+    store = open_teacher_store(cfg, root=tmp_path, **QUIET)
+    lines = []
+    res = fit(cfg.replace(train_fraction=0.5), checkpoint_root=str(tmp_path / "r"), teacher_store=store,
+              log=lines.append)
+    assert any("teacher store not used (it was built for another train split)" in x for x in lines)
+    assert res["metrics"]["teacher_images"] > 0
+
+
+def test_extending_a_store_with_feature_maps_from_a_run_without_them(fake_teachers, tmp_path):
+    """A feed store extended by a kd run with more epochs: the new rows have no feature maps, so
+    the store keeps logits only, its rows aligned with its index, and still serves both runs."""
+    feed = small_cfg(method="feed", teachers=str(fake_teachers))
+    assert open_teacher_store(feed, root=tmp_path, **QUIET).feats is not None
+    logs = []
+    kd = open_teacher_store(feed.replace(method="kd", epochs=3), root=tmp_path, log=logs.append)
+    assert kd.feats is None and int((kd.index >= 0).sum()) == kd.rows and any("logits only" in x for x in logs)
+    res = fit(feed, checkpoint_root=str(tmp_path / "f"), teacher_store=kd, **QUIET)  # feature maps online
+    assert res["metrics"]["teacher_images"] > 0
 
 
 def test_budget_moves_feature_maps_online_and_refuses_logits_that_do_not_fit(fake_teachers, tmp_path):
