@@ -658,6 +658,19 @@ class ViewSpec:
         return crop_and_flip(x, self.crop_padding, views // side, views % side, flip)
 
 
+def normalisation(mean, std, device="cpu") -> tuple:
+    """(scale, shift) turning uint8 pixels into normalised floats: ``x * scale - shift``."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std_t), mean_t / std_t
+
+
+def to_float(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A uint8 batch as the normalised float32 batch every model of a run sees."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt).float().mul_(scale).sub_(shift)
+
+
 @dataclass(frozen=True)
 class ViewKeys:
     """Which sample of the train split (``index``) each row of a batch is, seen as which view."""
@@ -696,10 +709,7 @@ class BatchLoader:
         self.epoch = 0
         n = len(self.y)
         self.num_samples = math.ceil(n / self.world_size) if self.train else len(range(self.rank, n, self.world_size))
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = mean_t / std_t
+        self._scale, self._shift = normalisation(mean, std, self.device)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle and augmentation stream of ``epoch`` (training mode)."""
@@ -720,8 +730,7 @@ class BatchLoader:
         return perm[self.rank : total : self.world_size]
 
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return xb.contiguous(memory_format=fmt).float().mul_(self._scale).sub_(self._shift)
+        return to_float(xb, self._scale, self._shift, self.channels_last)
 
     def with_views(self):
         """``(x, y, ViewKeys)`` for each batch of the epoch (views all 0 when nothing augments)."""

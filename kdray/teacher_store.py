@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from .checkpoint import atomic_save, sha256_file
-from .data import DataBundle, ViewKeys, ViewSpec
+from .data import DataBundle, ViewKeys, ViewSpec, normalisation, to_float
 from .distill.base import TeacherInfo
 from .errors import KdrayError
 
@@ -60,9 +60,13 @@ def store_key(manifest: dict, data: DataBundle, views: ViewSpec, precision) -> d
         "train": data_fingerprint(data),
         "image_size": data.image_size,
         "views": views.to_dict(),
-        "precision": {"device": precision.device.type, "bf16": bool(precision.use_amp),
-                      "channels_last": bool(precision.channels_last)},
+        "precision": precision_key(precision),
     }
+
+
+def precision_key(precision) -> dict:
+    return {"device": precision.device.type, "bf16": bool(precision.use_amp),
+            "channels_last": bool(precision.channels_last)}
 
 
 def mismatch(store: "TeacherStore", manifest: Optional[dict], data: DataBundle, precision) -> Optional[str]:
@@ -71,7 +75,7 @@ def mismatch(store: "TeacherStore", manifest: Optional[dict], data: DataBundle, 
     key = store.key
     views = ViewSpec(data.crop_padding, data.hflip)
     want = {"dataset": data.name, "image_size": data.image_size, "views": views.to_dict(),
-            "precision": store_key({"teachers": []}, data, views, precision)["precision"]}
+            "precision": precision_key(precision)}
     for name, value in want.items():
         if key.get(name) != value:
             return f"{name} {key.get(name)} in the store, {value} in this run"
@@ -191,10 +195,7 @@ def view_batch(data: DataBundle, views: ViewSpec, codes: torch.Tensor, channels_
     x = data.train.x.index_select(0, idx)
     if views.augments:
         x = views.apply(x, v)
-    mean = torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.contiguous(memory_format=fmt).float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return to_float(x, *normalisation(data.mean, data.std), channels_last)
 
 
 def compute_rows(source, data: DataBundle, views: ViewSpec, codes: torch.Tensor, channels_last: bool,
