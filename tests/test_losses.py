@@ -8,8 +8,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kdray.distill.losses import feed_l1, kd_kl, match_spatial, normalize_flat, normalized_mse, soften
+from kdray.distill.losses import feed_l1, kd_kl, match_spatial, normalize_flat, normalized_sq_dist, soften
 
 
 def t(rows):
@@ -116,7 +117,7 @@ def test_kd_kl_zero_when_matched_and_gradient_to_student():
     assert z2.grad is not None and z2.grad.abs().sum() > 0
 
 
-# --- normalize_flat / normalized_mse / feed_l1 ---------------------------------------------------
+# --- normalize_flat / normalized_sq_dist / feed_l1 ---------------------------------------------------
 
 
 def test_normalize_flat_over_chw_jointly():
@@ -134,7 +135,7 @@ def test_normalize_flat_over_chw_jointly():
 # N=2 samples, each [C=2, H=1, W=1]:
 #   s1=[3,4]->[0.6,0.8],  t1=[1,0]->[1,0],  diff [-0.4, 0.8]
 #   s2=[0,-2]->[0,-1],    t2=[0,7]->[0,1],  diff [0, -2]
-# squared: 0.16 + 0.64 + 0 + 4 = 4.8 -> mean over 4 elements = 1.2
+# squared per sample: 0.16 + 0.64 = 0.8 and 0 + 4 = 4 -> mean over the 2 samples = 2.4
 # abs:     0.4 + 0.8 + 0 + 2 = 3.2   -> mean over 4 elements = 0.8
 S = [[3.0, 4.0], [0.0, -2.0]]
 T_ = [[1.0, 0.0], [0.0, 7.0]]
@@ -144,27 +145,45 @@ def maps(rows):
     return t(rows).view(len(rows), 2, 1, 1)
 
 
-def test_normalized_mse_by_hand():
-    assert normalized_mse(maps(S), maps(T_)).item() == pytest.approx(1.2, rel=1e-6)
+def test_normalized_sq_dist_by_hand():
+    assert normalized_sq_dist(maps(S), maps(T_)).item() == pytest.approx(2.4, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (64, 8, 8), (256, 8, 8)])
+def test_normalized_sq_dist_scale_does_not_shrink_with_map_size(shape):
+    # The revised FeatLoss (methods.md, 2026-11-29) is 2 - 2 cos per sample, in [0, 4], for any
+    # C*H*W: opposite maps give 4, orthogonal ones 2. The old mean over elements gave 4 / (C*H*W).
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, *shape, generator=g)
+    assert normalized_sq_dist(s, -2.0 * s).item() == pytest.approx(4.0, rel=1e-5)
+    a, b = torch.zeros(1, *shape), torch.zeros(1, *shape)
+    a.view(-1)[0], b.view(-1)[-1] = 1.0, 5.0
+    if a.numel() > 1:
+        assert normalized_sq_dist(a, b).item() == pytest.approx(2.0, rel=1e-6)
+    tt = torch.randn(3, *shape, generator=g)
+    cos = F.cosine_similarity(s.flatten(1), tt.flatten(1), dim=1)
+    got = normalized_sq_dist(s, tt).item()
+    assert got == pytest.approx((2 - 2 * cos).mean().item(), rel=1e-5)
+    assert 0.0 <= got <= 4.0
 
 
 def test_feed_l1_by_hand():
     assert feed_l1(maps(S), maps(T_)).item() == pytest.approx(0.8, rel=1e-6)
 
 
-def test_normalized_mse_and_feed_l1_spatial_elements():
+def test_normalized_sq_dist_and_feed_l1_spatial_elements():
     # one sample [C=1, H=1, W=3]: s=[1,2,2]/3 after normalisation (norm 3), t=[0,0,5]->[0,0,1]
     s = t([[[[1.0, 2.0, 2.0]]]])
     tt = t([[[[0.0, 0.0, 5.0]]]])
     d = [1 / 3 - 0.0, 2 / 3 - 0.0, 2 / 3 - 1.0]
-    assert normalized_mse(s, tt).item() == pytest.approx(sum(x * x for x in d) / 3, rel=1e-6)
+    assert normalized_sq_dist(s, tt).item() == pytest.approx(sum(x * x for x in d), rel=1e-6)
     assert feed_l1(s, tt).item() == pytest.approx(sum(abs(x) for x in d) / 3, rel=1e-6)
 
 
 def test_feature_losses_invariant_to_scaling_a_sample():
     s, tt = maps(S), maps(T_)
     scale = t([7.0, 0.01]).view(2, 1, 1, 1)
-    for fn in (normalized_mse, feed_l1):
+    for fn in (normalized_sq_dist, feed_l1):
         base = fn(s, tt).item()
         assert fn(s * scale, tt).item() == pytest.approx(base, rel=1e-5)
         assert fn(s, tt * scale.flip(0)).item() == pytest.approx(base, rel=1e-5)
@@ -173,7 +192,7 @@ def test_feature_losses_invariant_to_scaling_a_sample():
 def test_feature_losses_symmetric_and_zero_on_parallel_maps():
     s, tt = maps(S), maps(T_)
     assert feed_l1(s, tt).item() == pytest.approx(feed_l1(tt, s).item())
-    assert normalized_mse(s, 3.0 * s).item() == pytest.approx(0.0, abs=1e-7)
+    assert normalized_sq_dist(s, 3.0 * s).item() == pytest.approx(0.0, abs=1e-7)
     assert feed_l1(s, 3.0 * s).item() == pytest.approx(0.0, abs=1e-7)
 
 

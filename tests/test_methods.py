@@ -223,11 +223,11 @@ def ekd_data(B=3, K=2, N=2, C=3, cs=4, tch=(5, 7), seed=1, s_hw=4, t_hw=(2, 8)):
 
 
 def test_ekd_pairing_b_mod_k():
-    # B=3, K=2 -> teachers 0, 1, 0. Branch logits copy their paired teacher, so the KD term is
-    # exactly 0 with the right pairing and clearly positive with any other.
+    # B=3, K=2 (B > K) -> teachers {0}, {1}, {0}. Branch logits copy their teacher, so the KD term
+    # is exactly 0 with the right pairing and clearly positive with any other.
     y, _, t, _, _ = ekd_data()
     m = EKD(cfg_for(alpha=1.0, ens_ce_weight=0.0), student_ns(3), TeacherInfo(2, (5, 7)))
-    assert m.pair == [0, 1, 0]
+    assert m.teacher_sets == [[0], [1], [0]]
     zb = torch.stack([t[0], t[1], t[0]])
     logits, terms = m(y, {"branch_logits": zb, "logits": zb.mean(0), "feats": []}, {"logits": t, "feats": []})
     assert terms["kd"].item() == pytest.approx(0.0, abs=1e-6)
@@ -241,11 +241,48 @@ def test_ekd_pairing_b_mod_k():
     assert terms2["kd"].item() == pytest.approx(want, rel=1e-5)
 
 
-def test_ekd_pairing_more_teachers_than_branches():
-    m = EKD(cfg_for(branches=2), student_ns(2), TeacherInfo(3, (4, 4, 4)))
-    assert m.pair == [0, 1]
-    m = EKD(cfg_for(branches=5), student_ns(5), TeacherInfo(2, (4, 4)))
-    assert m.pair == [0, 1, 0, 1, 0]
+def test_ekd_teacher_sets_every_teacher_teaches():
+    # methods.md (revised 2026-11-29): P(b) = {k : k mod B == b} for B <= K, {b mod K} for B > K
+    assert EKD(cfg_for(branches=2), student_ns(2), TeacherInfo(3, (4, 4, 4))).teacher_sets == [[0, 2], [1]]
+    assert EKD(cfg_for(branches=1), student_ns(1), TeacherInfo(3, (4, 4, 4))).teacher_sets == [[0, 1, 2]]
+    assert EKD(cfg_for(branches=2), student_ns(2), TeacherInfo(5, (4,) * 5)).teacher_sets == [[0, 2, 4], [1, 3]]
+    assert EKD(cfg_for(branches=3), student_ns(3), TeacherInfo(3, (4, 4, 4))).teacher_sets == [[0], [1], [2]]
+    assert EKD(cfg_for(branches=5), student_ns(5), TeacherInfo(2, (4, 4))).teacher_sets == [[0], [1], [0], [1], [0]]
+    for B in range(1, 9):
+        for K in range(1, 6):
+            sets = EKD(cfg_for(branches=B), student_ns(B), TeacherInfo(K, (4,) * K)).teacher_sets
+            assert sorted({k for ks in sets for k in ks}) == list(range(K)), (B, K)
+
+
+def test_ekd_golden_fewer_branches_than_teachers():
+    # B=2, K=3: branch 0 learns from the mean of teachers 0 and 2's softened outputs, branch 1
+    # from teacher 1. Hand computation at T=1, one sample, two classes, both branches' logits [0, 0]
+    # (q = [1/2, 1/2]):
+    #   teacher 0 [0, ln 3] -> [1/4, 3/4]; teacher 2 [ln 3, 0] -> [3/4, 1/4]; p_0 = [1/2, 1/2] -> KL 0
+    #   teacher 1 [ln3/2, 0] -> p_1 = [r3/(r3+1), 1/(r3+1)] with r3 = sqrt 3
+    ln3 = math.log(3.0)
+    t = torch.tensor([[[0.0, ln3]], [[ln3 / 2, 0.0]], [[ln3, 0.0]]])  # K=3, N=1, C=2
+    zb = torch.tensor([[[0.0, 0.0]], [[0.0, 0.0]]])  # B=2
+    y = torch.tensor([0])
+    m = EKD(cfg_for(alpha=1.0, temperature=1.0, ens_ce_weight=0.0), student_ns(2), TeacherInfo(3, (4, 4, 4)))
+    _, terms = m(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
+    r3 = math.sqrt(3.0)
+    p1 = [r3 / (r3 + 1), 1 / (r3 + 1)]
+    kl1 = sum(p * math.log(p / 0.5) for p in p1)
+    assert terms["kd"].item() == pytest.approx((0.0 + kl1) / 2, rel=1e-5)
+    # the old pairing (branch b <- teacher b) would have given branch 0 KL(s([0, ln3]) || q) > 0
+    old0 = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert abs(terms["kd"].item() - (old0 + kl1) / 2) > 0.05
+    # p_b is a mean of probabilities, not the softmax of mean logits: they coincide above, so take
+    # teachers 0 and 2 where they differ
+    t2 = torch.tensor([[[0.0, 2.0]], [[0.0, 0.0]], [[1.0, 0.0]]])
+    _, terms2 = m(y, {"branch_logits": zb, "feats": []}, {"logits": t2, "feats": []})
+    soft = [py_softmax([0.0, 2.0]), py_softmax([1.0, 0.0])]
+    p0 = [(soft[0][c] + soft[1][c]) / 2 for c in range(2)]
+    want = (py_kl(p0, [0.5, 0.5]) + 0.0) / 2
+    p0_logits = py_softmax([0.5, 1.0])
+    assert abs(py_kl(p0_logits, [0.5, 0.5]) - py_kl(p0, [0.5, 0.5])) > 1e-3
+    assert terms2["kd"].item() == pytest.approx(want, rel=1e-5)
 
 
 def test_ekd_branch_alpha_per_branch():
@@ -305,15 +342,16 @@ def test_ekd_adapters_when_g_positive():
     m = EKD(cfg_for(feat_weight=0.5), student_ns(3, feat_channels=4), TeacherInfo(2, (5, 7)))
     assert m.uses_teacher_feats
     assert len(m.adapters) == 3
-    for b, want_c in enumerate([5, 7, 5]):  # channels of teacher b mod 2
-        ad = m.adapters[b]
+    for b, want_c in enumerate([5, 7, 5]):  # channels of teacher b mod 2 (B > K: one teacher each)
+        assert len(m.adapters[b]) == 1
+        ad = m.adapters[b][0]
         convs = [x for x in ad.modules() if isinstance(x, nn.Conv2d)]
         bns = [x for x in ad.modules() if isinstance(x, nn.BatchNorm2d)]
         assert len(convs) == 1 and len(bns) == 1
         conv = convs[0]
         assert conv.in_channels == 4 and conv.out_channels == want_c and conv.kernel_size == (1, 1)
         assert bns[0].num_features == want_c
-    assert [type(x) for x in m.adapters[0]] == [nn.Conv2d, nn.BatchNorm2d]
+    assert [type(x) for x in m.adapters[0][0]] == [nn.Conv2d, nn.BatchNorm2d]
 
 
 def ref_adapter(ad, x):
@@ -328,11 +366,15 @@ def ref_adapter(ad, x):
     return out * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
 
 
-def ref_feat_losses(m, s_feats, t_feats, pair):
+def ref_feat_losses(m, s_feats, t_feats, sets):
+    """Per branch: mean over its teachers of sum-over-elements squared distance, batch-averaged."""
     out = []
-    for b, k in enumerate(pair):
-        s, tt = ref_match(ref_adapter(m.adapters[b], s_feats[b]), t_feats[k])
-        out.append((ref_norm(s) - ref_norm(tt)).pow(2).mean().item())
+    for b, ks in enumerate(sets):
+        per_teacher = []
+        for j, k in enumerate(ks):
+            s, tt = ref_match(ref_adapter(m.adapters[b][j], s_feats[b]), t_feats[k])
+            per_teacher.append((ref_norm(s) - ref_norm(tt)).pow(2).sum(1).mean().item())
+        out.append(sum(per_teacher) / len(per_teacher))
     return out
 
 
@@ -341,9 +383,10 @@ def make_ekd_full(g=0.5, a=0.7, T=3.0, d=0.8, e=0.3):
     m = EKD(cfg_for(feat_weight=g, alpha=a, temperature=T, ens_ce_weight=d, ens_kd_weight=e),
             student_ns(3, feat_channels=4), TeacherInfo(2, (5, 7)))
     with torch.no_grad():  # non-trivial BN affine parameters
-        for ad in m.adapters:
-            ad[1].weight.uniform_(0.5, 1.5)
-            ad[1].bias.uniform_(-0.5, 0.5)
+        for ads in m.adapters:
+            for ad in ads:
+                ad[1].weight.uniform_(0.5, 1.5)
+                ad[1].bias.uniform_(-0.5, 0.5)
     m.train()
     return m
 
@@ -354,7 +397,7 @@ def test_ekd_feat_term_value():
     g = 0.5
     m = make_ekd_full(g=g)
     _, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
-    want = g * sum(ref_feat_losses(m, s_feats, t_feats, [0, 1, 0])) / 3
+    want = g * sum(ref_feat_losses(m, s_feats, t_feats, [[0], [1], [0]])) / 3
     assert terms["feat"].item() == pytest.approx(want, rel=1e-4)
 
 
@@ -364,12 +407,33 @@ def test_ekd_total_matches_independent_formula():
     m = make_ekd_full(g=g, a=a, T=T, d=d, e=e)
     logits, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
     assert set(terms) == {"ce", "kd", "feat", "ens_ce", "ens_kd"}
-    feats = ref_feat_losses(m, s_feats, t_feats, [0, 1, 0])
+    feats = ref_feat_losses(m, s_feats, t_feats, [[0], [1], [0]])
     L = [py_ce(zb[b], y) + a * py_kd(zb[b], py_soft_rows(t[b % 2], T), T) + g * feats[b] for b in range(3)]
     z_ens = zb.mean(0)
     ens = d * py_ce(z_ens, y) + e * py_kd(z_ens, py_soft_rows(t.mean(0), T), T)
     want = sum(L) / 3 + ens
     assert sum(v.item() for v in terms.values()) == pytest.approx(want, rel=1e-4)
+
+
+def test_ekd_feat_term_several_teachers_per_branch():
+    # B=2, K=3 with three different channel counts and map sizes: branch 0 has teachers 0 and 2
+    # (two adapters), branch 1 teacher 1; each branch's term is the mean over its teachers.
+    g = 0.3
+    torch.manual_seed(0)
+    m = EKD(cfg_for(feat_weight=g, branches=2), student_ns(2, feat_channels=4), TeacherInfo(3, (5, 7, 6)))
+    assert [[ad[0].out_channels for ad in ads] for ads in m.adapters] == [[5, 6], [7]]
+    m.train()
+    gen = torch.Generator().manual_seed(3)
+    y = torch.tensor([0, 2])
+    zb = torch.randn(2, 2, 3, generator=gen)
+    t = torch.randn(3, 2, 3, generator=gen)
+    s_feats = [torch.randn(2, 4, 4, 4, generator=gen) for _ in range(2)]
+    t_feats = [torch.randn(2, c, hw, hw, generator=gen) for c, hw in ((5, 2), (7, 8), (6, 4))]
+    _, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
+    per_branch = ref_feat_losses(m, s_feats, t_feats, [[0, 2], [1]])
+    assert terms["feat"].item() == pytest.approx(g * sum(per_branch) / 2, rel=1e-4)
+    # per-sample sums, not element means: random maps are about orthogonal, so each term is near 2
+    assert all(1.0 < v < 3.0 for v in per_branch)
 
 
 def test_ekd_gradients_flow():

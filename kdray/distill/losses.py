@@ -35,9 +35,13 @@ def normalize_flat(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return F.normalize(x.float().flatten(1), p=2, dim=1, eps=eps)
 
 
-def normalized_mse(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
-    """EKD FeatLoss: mean squared error of per-sample L2-normalised feature maps."""
-    return (normalize_flat(student_feat) - normalize_flat(teacher_feat)).pow(2).mean()
+def normalized_sq_dist(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """EKD FeatLoss: squared L2 distance of per-sample L2-normalised maps, averaged over the batch.
+
+    Summed over a sample's elements (not averaged), so it lies in [0, 4] (= 2 - 2 cos) whatever the
+    map's size; a mean over elements would divide it by C*H*W and make any sane weight a no-op.
+    """
+    return (normalize_flat(student_feat) - normalize_flat(teacher_feat)).pow(2).sum(1).mean()
 
 
 def feed_l1(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
