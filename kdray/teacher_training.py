@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,39 +38,73 @@ def recipe_key(cfg, archs: list[str], count: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _train_one(cfg, arch: str, index: int, count: int, out: Path, log) -> dict:
+def _finished(out: Path, index: int, key: str) -> dict | None:
+    """Teacher ``index`` of recipe ``key`` as an earlier, interrupted ``train_teachers`` left it
+    (its record and a weights file whose sha256 matches), else None."""
+    record_file = out / f"teacher_{index}.json"
+    try:
+        record = json.loads(record_file.read_text())
+        weights = out / record["entry"]["file"]
+        if record.get("recipe_key") == key and sha256_file(weights) == record["entry"]["sha256"]:
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log) -> dict:
+    done = _finished(out, index, key)
+    if done is not None:
+        log(f"teacher {index + 1}/{count}: {arch} already trained (test acc {done['entry']['test_acc']:.4f}); kept")
+        return done
+    work = out / f".work_teacher_{index}-{key}"  # keyed: never resume another recipe's epochs
+    # resume=True: an interrupted teacher continues from its last epoch checkpoint in ``work``
     tcfg = cfg.replace(method="ce", student=arch, seed=cfg.seed + index, teachers=None,
-                       checkpoint_dir=str(out / f".work_teacher_{index}"), resume=False)
+                       checkpoint_dir=str(work), resume=True)
     log(f"teacher {index + 1}/{count}: {arch} seed {tcfg.seed}, {tcfg.epochs} epochs on {cfg.dataset}")
     t0 = time.time()
-    result = fit(tcfg, log=log, keep_checkpoints=0)
+    result = fit(tcfg, log=log, keep_checkpoints=1)
     file = out / f"teacher_{index}.pt"
     atomic_save(result["student"].model.state_dict(), file)
     m = result["metrics"]
     entry = {"file": file.name, "arch": arch, "seed": tcfg.seed, "epochs": tcfg.epochs,
              "val_acc": m["val_acc"], "test_acc": m["test_acc"], "params": m["params"],
              "sha256": sha256_file(file), "train_time_s": round(time.time() - t0, 2)}
-    return {"entry": entry, "classes": result["classes"], "image_size": result["image_size"]}
+    record = {"recipe_key": key, "entry": entry, "classes": result["classes"], "image_size": result["image_size"]}
+    _write_json(out / f"teacher_{index}.json", record)
+    shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Callable[[str], None] = print) -> dict:
-    """Train ``count`` teachers (archs cycled, seed cfg.seed + i) with plain CE; write the manifest."""
+    """Train ``count`` teachers (archs cycled, seed cfg.seed + i) with plain CE; write the manifest.
+
+    Interrupted, it continues where it stopped when run again with the same recipe: finished
+    teachers are kept (``teacher_<i>.json`` records them until the manifest exists) and the one in
+    training resumes from its last epoch."""
     if count < 1:
         raise KdrayError(f"--count {count} is out of range; allowed: >= 1")
     for arch in archs:
         build_model(arch, 2)  # fail on an unknown arch before any training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trained = [_train_one(cfg, archs[i % len(archs)], i, count, out, log) for i in range(count)]
+    key = recipe_key(cfg, archs, count)
+    trained = [_train_one(cfg, archs[i % len(archs)], i, count, out, key, log) for i in range(count)]
     manifest = {
         "format": "kdray-teachers/1", "kdray_version": __version__, "dataset": cfg.dataset,
         "train_fraction": cfg.train_fraction, "image_size": trained[-1]["image_size"],
         "classes": trained[-1]["classes"], "teachers": [t["entry"] for t in trained],
         "recipe": recipe(cfg, archs, count),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, out / MANIFEST)  # the manifest last: a folder without one is never used
+    _write_json(out / MANIFEST, manifest)  # the manifest last: a folder without one is never used
+    for i in range(count):
+        (out / f"teacher_{i}.json").unlink(missing_ok=True)  # the manifest now holds what they held
     return manifest
 
 

@@ -133,3 +133,34 @@ def test_precise_bn_recomputes_statistics_without_changing_training(tmp_path):
     assert torch.allclose(bn.running_mean, expected, atol=1e-5)
     other = next(m for m in plain["student"].modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert not torch.allclose(other.running_mean, expected, atol=1e-3)  # the EMA is something else
+
+
+def test_teachers_train_continues_after_interruption(tmp_path):
+    """An interrupted ``train_teachers`` keeps the finished teacher, resumes the one in training
+    from its last epoch, and ends with the same weights as an uninterrupted run."""
+    from kdray.teacher_training import train_teachers
+
+    cfg = small_cfg(epochs=2)
+    whole = train_teachers(cfg, ["resnet8", "resnet14"], 2, tmp_path / "whole", log=lambda s: None)
+
+    class Interrupt(Exception):
+        pass
+
+    seen = []
+
+    def stop_in_second_teacher_after_epoch_1(line):
+        # epoch 2's line comes after epoch 1's checkpoint and before epoch 2's
+        seen.append(line)
+        if any("teacher 2/2" in s for s in seen) and line.startswith("epoch 2/"):
+            raise Interrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train_teachers(cfg, ["resnet8", "resnet14"], 2, out, log=stop_in_second_teacher_after_epoch_1)
+    assert not (out / "manifest.json").exists() and (out / "teacher_0.json").is_file()
+    lines = []
+    again = train_teachers(cfg, ["resnet8", "resnet14"], 2, out, log=lines.append)
+    assert any("teacher 1/2: resnet8 already trained" in s for s in lines)
+    assert any("resuming from" in s and "completed epoch 1" in s for s in lines)
+    assert [t["sha256"] for t in again["teachers"]] == [t["sha256"] for t in whole["teachers"]]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "teacher_0.pt", "teacher_1.pt"]
