@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""CIFAR-10 (JPEG copy) limited-data table: ce, kd (each teacher), avg_kd, ekd (B = K and B
+searched), feed; one student architecture, 3 seeds, 10 % and 25 % of the training split.
+
+Everything goes through the real ``kdray`` CLI in subprocesses, and everything is resumable: run
+the same command again and it continues where it stopped (teachers epoch by epoch, every student
+run that finished is read back from its ``result.json``).
+
+1. The CIFAR-10 JPEG tarball (``shared/datasets``) is extracted once to ``~/.cache/kdray`` and read
+   by kdray's ``imagefolder`` loader (decoded once into a uint8 cache).
+2. ``kdray teachers train`` on the whole training split (train fraction 1.0, 10 % held out for
+   validation): a heterogeneous set, ``--teacher-arch`` cycled over ``--teachers``, into
+   WORKDIR/teachers. Each teacher also gets a one-teacher set (WORKDIR/teacher-<k>, the weights
+   hard-linked, the manifest's entry copied) so ``kd`` can be run from every teacher.
+3. ``kdray train --teacher-store auto`` for every fraction, seed and method: the teachers' outputs
+   are computed once per view into the teacher set's store and shared by every method and seed.
+   EKD's branch count is searched on seed 0 by validation accuracy (``--ekd-branches``), and the
+   best B is run with every seed; the test set is never used to choose.
+4. A markdown table of mean +- sample std (ddof 1) test accuracy with the per-seed values,
+   ``table.json`` beside it.
+
+The README's table::
+
+    python benchmarks/cifar_table.py --workdir /tmp/kdray-cifar-table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_table import kdray_exe, mean_std, pct, run_json  # noqa: E402
+from step_throughput import cifar10_jpeg_dir  # noqa: E402
+
+BASELINES = ("ce", "kd", "avg_kd")
+
+
+def log(msg: str) -> None:
+    print(f"# {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# teachers
+
+
+def data_args(args) -> list[str]:
+    return ["--dataset", "imagefolder", "--data-dir", str(args.data_dir)]
+
+
+def train_teachers(args, tdir: Path) -> dict:
+    """The teacher set (trained, or continued after an interruption, by ``kdray teachers train``)."""
+    if (tdir / "manifest.json").is_file():
+        log(f"teachers: reusing {tdir}")
+        return json.loads((tdir / "manifest.json").read_text())
+    cmd = kdray_exe() + ["teachers", "train"] + data_args(args) + [
+        "--train-fraction", "1.0", "--count", str(args.teachers), "--epochs", str(args.teacher_epochs),
+        "--batch-size", str(args.teacher_batch_size), "--lr", str(args.teacher_lr),
+        "--out", str(tdir), "--json", "--device", args.device,
+    ]
+    for arch in args.teacher_arch.split(","):
+        cmd += ["--arch", arch]
+    log("teachers: " + " ".join(cmd) + f" (log: {args.workdir}/logs/teachers.log)")
+    t0 = time.time()
+    manifest = run_json(cmd, Path(args.workdir) / "logs" / "teachers.log")
+    log(f"teachers trained in {time.time() - t0:.0f}s")
+    return manifest
+
+
+def single_teacher_set(tdir: Path, manifest: dict, k: int) -> Path:
+    """A one-teacher set holding teacher k of ``tdir`` (weights hard-linked, entry copied)."""
+    out = tdir.parent / f"teacher-{k}"
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    entry = manifest["teachers"][k]
+    dst = out / entry["file"]
+    if not dst.exists():
+        try:
+            os.link(tdir / entry["file"], dst)
+        except OSError:
+            shutil.copy2(tdir / entry["file"], dst)
+    sub = dict(manifest, teachers=[entry])
+    (out / "manifest.json.tmp").write_text(json.dumps(sub, indent=2))
+    os.replace(out / "manifest.json.tmp", out / "manifest.json")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# students
+
+
+def train_student(args, teachers: Path, row: str, method: str, fraction: float, seed: int,
+                  extra: list[str]) -> dict:
+    """One ``kdray train`` run, read back from ``result.json`` when it finished before."""
+    name = f"f{fraction}-{row}-s{seed}"
+    out = Path(args.workdir) / "runs" / name
+    cached = out / "result.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    if out.exists():
+        shutil.rmtree(out)  # an interrupted run: start it again
+    cmd = kdray_exe() + ["train", "--method", method, "--student", args.student, "--teachers", str(teachers)] \
+        + data_args(args) + [
+            "--train-fraction", str(fraction), "--epochs", str(args.epochs), "--seed", str(seed),
+            "--device", args.device, "--teacher-store", "auto", "--json", "--no-track", "--out", str(out),
+        ] + extra + args.extra
+    log(f"{name}: kdray train --method {method} {' '.join(extra)}")
+    t0 = time.time()
+    res = run_json(cmd, Path(args.workdir) / "logs" / f"{name}.log")
+    res["wall_s"] = round(time.time() - t0, 1)
+    res["command"] = cmd
+    cached.write_text(json.dumps(res, indent=1, sort_keys=True))
+    extra_acc = f" best branch {res['test_acc_best_branch']:.4f}" if "test_acc_best_branch" in res else ""
+    log(f"{name}: test_acc {res['test_acc']:.4f}{extra_acc} val_acc {res['val_acc']:.4f} ({res['wall_s']:.0f}s)")
+    return res
+
+
+def rows_for(args, tdir: Path, manifest: dict) -> list[tuple[str, str, Path, list[str]]]:
+    """(row name, method, teacher set, extra flags) of every fixed row of the table."""
+    K = len(manifest["teachers"])
+    rows = [("ce", "ce", tdir, [])]
+    for k, t in enumerate(manifest["teachers"]):
+        rows.append((f"kd-t{k}-{t['arch']}", "kd", single_teacher_set(tdir, manifest, k), []))
+    rows += [("avg_kd", "avg_kd", tdir, []), (f"ekd-B{K}", "ekd", tdir, ["--branches", str(K)]),
+             ("feed", "feed", tdir, [])]
+    return rows
+
+
+def search_branches(args, tdir: Path, fraction: float, K: int, results: dict) -> int:
+    """EKD's B chosen on seed 0 by validation accuracy among --ekd-branches (and B = K)."""
+    seed0 = args.seeds[0]
+    val = {K: results[f"ekd-B{K}"][seed0]["val_acc"]}
+    for B in args.ekd_branches:
+        if B != K:
+            r = train_student(args, tdir, f"ekd-B{B}", "ekd", fraction, seed0, ["--branches", str(B)])
+            results.setdefault(f"ekd-B{B}", {})[seed0] = r
+            val[B] = r["val_acc"]
+    best = max(sorted(val), key=lambda b: val[b])
+    log(f"f{fraction}: ekd branch search on seed {seed0}, val acc " +
+        ", ".join(f"B={b}: {v:.4f}" for b, v in sorted(val.items())) + f" -> B={best}")
+    return best
+
+
+def run_fraction(args, tdir: Path, manifest: dict, fraction: float) -> dict:
+    K = len(manifest["teachers"])
+    results: dict[str, dict[int, dict]] = {}
+    rows = rows_for(args, tdir, manifest)
+    for i, seed in enumerate(args.seeds):
+        for row, method, teachers, extra in rows:
+            results.setdefault(row, {})[seed] = train_student(args, teachers, row, method, fraction, seed, extra)
+        if i == 0:
+            best_b = search_branches(args, tdir, fraction, K, results)
+        if best_b != K:
+            r = train_student(args, tdir, f"ekd-B{best_b}", "ekd", fraction, seed, ["--branches", str(best_b)])
+            results.setdefault(f"ekd-B{best_b}", {})[seed] = r
+    return {"results": results, "ekd_best_branches": best_b}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def summarise(name: str, per_seed: dict[int, dict]) -> dict:
+    accs = [per_seed[s]["test_acc"] for s in sorted(per_seed)]
+    m, s = mean_std(accs)
+    row = {"row": name, "mean": m, "std": s, "per_seed": {str(k): per_seed[k]["test_acc"] for k in sorted(per_seed)},
+           "wall_s": sum(r.get("wall_s", 0) for r in per_seed.values())}
+    if all("test_acc_best_branch" in r for r in per_seed.values()):
+        bm, bs = mean_std([per_seed[s]["test_acc_best_branch"] for s in sorted(per_seed)])
+        row.update(best_branch_mean=bm, best_branch_std=bs)
+    return row
+
+
+def table_rows(fr: dict, seeds: list[int]) -> list[dict]:
+    full = {name: per for name, per in fr["results"].items() if all(s in per for s in seeds)}
+    rows = [summarise(name, per) for name, per in full.items()]
+    kd_rows = [r for r in rows if r["row"].startswith("kd-")]
+    if kd_rows:
+        best = max(kd_rows, key=lambda r: r["mean"])
+        rows.append(dict(best, row=f"kd, best teacher ({best['row'][3:]})"))
+    return rows
+
+
+def verdict(rows: list[dict]) -> dict:
+    """Best distillation method against the best baseline, in seed spreads."""
+    base = [r for r in rows if r["row"] == "ce" or r["row"].startswith(("kd", "avg_kd"))]
+    ours = [r for r in rows if r["row"].startswith(("ekd", "feed"))]
+    if not base or not ours:
+        return {}
+    b, o = max(base, key=lambda r: r["mean"]), max(ours, key=lambda r: r["mean"])
+    spread = max(b["std"], o["std"])
+    return {"best_baseline": b["row"], "best_method": o["row"], "gap": o["mean"] - b["mean"],
+            "seed_spread": spread, "beats_by_more_than_spread": o["mean"] - b["mean"] > spread}
+
+
+def print_table(args, manifest: dict, summary: dict) -> None:
+    print(f"CIFAR-10 (JPEG copy). Teachers on the whole training split (45,000 images, 5,000 held out): "
+          + ", ".join(f"{t['arch']} {pct(t['test_acc'])} %" for t in manifest["teachers"])
+          + f" test accuracy after {args.teacher_epochs} epochs.")
+    print(f"Students: {args.student}, {args.epochs} epochs, kdray defaults otherwise"
+          + (f" plus {' '.join(args.extra)}" if args.extra else "")
+          + f"; seeds {args.seeds}; test accuracy %, mean ± sample std.\n")
+    for fr in summary["fractions"]:
+        print(f"**{int(fr['fraction'] * 100)} % of the training split** "
+              f"(EKD's B searched on seed {args.seeds[0]} by val acc: B = {fr.get('ekd_best_branches')})\n")
+        print("| row | test acc % | per seed | ekd best single branch % |")
+        print("|---|---|---|---|")
+        for r in fr["rows"]:
+            branch = f"{pct(r['best_branch_mean'])} ± {pct(r['best_branch_std'])}" if "best_branch_mean" in r else ""
+            per = ", ".join(pct(v) for v in r["per_seed"].values())
+            print(f"| {r['row']} | {pct(r['mean'])} ± {pct(r['std'])} | {per} | {branch} |")
+        v = fr.get("verdict") or {}
+        if v:
+            print(f"\nbest method {v['best_method']} - best baseline {v['best_baseline']} = {pct(v['gap'])} pts; "
+                  f"seed spread {pct(v['seed_spread'])} pts; beats it by more than the spread: "
+                  f"{'yes' if v['beats_by_more_than_spread'] else 'NO'}\n")
+    print(f"wall time of this invocation {summary['wall_s']:.0f}s; results in {Path(args.workdir) / 'table.json'}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/tmp/kdray-cifar-table", help="teachers, stores, runs, logs, results")
+    p.add_argument("--data-dir", type=Path, help="the CIFAR-10 JPEG tree (default: extract the shared tarball)")
+    p.add_argument("--teacher-arch", default="resnet14,resnet20,resnet32", help="comma list, cycled over --teachers")
+    p.add_argument("--teachers", type=int, default=3, help="teacher count K")
+    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--teacher-batch-size", type=int, default=128)
+    p.add_argument("--teacher-lr", type=float, default=0.1)
+    p.add_argument("--student", default="resnet8")
+    p.add_argument("--epochs", type=int, default=30, help="student epochs, the same for every method")
+    p.add_argument("--fractions", default="0.1,0.25", help="train fractions of the students")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ekd-branches", default="1,2,4", help="B values searched for EKD besides B = K")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP/torch threads per run (0, the default, leaves the environment alone)")
+    p.add_argument("--extra", action="append", default=[],
+                   help="extra argument for every `kdray train` call (repeatable: --extra=--lr --extra=0.1)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of markdown")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.ekd_branches = [int(b) for b in args.ekd_branches.split(",") if b.strip()]
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    if args.threads > 0:
+        os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.data_dir is None:
+        args.data_dir = cifar10_jpeg_dir(Path("~/.cache/kdray").expanduser())
+    t_start = time.time()
+
+    manifest = train_teachers(args, work / "teachers")
+    summary = {"dataset": "cifar10-jpeg", "student": args.student, "epochs": args.epochs, "seeds": args.seeds,
+               "extra": args.extra, "teacher_epochs": args.teacher_epochs,
+               "teachers": [{k: t[k] for k in ("arch", "seed", "epochs", "val_acc", "test_acc")}
+                            for t in manifest["teachers"]], "fractions": []}
+    for fraction in fractions:
+        fr = run_fraction(args, work / "teachers", manifest, fraction)
+        rows = table_rows(fr, args.seeds)
+        summary["fractions"].append({"fraction": fraction, "ekd_best_branches": fr["ekd_best_branches"],
+                                     "rows": rows, "verdict": verdict(rows)})
+    summary["wall_s"] = round(time.time() - t_start, 1)
+    (work / "table.json").write_text(json.dumps(summary, indent=1))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_table(args, manifest, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
