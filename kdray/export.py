@@ -125,8 +125,9 @@ def parse_branch(branch: Branch) -> Branch:
 def resolve_branch(record: dict, branch: Branch) -> Optional[int]:
     """``None`` for the whole student (EKD: the ensemble of all branches), else a branch index.
 
-    ``best`` picks the multi-branch student's branch with the highest logged ``test_acc_b{i}``
-    (``val_acc_b{i}`` when the test ones are missing; ties: the lowest index); for a single
+    ``best`` picks the multi-branch student's branch with the highest logged ``val_acc_b{i}``
+    (the test split never chooses; ``test_acc_b{i}`` only when the val ones are missing; ties: the
+    lowest index); for a single
     student it means the student itself. A single student allows best, all and 0 only.
     """
     branch = parse_branch(branch)
@@ -493,7 +494,7 @@ def export_student(
     """Export ``record`` (a ``student.pt`` dict) into the folder ``out``; return ``export.json``'s dict.
 
     ``branch``: ``"all"`` (the whole student; EKD: mean of the branch logits), ``"best"``
-    (EKD: the branch with the highest logged test accuracy; otherwise the student), or a branch
+    (EKD: the branch with the highest logged validation accuracy; otherwise the student), or a branch
     number (a single student: 0 only). The program is exported on CPU (portable); the re-check
     loads it back from disk and runs it on ``device`` over the test split. Files are written into
     a temporary folder beside ``out`` and renamed into place at the end, so a failure leaves no

@@ -151,7 +151,7 @@ def test_normalized_sq_dist_by_hand():
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (64, 8, 8), (256, 8, 8)])
 def test_normalized_sq_dist_scale_does_not_shrink_with_map_size(shape):
-    # The revised FeatLoss (methods.md, 2026-11-29) is 2 - 2 cos per sample, in [0, 4], for any
+    # The revised FeatLoss (docs/methods.md, 2026-11-29) is 2 - 2 cos per sample, in [0, 4], for any
     # C*H*W: opposite maps give 4, orthogonal ones 2. The old mean over elements gave 4 / (C*H*W).
     g = torch.Generator().manual_seed(0)
     s = torch.randn(3, *shape, generator=g)

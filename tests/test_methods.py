@@ -1,4 +1,4 @@
-"""Tests for the distillation methods (kdray.distill) against methods.md.
+"""Tests for the distillation methods (kdray.distill) against docs/methods.md.
 
 Expected values are computed independently here: logit losses in plain python (exp/log sums),
 feature losses with explicit tensor arithmetic (manual conv/BN/pooling/normalisation).
@@ -242,7 +242,7 @@ def test_ekd_pairing_b_mod_k():
 
 
 def test_ekd_teacher_sets_every_teacher_teaches():
-    # methods.md (revised 2026-11-29): P(b) = {k : k mod B == b} for B <= K, {b mod K} for B > K
+    # docs/methods.md (revised 2026-11-29): P(b) = {k : k mod B == b} for B <= K, {b mod K} for B > K
     assert EKD(cfg_for(branches=2), student_ns(2), TeacherInfo(3, (4, 4, 4))).teacher_sets == [[0, 2], [1]]
     assert EKD(cfg_for(branches=1), student_ns(1), TeacherInfo(3, (4, 4, 4))).teacher_sets == [[0, 1, 2]]
     assert EKD(cfg_for(branches=2), student_ns(2), TeacherInfo(5, (4,) * 5)).teacher_sets == [[0, 2, 4], [1, 3]]

@@ -1,4 +1,5 @@
-"""Averaged multi-teacher KD: as ``kd``, the teacher side the mean of the K softened outputs."""
+"""Averaged multi-teacher KD: as ``kd``, the teacher side the mean of the K softened outputs;
+see docs/methods.md."""
 
 from .base import register
 from .kd import KD

@@ -2,7 +2,8 @@
 
 A method receives the labels, the student's outputs and the teachers' outputs and returns the
 logits to evaluate plus a dict of named loss terms. The engine sums the dict and logs every term
-by name; it never asks which method it runs. Adding a method is one file with ``@register``.
+by name; it never asks which method it runs. Adding a method is one file with ``@register``
+(docs/methods.md, "Adding a method").
 """
 
 from __future__ import annotations

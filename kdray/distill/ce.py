@@ -1,4 +1,4 @@
-"""Baseline: cross-entropy on the labels only."""
+"""Baseline: cross-entropy on the labels only; see docs/methods.md."""
 
 import torch.nn.functional as F
 

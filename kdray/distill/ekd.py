@@ -6,7 +6,7 @@ teacher teaches some branch. With p_b = mean_{k in P(b)} s(t_k / T):
 L_b = CE(y, z_b) + a_b T^2 KL(p_b || s(z_b/T)) + g mean_{k in P(b)} FeatLoss(adapter_bk(F_b), F_k)
 L   = (1/B) sum_b L_b + d CE(y, z_ens) + e T^2 KL(s(mean_k t_k / T) || s(z_ens / T))
 
-FeatLoss is the squared L2 distance of per-sample normalised maps, in [0, 4] (docs/methods.md).
+FeatLoss is the squared L2 distance of per-sample normalised maps, in [0, 4]; see docs/methods.md.
 """
 
 import torch

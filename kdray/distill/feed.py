@@ -2,7 +2,7 @@
 last-stage feature map, each trained to reproduce its teacher's map. Translators are dropped
 at export.
 
-L = CE(y, z) + b sum_k FEED_k + a T^2 KL(s(mean_k t_k / T) || s(z / T))
+L = CE(y, z) + b sum_k FEED_k + a T^2 KL(s(mean_k t_k / T) || s(z / T)); see docs/methods.md.
 """
 
 import torch

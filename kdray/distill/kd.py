@@ -1,4 +1,5 @@
-"""Hinton KD: (1-a) CE(y, z) + a T^2 KL(s(t/T) || s(z/T)) with one teacher (the first)."""
+"""Hinton KD: (1-a) CE(y, z) + a T^2 KL(s(t/T) || s(z/T)) with one teacher (the first);
+see docs/methods.md."""
 
 import torch.nn.functional as F
 

@@ -1,6 +1,6 @@
 """Loss functions on plain tensors, tested against hand-computed values.
 
-Conventions (see methods.md): KL(p || q) with p the teacher side; the student side enters
+Conventions (see docs/methods.md): KL(p || q) with p the teacher side; the student side enters
 ``F.kl_div`` as log-probabilities; distillation terms carry the T^2 factor.
 """
 

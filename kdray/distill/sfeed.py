@@ -1,6 +1,7 @@
 """Sequential FEED: G generations of the same student; generation 1 learns from the teacher
 ensemble by parallel FEED, generation g > 1 from generation g-1 alone. Each generation is a full
-training run; the engine runs them in turn and reports every generation's accuracy."""
+training run; the engine runs them in turn and reports every generation's accuracy.
+See docs/methods.md."""
 
 from .base import Generation, register
 from .feed import FEED
