@@ -19,7 +19,9 @@ DEFAULT_WORKDIR = "kdray-work"
 
 
 def workdir(args) -> Path:
-    return Path(getattr(args, "workdir", None) or os.environ.get("KDRAY_WORKDIR") or DEFAULT_WORKDIR)
+    from .api import resolve_workdir
+
+    return resolve_workdir(getattr(args, "workdir", None))
 
 
 def log(msg: str) -> None:
@@ -96,41 +98,30 @@ def build_config(args, keys, extra=None):
 
 
 def cmd_train(args) -> int:
+    from .api import train
+
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys())
-    from .distill import get_method
-
-    method = get_method(cfg.method)
-    if method.min_teachers > 0 and not cfg.teachers:
-        raise KdrayError(f"method {cfg.method!r} needs teachers: pass --teachers DIR (see `kdray teachers train`)")
-    name = args.name or f"{cfg.method}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(args.out) if args.out else workdir(args) / "runs" / name
-    if not args.resume and out.is_dir() and any(out.iterdir()):
-        raise KdrayError(f"--out {out} holds an earlier run; pass --resume to continue it, or choose another --out "
-                         "(kdray never replaces a run folder)")
-    if args.resume:
-        cfg = cfg.replace(resume=True)
-    cfg = cfg.replace(checkpoint_dir=str(out / "checkpoints"))
-
-    if args.max_failures < 0:
-        raise KdrayError(f"--max-failures {args.max_failures} is out of range; allowed: >= 0")
-    tracking = tracking_from_args(args)
-    from .runner import run_training
-
     with stop_signals_interrupt():
-        result = run_training(cfg, out=out, run_name=name, tracking=tracking, log=log, address=args.address,
-                              gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                              max_failures=args.max_failures, store_root=args.teacher_store,
-                              store_budget=args.teacher_store_budget)
-    m = result["metrics"]
+        run = train(cfg, out=args.out, name=args.name, resume=args.resume, workdir=workdir(args),
+                    track=not args.no_track, tracking_uri=args.tracking_uri, experiment=args.experiment or "kdray",
+                    teacher_store=args.teacher_store, teacher_store_budget=args.teacher_store_budget,
+                    address=args.address, gpus_per_worker=args.gpus_per_worker,
+                    cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, log=log)
+    m = run.metrics
     summary = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-    summary.update({"student_path": result["student_path"], "method": cfg.method, "student": cfg.student,
-                    "dataset": cfg.dataset, "seed": cfg.seed, "run_id": result.get("run_id")})
+    summary.update({"student_path": run.student_path, "method": cfg.method, "student": cfg.student,
+                    "dataset": cfg.dataset, "seed": cfg.seed, "run_id": run.run_id})
     if args.json:
         emit_json(summary, sort_keys=True)
+        return 0
+    branch = f", best branch {m['test_acc_best_branch']:.4f}" if "test_acc_best_branch" in m else ""
+    print(f"done: {cfg.method} {cfg.student} on {cfg.dataset}: test acc {m['test_acc']:.4f}{branch}, "
+          f"val acc {m['val_acc']:.4f}, {m['params']} params; student at {run.student_path}")
+    if run.run_id:
+        print(f"  MLflow run {run.run_id}: `kdray export --run {run.run_id} --out DIR` exports it; "
+              f"`kdray best --experiment {args.experiment or 'kdray'}` ranks it among the experiment's runs")
     else:
-        branch = f", best branch {m['test_acc_best_branch']:.4f}" if "test_acc_best_branch" in m else ""
-        print(f"done: {cfg.method} {cfg.student} on {cfg.dataset}: test acc {m['test_acc']:.4f}{branch}, "
-              f"val acc {m['val_acc']:.4f}, {m['params']} params; student at {result['student_path']}")
+        print(f"  `kdray export --student {run.student_path} --out DIR` exports it")
     return 0
 
 
@@ -142,16 +133,10 @@ def tracking_uri(args) -> str:
 
 def tracking_from_args(args, experiment_default: str = "kdray"):
     """None with --no-track; else the checked store, experiment and workdir for MLflow."""
-    if getattr(args, "no_track", False):
-        return None
-    from .tracking import bounded_http_env, check_store
+    from .api import tracking_settings
 
-    for key, value in bounded_http_env().items():  # this process's MLflow calls too
-        os.environ.setdefault(key, value)
-    uri = tracking_uri(args)
-    check_store(uri)  # before any training starts
-    return {"uri": uri, "experiment": getattr(args, "experiment", None) or experiment_default,
-            "workdir": str(workdir(args).resolve())}
+    return tracking_settings(not getattr(args, "no_track", False), getattr(args, "tracking_uri", None),
+                             getattr(args, "experiment", None) or experiment_default, workdir(args))
 
 
 def cmd_best(args) -> int:
@@ -264,6 +249,22 @@ def cmd_teachers_show(args) -> int:
     return 0
 
 
+def cmd_teachers_import(args) -> int:
+    cfg = build_config(args, DATA_KEYS + ("device",))
+    from .teacher_import import import_teachers
+
+    manifest = import_teachers(args.files, out=args.out, cfg=cfg, archs=args.arch, layout=args.layout,
+                               weights=args.weights or (), log=log)
+    if args.json:
+        emit_json({"out": str(args.out), **manifest}, sort_keys=True)
+        return 0
+    for t in manifest["teachers"]:
+        print(f"{t['file']}: {t['arch']} from {t['source']} val acc {t['val_acc']:.4f} test acc {t['test_acc']:.4f} "
+              f"({t['params']} params)")
+    print(f"teachers written to {args.out}")
+    return 0
+
+
 def store_line(m: dict) -> str:
     k = m["key"]
     views = k["views"]
@@ -307,18 +308,56 @@ def cmd_teachers_store(args) -> int:
     return 0
 
 
-def cmd_tune(args) -> int:
-    from .tune import SweepOptions, run_sweep
+def cmd_spaces(args) -> int:
+    from .shipped import copy_out, description, resolve_space, shipped_spaces
 
-    options = SweepOptions(
-        samples=args.samples, concurrency=args.concurrency, workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, experiment=args.experiment,
-        address=args.address, resume=args.resume, optuna_storage=args.optuna_storage,
-        max_failures=args.max_failures, teacher_store=args.teacher_store_on,
-        teacher_store_dir=args.teacher_store, teacher_store_budget=args.teacher_store_budget,
-    )
-    result = run_sweep(args.space, workdir=workdir(args), options=options, log=log,
-                       tracking=tracking_from_args(args))
+    action = args.spaces_command or "list"
+    if action == "show":
+        print(resolve_space(args.name).read_text(), end="")
+        return 0
+    if action == "copy":
+        copied = copy_out([resolve_space(args.name)], Path(args.dest))
+        print(f"copied to {copied[0]}; run it with `kdray tune --space {copied[0]}`")
+        return 0
+    rows = [{"name": n, "path": str(p), "description": description(p)} for n, p in shipped_spaces().items()]
+    if getattr(args, "json", False):
+        emit_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']:10}  {r['description']}")
+    print("run one with `kdray tune --space NAME`; `kdray spaces copy NAME` gives you a file to edit")
+    return 0
+
+
+def cmd_clusters(args) -> int:
+    from .shipped import copy_out, description, shipped_cluster_files
+
+    files = shipped_cluster_files()
+    if args.clusters_command == "copy":
+        copied = copy_out(files, Path(args.dest))
+        print(f"copied {len(copied)} files to {Path(args.dest)}/; build the wheel (`python -m build --wheel` "
+              f"into ./dist) and start a cluster with `ray up {Path(args.dest) / 'onprem.yaml'}` (see its README)")
+        return 0
+    rows = [{"name": f.name, "path": str(f), "description": description(f)} for f in files]
+    if getattr(args, "json", False):
+        emit_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']:14}  {r['description']}")
+    print("`kdray clusters copy` copies them to ./clusters")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .api import sweep
+
+    result = sweep(args.space, samples=args.samples, concurrency=args.concurrency, workers=args.workers,
+                   gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                   experiment=args.experiment, address=args.address, resume=args.resume,
+                   optuna_storage=args.optuna_storage, max_failures=args.max_failures,
+                   teacher_store=args.teacher_store_on, teacher_store_dir=args.teacher_store,
+                   teacher_store_budget=args.teacher_store_budget, workdir=workdir(args),
+                   track=not args.no_track, tracking_uri=args.tracking_uri, log=log).summary
     if args.json:
         emit_json(result, sort_keys=True, default=str)
         return _all_failed(result)
@@ -367,7 +406,7 @@ def _all_failed(result: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(
         prog="kdray",
@@ -468,8 +507,37 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
     x.set_defaults(func=cmd_export)
 
+    # spaces / clusters: the files kdray ships --------------------------------------------------
+    sp = sub.add_parser("spaces", help="list, show or copy the search spaces kdray ships",
+                        description="The search spaces kdray ships; `kdray tune --space NAME` runs one by name "
+                        "(a path to your own YAML works too).")
+    spsub = sp.add_subparsers(dest="spaces_command", metavar="ACTION")
+    spl = spsub.add_parser("list", help="names and one-line descriptions (the default)")
+    for parser in (sp, spl):  # `kdray spaces --json` and `kdray spaces list --json`
+        parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print name, path and description as JSON")
+    sps = spsub.add_parser("show", help="print a shipped space's YAML")
+    sps.add_argument("name", help="a shipped space, e.g. quick")
+    spc = spsub.add_parser("copy", help="copy a shipped space to a file you can edit")
+    spc.add_argument("name", help="a shipped space, e.g. ekd")
+    spc.add_argument("dest", nargs="?", default=".", help="destination folder (default: the current one)")
+    sp.set_defaults(func=cmd_spaces)
+    cl = sub.add_parser("clusters", help="list or copy the Ray cluster files kdray ships (`ray up`)",
+                        description="The Ray cluster files kdray ships (AWS, GCP, on-prem over SSH) and the MLflow "
+                        "head script they mount; `kdray clusters copy` puts them in ./clusters, where they expect "
+                        "to be (see their README).")
+    clsub = cl.add_subparsers(dest="clusters_command", metavar="ACTION")
+    cll = clsub.add_parser("list", help="file names and one-line descriptions (the default)")
+    for parser in (cl, cll):
+        parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print name, path and description as JSON")
+    clc = clsub.add_parser("copy", help="copy every cluster file into DEST")
+    clc.add_argument("dest", nargs="?", default="clusters", help="destination folder (default ./clusters)")
+    cl.set_defaults(func=cmd_clusters)
+
     # teachers -------------------------------------------------------------------------------
-    te = sub.add_parser("teachers", help="train or inspect teacher ensembles", description="Train or inspect teacher ensembles.")
+    te = sub.add_parser("teachers", help="train, import or inspect teacher ensembles",
+                        description="Train, import or inspect teacher ensembles.")
     tsub = te.add_subparsers(dest="teachers_command", metavar="ACTION")
     tt = tsub.add_parser("train", help="train K teachers and write weights + manifest",
                          description="Train K teachers (architectures cycled, seeds SEED..SEED+K-1) and write their weights and a manifest with arch, dataset, classes, accuracy, seed and sha256.")
@@ -498,6 +566,27 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("dir", help="teacher directory")
     ts.add_argument("--json", action="store_true", help="print the manifest as JSON")
     ts.set_defaults(func=cmd_teachers_show)
+    ti = tsub.add_parser("import", help="import classifiers trained elsewhere as a verified teacher set",
+                         description="Load state-dict files (kdray or torchvision key layout; tensors only) and/or "
+                         "torchvision pretrained weights into their architectures built for the dataset's classes, "
+                         "measure their val and test accuracy on it, and write a teacher set like `kdray teachers "
+                         "train` does (weights + manifest with arch, source, accuracy and sha256).")
+    ti.add_argument("files", nargs="*", metavar="FILE",
+                    help="state-dict file: a plain state dict or a checkpoint holding one under 'state_dict' or "
+                    "'model' ('module.' prefixes are removed)")
+    ti.add_argument("--arch", action="append", required=True,
+                    help="architecture (repeatable): one for all sources, or one per source in order (files, then --weights)")
+    ti.add_argument("--weights", action="append", metavar="NAME",
+                    help="torchvision weights as one more teacher (repeatable), e.g. ResNet18_Weights.IMAGENET1K_V1 or "
+                    "DEFAULT; read from the torch hub cache, downloaded if missing; a classifier whose classes differ "
+                    "from the dataset's is re-initialised (fine-tune such a teacher)")
+    ti.add_argument("--layout", choices=("auto", "kdray", "torchvision"), default="auto",
+                    help="the files' key layout (default auto: kdray when every key starts with stem./stages./head.)")
+    ti.add_argument("--out", required=True, help="a new or empty folder for the teacher set (never overwritten)")
+    ti.add_argument("--device", help="where accuracy is measured: auto (default: cuda if visible), cpu, cuda, cuda:N")
+    ti.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    add_data_args(ti)
+    ti.set_defaults(func=cmd_teachers_import)
     te.set_defaults(func=lambda a: (te.print_help(), 2)[1])
     return p
 
@@ -555,6 +644,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kdray: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kdray spaces | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         line = disk_full_line(exc)
         if line is None:

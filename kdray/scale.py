@@ -126,10 +126,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.util import get_node_ip_address
 
-    from .distill import ensure_registered
-
     _quiet_ray_train_console()
-    ensure_registered(config.get("methods", ()))  # methods defined outside kdray travel by value
+    register_payload(config.get("methods"))  # methods and architectures defined outside kdray, by value
     cfg = from_dict(config["cfg"])
     node_ip = get_node_ip_address()
     tracker = _rank0_tracker(config.get("tracking"), cfg, node_ip)
@@ -138,27 +136,44 @@ def train_loop_per_worker(config: dict) -> None:
                    ray.train.torch.get_device(), quiet=bool(config.get("quiet")))
 
 
-def method_payload() -> list:
-    """Methods the workers must receive by value: those defined outside kdray (a notebook, a
-    user's module, a test file), whose module a Ray worker may not be able to import."""
+def _send_by_value(objects) -> None:
+    """cloudpickle pickles a class or function of an importable module by reference (its module
+    name), which a Ray worker may not be able to import (a notebook, a test file); ask it to send
+    these modules by value instead (public cloudpickle API)."""
+    import sys
+
+    from ray import cloudpickle
+
+    for obj in objects:
+        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        if module is not None and module.__name__ != "__main__" and not module.__name__.startswith("kdray."):
+            cloudpickle.register_pickle_by_value(module)
+
+
+def method_payload() -> dict:
+    """What Ray workers must register before they build anything, sent by value: the methods and
+    the architectures (``kdray.models.register_model``) defined outside kdray."""
     from .distill import methods_defined_outside_kdray
+    from .models import registered_builders
 
-    classes = methods_defined_outside_kdray()
-    if classes:
-        import sys
+    classes, builders = methods_defined_outside_kdray(), registered_builders()
+    _send_by_value([*classes, *builders.values()])
+    return {"methods": classes, "models": builders}
 
-        from ray import cloudpickle
 
-        # cloudpickle pickles a class of an importable module by reference (its module name);
-        # ask it to send these by value instead (public cloudpickle API).
-        for cls in classes:
-            cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
-    return classes
+def register_payload(payload) -> None:
+    """In a Ray worker: register what ``method_payload`` sent (names already known are kept)."""
+    from .distill import ensure_registered
+    from .models import ensure_models_registered
+
+    payload = payload or {}
+    ensure_registered(payload.get("methods", ()))
+    ensure_models_registered(payload.get("models", {}))
 
 
 def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                  storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None,
-                 quiet: bool = False, methods=(), store_ref=None):
+                 quiet: bool = False, methods=None, store_ref=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -170,7 +185,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": list(methods),
+        train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": methods,
                            "teacher_store": store_ref},
         # on a local Ray, torch's rendezvous store listens on loopback too (see kdray.local_ray)
         torch_config=local_ray.torch_config("nccl" if use_gpu else "gloo"),

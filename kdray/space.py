@@ -30,6 +30,7 @@ from typing import Any
 from .config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
 from .distill import HPARAMS, METHODS, get_method
 from .errors import KdrayError
+from .shipped import resolve_space
 
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
             "per_branch", "scheduler", "samples", "seed")
@@ -208,6 +209,8 @@ def _params(raw: dict, where: str) -> tuple[dict, dict]:
 
 
 def load_space(path: str | Path) -> Space:
+    """A search space from a YAML file, or a shipped space by name (``quick``; see ``kdray spaces``)."""
+    path = resolve_space(path)
     where = str(path)
     raw = load_yaml(path)
     if not isinstance(raw, dict):

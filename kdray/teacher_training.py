@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import atomic_save, sha256_file
 from .engine import fit
 from .errors import KdrayError

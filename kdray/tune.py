@@ -193,9 +193,9 @@ def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, t
     def trial(config: dict) -> None:
         import ray
 
-        from .distill import ensure_registered
+        from .scale import register_payload
 
-        ensure_registered(methods)  # methods defined outside kdray travel by value
+        register_payload(methods)  # methods and architectures defined outside kdray travel by value
         cfg = space.trial_config(config)
         context = ray.tune.get_context()
         run = _start_trial_run(trial_track, cfg, context, config)
@@ -425,9 +425,13 @@ def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, 
 
 
 def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOptions(),
-              tracking: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
+              tracking: Optional[dict] = None, log: Callable[[str], None] = print,
+              handles: Optional[dict] = None) -> dict:
     """``tracking``: ``{"uri": ...}`` (an MLflow store checked by the caller) or None for no MLflow.
-    Raises :class:`~kdray.guards.Interrupted` after recording a SIGINT / SIGTERM."""
+    ``handles``, when given, receives the live objects behind the summary: ``storage`` (Optuna's)
+    and ``result_grid`` (Tune's). Raises :class:`~kdray.guards.Interrupted` after recording a
+    SIGINT / SIGTERM."""
+    handles = {} if handles is None else handles
     from .guards import one_sweep_at_a_time, stop_signals_interrupt, stores_initialising
     from .optuna_adapter import prepare_study
     from .sweep_report import summarize
@@ -441,13 +445,13 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     workdir.mkdir(parents=True, exist_ok=True)
     with one_sweep_at_a_time(workdir, name), stop_signals_interrupt():
         with stores_initialising(workdir):
-            storage = open_storage(options, workdir)
+            storage = handles["storage"] = open_storage(options, workdir)
             left = prepare_study(storage, name, space.samples, options.resume, log)
         if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
             log(f"sweep {name!r}: every trial is done already")
             return summarize(name, storage, space, [])
         sweep = {"space": space, "space_file": space_file, "name": name, "options": options,
-                 "storage": storage, "workdir": workdir, "log": log, "track": None}
+                 "storage": storage, "workdir": workdir, "log": log, "track": None, "handles": handles}
         try:
             return _run_trials(sweep, left, tracking)
         except Interrupted as exc:
@@ -473,7 +477,7 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
             client(sweep["track"]["uri"]).set_tag(sweep["track"]["parent_run_id"], STORE_TAG, sweep["teacher_store"])
             sweep["track"]["teacher_store"] = sweep["teacher_store"]
     track = sweep["track"]
-    progress = make_progress_callback(log, space.metrics[0][0])
+    progress = make_progress_callback(log, space.metrics[0][0], space.metrics[0][1], total=left)
     tuner = make_tuner(space, name, options, storage, left, concurrency, str(workdir / "ray_results"), track, progress,
                        store_ref)
     log(f"sweep {name!r}: {left} trial(s), {concurrency} at a time, {options.workers} worker(s) each; "
@@ -481,7 +485,7 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
     t_fit = time.time()
     try:
         with contextlib.redirect_stdout(sys.stderr), tune_stops_gracefully():  # stdout is for the result (--json)
-            grid = tuner.fit()
+            grid = sweep["handles"]["result_grid"] = tuner.fit()
     except Exception as exc:
         if track:
             from .outcome import failure_reason

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -29,7 +32,7 @@ def supported(name: str) -> bool:
 
 
 @torch.no_grad()
-def _probe_channels(stem: nn.Module, stages: list[nn.Module], size: int = 64) -> list[int]:
+def probe_channels(stem: nn.Module, stages: list[nn.Module], size: int = 64) -> list[int]:
     """Channel count of each stage output, from one eval-mode forward of zeros (no RNG used)."""
     mods = [stem, *stages]
     was = [m.training for m in mods]
@@ -88,18 +91,145 @@ def wrap_torchvision(model: nn.Module, name: str, num_classes: int) -> StagedMod
     for prefixes, split in _FAMILY_SPLITTERS:
         if name.startswith(prefixes):
             stem, stages, head = split(model, name)
-            return StagedModel(stem, stages, head, _probe_channels(stem, stages), num_classes, name)
-    raise KdrayError(
+            return StagedModel(stem, stages, head, probe_channels(stem, stages), num_classes, name)
+    raise _unsupported(name)
+
+
+def _unsupported(name: str) -> KdrayError:
+    return KdrayError(
         f"torchvision model {name!r} is not supported (no stem/stages split known); "
         f"supported torchvision families: {TV_FAMILIES_TEXT}"
     )
 
 
-def build_torchvision(name: str, num_classes: int) -> StagedModel:
-    """Build ``name`` with ``weights=None`` (torchvision's own init) and wrap it."""
+def _check_family(name: str) -> None:
+    if name not in torchvision_names():
+        raise KdrayError(f"{name!r} is not a torchvision classification model (e.g. resnet18, mobilenet_v3_small)")
+    if not supported(name):
+        raise _unsupported(name)
+
+
+def build_torchvision(name: str, num_classes: int, weights: Optional[str] = None) -> StagedModel:
+    """Build ``name`` and wrap it: torchvision's own init, or with ``weights`` (see
+    :func:`load_torchvision_weights`) the pretrained weights, its classifier re-initialised when
+    ``num_classes`` differs from the weights' classes."""
+    _check_family(name)
+    if weights is None:
+        import torchvision.models as tvm
+
+        model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    else:
+        model, _ = load_torchvision_weights(name, weights, num_classes)
+    return wrap_torchvision(model, name, num_classes)
+
+
+# --- torchvision weights ------------------------------------------------------------------------
+def resolve_weights(name: str, weights: str):
+    """The weights enum member of model ``name`` called ``weights``: a full name
+    ("ResNet18_Weights.IMAGENET1K_V1") or a member of the model's enum ("DEFAULT", "IMAGENET1K_V1")."""
     import torchvision.models as tvm
 
-    if not supported(name):
-        wrap_torchvision(nn.Identity(), name, num_classes)  # raises the family error
+    _check_family(name)
+    enum = tvm.get_model_weights(name)
+    prefix, _, member = weights.rpartition(".")
+    members = ", ".join(["DEFAULT", *enum.__members__])
+    if prefix and prefix != enum.__name__:
+        raise KdrayError(f"weights {weights!r} are not weights of {name!r}; allowed: {enum.__name__}.X with X in {members}")
+    if member != "DEFAULT" and member not in enum.__members__:
+        raise KdrayError(f"unknown weights {weights!r} for {name!r}; allowed: {members} (or {enum.__name__}.X)")
+    return enum.DEFAULT if member == "DEFAULT" else enum[member]
+
+
+def _download_state(weights) -> dict:
+    """The weights' state dict from the torch hub cache, downloaded into it when missing; loaded
+    tensors-only (torch.hub's default would unpickle arbitrary objects)."""
+    import torch.hub
+
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", check_hash=True,
+                                                  weights_only=True)
+    except OSError as exc:  # offline: urllib's URLError is an OSError
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise KdrayError(f"cannot get torchvision weights {weights} ({str(exc).splitlines()[0][:120]}); "
+                         f"go online once or put {Path(weights.url).name} at {cached}") from None
+
+
+def load_torchvision_weights(name: str, weights: str, num_classes: int) -> tuple[nn.Module, Optional[str]]:
+    """Torchvision model ``name`` with pretrained ``weights`` and a ``num_classes``-way classifier:
+    ``(model, re-initialised layer)``. When ``num_classes`` differs from the weights' classes, the
+    last ``nn.Linear`` (resnet/regnet ``fc``, the others' ``classifier[-1]``) is replaced by a freshly
+    initialised one, named in the second item (else None): such a model needs fine-tuning."""
+    import torchvision.models as tvm
+
+    member = resolve_weights(name, weights)
+    weight_classes = len(member.meta["categories"])
+    model = tvm.get_model(name, weights=None, num_classes=weight_classes)
+    load_strict(model, _download_state(member), f"torchvision weights {member} for {name!r}")
+    if num_classes == weight_classes:
+        return model, None
+    return model, replace_classifier(model, num_classes)
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> str:
+    """Swap the model's last ``nn.Linear`` for a fresh one with ``num_classes`` outputs; its name."""
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+    return name
+
+
+# --- key layouts: torchvision's state dict keys <-> kdray's StagedModel keys -------------------
+def state_mismatch(model: nn.Module, state: dict, shown: int = 3) -> Optional[str]:
+    """Why ``state`` does not load strictly into ``model`` (missing, unexpected, mis-shaped keys,
+    the first few of each), or None when it fits."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''})"
+             for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("shape mismatches, file vs model", shapes)) if keys]
+    return "; ".join(parts) or None
+
+
+def load_strict(model: nn.Module, state: dict, what: str) -> None:
+    """``model.load_state_dict(state)`` (strict), or a one-line KdrayError naming the first bad keys."""
+    why = state_mismatch(model, state)
+    if why:
+        raise KdrayError(f"{what} do not fit: {why}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:  # e.g. a non-tensor value
+        raise KdrayError(f"{what} do not load: {str(exc).strip().splitlines()[0][:200]}") from None
+
+
+def from_torchvision_state(name: str, state: dict, num_classes: int) -> StagedModel:
+    """kdray's wrapper of torchvision ``name`` holding ``state``, a state dict with torchvision's
+    own keys (``conv1.*``, ``layer1.*``, ``fc.*``, ...). The keys map by construction: ``state``
+    loads strictly into the torchvision model, which is then split by the same code as
+    ``build_model``; a state that does not fit is a one-line KdrayError naming the first bad keys."""
+    import torchvision.models as tvm
+
+    _check_family(name)
     model = tvm.get_model(name, weights=None, num_classes=num_classes)
+    load_strict(model, state, f"weights for torchvision {name!r} ({num_classes} classes)")
     return wrap_torchvision(model, name, num_classes)
+
+
+def torchvision_to_kdray(name: str, state: dict, num_classes: int) -> dict:
+    """A torchvision state dict under kdray's StagedModel keys (``stem.0.*``, ``stages.0.*``,
+    ``head.2.*``, ...), loadable into ``build_model(name, num_classes)``."""
+    return from_torchvision_state(name, state, num_classes).state_dict()
+
+
+def kdray_to_torchvision(model: StagedModel) -> dict:
+    """The inverse: a wrapped torchvision model's weights under torchvision's own keys (loadable
+    into ``torchvision.models.get_model(model.arch, num_classes=model.num_classes)``)."""
+    import torchvision.models as tvm
+
+    _check_family(model.arch)
+    tv = tvm.get_model(model.arch, weights=None, num_classes=model.num_classes)
+    wrap_torchvision(tv, model.arch, model.num_classes).load_state_dict(model.state_dict())  # shares tv's modules
+    return tv.state_dict()

@@ -1,5 +1,5 @@
-"""The architecture zoo: ``build_model`` (one entry point for CIFAR ResNets, Wide ResNets and
-torchvision models) and ``available_models``."""
+"""The architecture zoo: ``build_model`` (one entry point for CIFAR ResNets, Wide ResNets,
+torchvision models and architectures registered with ``register_model``) and ``available_models``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 
 from ..errors import KdrayError
 from .cifar import CIFAR_RESNETS, cifar_resnet, wide_resnet
+from .registry import MODELS, build_registered, registered_models
 from .staged import StagedModel
 from .tv import build_torchvision, supported, torchvision_names
 
@@ -15,15 +16,18 @@ _WRN = re.compile(r"wrn_(\d+)_(\d+)")
 
 
 def _unknown(name) -> KdrayError:
+    registered = ", ".join(registered_models()) or "none so far"
     return KdrayError(
         f"unknown model {name!r}; allowed: {', '.join(CIFAR_RESNETS)}, wrn_D_K (e.g. wrn_16_2), "
-        "or a torchvision classification model (e.g. resnet18, mobilenet_v3_small)"
+        "a torchvision classification model (e.g. resnet18, mobilenet_v3_small), "
+        f"or one registered with kdray.models.register_model (registered: {registered})"
     )
 
 
 def available_models() -> list[str]:
-    """CIFAR ResNets, example Wide ResNets, then the supported torchvision models."""
-    return [*CIFAR_RESNETS, *WRN_EXAMPLES, *(n for n in torchvision_names() if supported(n))]
+    """CIFAR ResNets, example Wide ResNets, the supported torchvision models, then registered ones."""
+    return [*CIFAR_RESNETS, *WRN_EXAMPLES, *(n for n in torchvision_names() if supported(n)),
+            *registered_models()]
 
 
 def build_model(name: str, num_classes: int) -> StagedModel:
@@ -32,6 +36,8 @@ def build_model(name: str, num_classes: int) -> StagedModel:
         raise KdrayError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not isinstance(name, str):
         raise _unknown(name)
+    if name in MODELS:  # registered names never shadow the built-ins below (register_model checks)
+        return build_registered(name, num_classes)
     if name in CIFAR_RESNETS:
         return cifar_resnet(name, num_classes)
     if name.startswith("wrn"):

@@ -1,0 +1,283 @@
+"""kdray's Python API, for notebooks and scripts; the ``kdray`` command is a thin layer over it.
+
+    import kdray
+
+    run = kdray.train({"method": "ekd", "student": "resnet8", "teachers": "kdray-work/teachers/digits",
+                       "epochs": 5})
+    run.metrics["test_acc"], run.student, run.run_id
+
+    sweep = kdray.sweep("quick", samples=4, concurrency=2)
+    sweep.best, sweep.study.best_trial, sweep.result_grid
+
+    student = kdray.load_student(run.student_path)      # or an MLflow run id
+
+Every function logs progress lines to stderr (``log=`` takes any callable) and tracks to MLflow
+as the command line does: ``sqlite:///WORKDIR/mlflow.db`` unless ``tracking_uri`` or
+``$MLFLOW_TRACKING_URI`` says otherwise; ``track=False`` turns tracking off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import KdrayError
+
+DEFAULT_WORKDIR = "kdray-work"
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_workdir(workdir: str | Path | None = None) -> Path:
+    """``workdir``, else ``$KDRAY_WORKDIR``, else ./kdray-work."""
+    return Path(workdir or os.environ.get("KDRAY_WORKDIR") or DEFAULT_WORKDIR)
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StudentResult:
+    """A trained (or loaded) student. ``student`` is the images -> logits model in eval mode (EKD:
+    the ensemble of its branches; ``branch(i)`` is one branch); it expects images preprocessed as
+    ``record`` says (``image_size``, ``mean``, ``std``). ``record`` is the self-describing student
+    file: architecture, classes, preprocessing, config and metrics."""
+
+    student: Any
+    record: dict
+    student_path: Optional[str] = None
+    run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+
+    @property
+    def metrics(self) -> dict:
+        return dict(self.record.get("metrics") or {})
+
+    @property
+    def config(self):
+        from .config import from_dict
+
+        return from_dict(self.record["config"], "student record")
+
+    @property
+    def classes(self) -> list:
+        return list(self.record["classes"])
+
+    def branch(self, index: int):
+        """One branch of a multi-branch (EKD) student as an images -> logits model."""
+        from .models import export_module
+        from .student_file import rebuild_student
+
+        return export_module(rebuild_student(self.record), branch=index).eval()
+
+    @property
+    def mlflow_run(self):
+        """The MLflow run (``mlflow.entities.Run``), or None when the run was not tracked."""
+        if not (self.run_id and self.tracking_uri):
+            return None
+        from .tracking import client
+
+        return client(self.tracking_uri).get_run(self.run_id)
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep: ``summary`` is what ``kdray tune --json`` prints (trials, best, timing);
+    ``result_grid`` Tune's ResultGrid (None when nothing was left to run); ``study`` the Optuna study."""
+
+    summary: dict
+    result_grid: Any = None
+    storage: Any = field(default=None, repr=False)
+    tracking_uri: Optional[str] = None
+
+    @property
+    def experiment(self) -> str:
+        return self.summary["experiment"]
+
+    @property
+    def trials(self) -> list:
+        return self.summary["trials"]
+
+    @property
+    def best(self) -> Optional[dict]:
+        """The best trial: ``config``, ``metrics``, ``student_path`` and ``mlflow_run_id``."""
+        return self.summary.get("best")
+
+    @property
+    def study(self):
+        import optuna
+
+        return optuna.load_study(study_name=self.experiment, storage=self.storage)
+
+    @property
+    def mlflow_runs(self):
+        """The sweep's MLflow runs as a pandas DataFrame (``mlflow.search_runs``), or None untracked."""
+        if not self.tracking_uri:
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.search_runs(experiment_names=[self.experiment])
+
+    def best_student(self) -> Optional[StudentResult]:
+        best = self.best or {}
+        path = best.get("student_path")
+        if not path or not Path(path).is_file():
+            return None
+        return load_student(path, run_id=best.get("mlflow_run_id"), tracking_uri=self.tracking_uri)
+
+
+# --------------------------------------------------------------------------------------------
+# tracking
+# --------------------------------------------------------------------------------------------
+def tracking_settings(track: bool, tracking_uri: Optional[str], experiment: str, workdir: Path) -> Optional[dict]:
+    """None when tracking is off; else the checked MLflow store, experiment and workdir."""
+    if not track:
+        return None
+    from .tracking import bounded_http_env, check_store, resolve_uri
+
+    for key, value in bounded_http_env().items():  # this process's MLflow calls too
+        os.environ.setdefault(key, value)
+    uri = resolve_uri(tracking_uri, workdir)
+    check_store(uri)  # before any training starts
+    return {"uri": uri, "experiment": experiment, "workdir": str(Path(workdir).resolve())}
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+def make_config(config=None, **overrides):
+    """A validated RunConfig from a RunConfig, a dict of config keys or a YAML file, plus overrides
+    (None values ignored)."""
+    from .config import RunConfig, from_dict, load_config
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config, overrides)
+    if isinstance(config, RunConfig):
+        return from_dict({**config.to_dict(), **overrides}, "config") if overrides else config
+    if isinstance(config, dict):
+        return from_dict({**config, **overrides}, "config")
+    raise KdrayError(f"config must be a RunConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+def _run_folder(cfg, out, name: str, workdir: Path, resume: bool) -> Path:
+    folder = Path(out) if out else workdir / "runs" / name
+    if not resume and folder.is_dir() and any(folder.iterdir()):
+        raise KdrayError(f"--out {folder} holds an earlier run; pass --resume to continue it, or choose another --out "
+                         "(kdray never replaces a run folder)")
+    return folder
+
+
+def train(config=None, *, out: str | Path | None = None, name: Optional[str] = None, resume: bool = False,
+          workdir: str | Path | None = None, track: bool = True, tracking_uri: Optional[str] = None,
+          experiment: str = "kdray", teacher_store: Optional[str] = None, teacher_store_budget: float = 4.0,
+          address: Optional[str] = None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+          max_failures: int = 0, log: Log = _stderr, **overrides) -> StudentResult:
+    """Train one student. ``config``: a RunConfig, a dict of config keys or a YAML file;
+    ``overrides`` are config keys too (``epochs=5``). ``teacher_store``: a folder or "auto" to take
+    the teachers' outputs from a teacher store. Returns the student, its metrics and MLflow run."""
+    from .distill import get_method
+    from .runner import run_training
+
+    cfg = make_config(config, **overrides)
+    if get_method(cfg.method).min_teachers > 0 and not cfg.teachers:
+        raise KdrayError(f"method {cfg.method!r} needs teachers: pass --teachers DIR (see `kdray teachers train`)")
+    if max_failures < 0:
+        raise KdrayError(f"--max-failures {max_failures} is out of range; allowed: >= 0")
+    workdir = resolve_workdir(workdir)
+    name = name or f"{cfg.method}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = _run_folder(cfg, out, name, workdir, resume)
+    cfg = cfg.replace(resume=bool(resume), checkpoint_dir=str(folder / "checkpoints"))
+    tracking = tracking_settings(track, tracking_uri, experiment, workdir)
+    result = run_training(cfg, out=folder, run_name=name, tracking=tracking, log=log, address=address,
+                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                          max_failures=max_failures, store_root=teacher_store, store_budget=teacher_store_budget)
+    loaded = load_student(result["student_path"])
+    loaded.record["metrics"] = {**loaded.record.get("metrics", {}),
+                                **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}
+    loaded.run_id = result.get("run_id")
+    loaded.tracking_uri = tracking["uri"] if tracking else None
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# sweep
+# --------------------------------------------------------------------------------------------
+def space_file(space, workdir: Path) -> str:
+    """A search space argument as a file: a path or a shipped name as given; a dict is written once
+    (content-addressed, YAML) under WORKDIR/spaces so the sweep, its MLflow run and --resume can
+    name it."""
+    if not isinstance(space, dict):
+        return str(space)
+    import yaml
+
+    text = yaml.safe_dump(space, sort_keys=False)
+    name = str(space.get("name") or "space")
+    folder = Path(workdir) / "spaces"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
+    if not path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def sweep(space, *, samples: Optional[int] = None, concurrency: int = 1, workers: int = 1,
+          gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, experiment: Optional[str] = None,
+          address: Optional[str] = None, resume: bool = False, optuna_storage: Optional[str] = None,
+          max_failures: int = 0, teacher_store: bool = True, teacher_store_dir: Optional[str] = None,
+          teacher_store_budget: float = 4.0, workdir: str | Path | None = None, track: bool = True,
+          tracking_uri: Optional[str] = None, log: Log = _stderr) -> SweepResult:
+    """Run a sweep of ``space``: a YAML file, a shipped space's name (``"quick"``) or a dict with
+    the same keys as a space file. Returns the trials, the best one, the Optuna study and Tune's
+    result grid."""
+    from .tune import SweepOptions, run_sweep
+
+    workdir = resolve_workdir(workdir)
+    options = SweepOptions(samples=samples, concurrency=concurrency, workers=workers,
+                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, experiment=experiment,
+                           address=address, resume=resume, optuna_storage=optuna_storage,
+                           max_failures=max_failures, teacher_store=teacher_store,
+                           teacher_store_dir=teacher_store_dir, teacher_store_budget=teacher_store_budget)
+    tracking = tracking_settings(track, tracking_uri, "kdray", workdir)
+    handles: dict = {}
+    summary = run_sweep(space_file(space, workdir), workdir=workdir, options=options, log=log, tracking=tracking,
+                        handles=handles)
+    return SweepResult(summary=summary, result_grid=handles.get("result_grid"), storage=handles.get("storage"),
+                       tracking_uri=tracking["uri"] if tracking else None)
+
+
+# --------------------------------------------------------------------------------------------
+# load
+# --------------------------------------------------------------------------------------------
+def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 workdir: str | Path | None = None) -> StudentResult:
+    """A trained student from a ``student.pt`` file or from an MLflow run id (its
+    ``student/student.pt`` artifact, from ``tracking_uri`` or the workdir's store)."""
+    from .checkpoint import safe_load
+    from .models import export_module
+    from .student_file import rebuild_student
+
+    path = Path(source).expanduser()
+    if not path.is_file():
+        if Path(str(source)).suffix or "/" in str(source):
+            raise KdrayError(f"{source}: no such student file")
+        from .tracking import check_store, download_student, resolve_uri
+
+        tracking_uri = resolve_uri(tracking_uri, resolve_workdir(workdir))
+        check_store(tracking_uri)
+        run_id = str(source)
+        path = download_student(tracking_uri, run_id)
+    record = safe_load(path, "student")
+    return StudentResult(student=export_module(rebuild_student(record)).eval(), record=record, student_path=str(path), run_id=run_id,
+                         tracking_uri=tracking_uri)
