@@ -54,32 +54,92 @@ def describe(state: str, last: Optional[dict], error: Optional[BaseException] = 
     return f"pruned by ASHA after epoch {(last or {}).get('epoch', 0)}"
 
 
-def make_progress_callback(log: Callable[[str], None], metric: str):
-    """A driver-side Tune callback: one line per trial start, epoch report and end, and the
-    timings behind the per-trial overhead figures (start-up = trial start to first report, less
-    that epoch's training time)."""
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class SweepEta:
+    """Remaining time of a sweep from its epoch rate so far: an upper bound, since ASHA may stop
+    trials before their last epoch. ``total`` trials of (up to) their ``total_epochs`` each."""
+
+    def __init__(self, total: int):
+        self.total, self.t0 = total, None
+        self.started, self.epochs_done, self.epochs_left = 0, 0, {}
+        self.epochs_per_trial = None
+
+    def start(self) -> None:
+        self.t0 = self.t0 or time.time()
+        self.started += 1
+
+    def report(self, trial_id: str, epoch: int, total_epochs: Optional[int]) -> None:
+        self.epochs_done += 1
+        if total_epochs:
+            self.epochs_per_trial = max(self.epochs_per_trial or 0, int(total_epochs))
+            self.epochs_left[trial_id] = max(0, int(total_epochs) - int(epoch))
+
+    def end(self, trial_id: str) -> None:
+        self.epochs_left.pop(trial_id, None)
+
+    def text(self) -> str:
+        if not self.t0 or not self.epochs_done or not self.epochs_per_trial:
+            return ""
+        rate = self.epochs_done / max(time.time() - self.t0, 1e-6)
+        left = sum(self.epochs_left.values()) + (self.total - self.started) * self.epochs_per_trial
+        return "done" if left == 0 else f"ETA <= {_duration(left / rate)}"
+
+
+def make_progress_callback(log: Callable[[str], None], metric: str, mode: str = "max", total: int = 0):
+    """A driver-side Tune callback: one line per trial start, epoch report and end, each with the
+    trial's number n/N, the best value so far and an ETA; and the timings behind the per-trial
+    overhead figures (start-up = trial start to first report, less that epoch's training time)."""
     from ray.tune import Callback
+
+    better = max if mode == "max" else min
 
     class SweepProgress(Callback):
         def __init__(self):
             self.t0 = time.time()
             self.timing: dict = {}
+            self.number: dict = {}
+            self.latest: dict = {}  # trial id -> its last reported objective value
+            self.eta = SweepEta(total)
 
-        def _say(self, msg: str) -> None:
-            log(f"[{time.time() - self.t0:6.0f}s] {msg}")
+        def _say(self, trial, msg: str) -> None:
+            n = self.number.get(trial.trial_id, "?")
+            log(f"[{_duration(time.time() - self.t0):>6}] trial {n}/{total or '?'} ({trial.trial_id}) {msg}"
+                + self._status())
+
+        def _status(self) -> str:
+            parts = []
+            if self.latest:
+                best_id = better(self.latest, key=self.latest.get)
+                parts.append(f"best {metric}={self.latest[best_id]:.4f} (trial {self.number.get(best_id, '?')})")
+            if self.eta.text():
+                parts.append(self.eta.text())
+            return ("  | " + ", ".join(parts)) if parts else ""
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.timing[trial.trial_id] = {"start": time.time()}
+            self.number.setdefault(trial.trial_id, len(self.number) + 1)
+            self.eta.start()
             cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in sorted((trial.config or {}).items()))
-            self._say(f"trial {trial.trial_id} started: {cfg}")
+            self._say(trial, f"started: {cfg}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self._time_report(self.timing.setdefault(trial.trial_id, {"start": time.time()}), result)
+            self.eta.report(trial.trial_id, result.get("epoch", 0), result.get("total_epochs"))
             val = result.get(metric)
-            val = f"{val:.4f}" if isinstance(val, (int, float)) else "?"
-            self._say(f"trial {trial.trial_id} epoch {result.get('epoch', '?')}/{result.get('total_epochs', '?')}: "
-                      f"{metric}={val} ({result.get('epoch_time_s', 0):.1f}s, node {result.get('node_ip', '?')})")
+            if isinstance(val, (int, float)):
+                self.latest[trial.trial_id] = float(val)
+            shown = f"{val:.4f}" if isinstance(val, (int, float)) else "?"
+            self._say(trial, f"epoch {result.get('epoch', '?')}/{result.get('total_epochs', '?')}: "
+                             f"{metric}={shown} ({result.get('epoch_time_s', 0):.1f}s, node {result.get('node_ip', '?')})")
 
         @staticmethod
         def _time_report(rec: dict, result: dict) -> None:
@@ -93,7 +153,8 @@ def make_progress_callback(log: Callable[[str], None], metric: str):
 
         def _end(self, trial, text: str) -> None:
             self.timing.setdefault(trial.trial_id, {"start": time.time()})["end"] = time.time()
-            self._say(f"trial {trial.trial_id} {text}")
+            self.eta.end(trial.trial_id)
+            self._say(trial, text)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if stop_requested() is not None:  # stopped by Tune because a stop signal came
@@ -101,6 +162,7 @@ def make_progress_callback(log: Callable[[str], None], metric: str):
             self._end(trial, describe(trial_state(trial.last_result), trial.last_result))
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self.latest.pop(trial.trial_id, None)  # a failed trial's values are no result
             self._end(trial, describe(FAILED, trial.last_result, trial_error(trial)))
 
     return SweepProgress()
