@@ -481,6 +481,7 @@ class RunState:
     prev_student: Optional[dict] = None
     gen_results: dict = field(default_factory=dict)
     saved: Optional[dict] = None  # the module / optimizer / scheduler states to restore, once
+    epoch_walls: list = field(default_factory=list)  # this process's epoch wall times, for the ETA
 
 
 def find_resume_state(cfg, root: Path, resume_dir: Optional[str], say) -> RunState:
@@ -509,6 +510,25 @@ def _restore(parts: StepParts, run: RunState, plan: Generation) -> int:
     start = run.epoch_in_generation
     run.saved = None
     return start
+
+
+def _ready_line(prep: Prepared, seconds: float) -> str:
+    """What the run is about to train on, once its data, teachers and loaders are ready."""
+    d, p = prep.data, prep.precision
+    teachers = (f", {prep.teachers.info.count} teachers" if prep.teachers is not None
+                else ", teachers from their store" if prep.store is not None else "")
+    return (f"ready in {seconds:.1f}s: {len(d.train)} train / {len(d.val)} val / {len(d.test)} test images, "
+            f"{d.num_classes} classes{teachers}; {p.device.type}, {'bf16' if p.use_amp else 'fp32'}"
+            f"{', channels_last' if p.channels_last else ''}, {prep.world} worker(s)")
+
+
+def _eta(run: "RunState", epochs_left: int) -> str:
+    """Time left at the mean wall time of this run's epochs so far."""
+    walls = run.epoch_walls[-5:]
+    if not walls or epochs_left <= 0:
+        return ""
+    seconds = int(round(epochs_left * sum(walls) / len(walls)))
+    return f" ETA {seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f" ETA {seconds}s"
 
 
 def _fmt_progress(m: dict) -> str:
@@ -591,7 +611,8 @@ def run_generation(cfg, prep: Prepared, parts: StepParts, plan: Generation, plan
         parts.scheduler.step()
         metrics = epoch_metrics(cfg, parts, prep, plan, plans, epoch, train, lr, epoch_time, run)
         run.history.append(dict(metrics))
-        say(_fmt_progress(metrics))
+        run.epoch_walls.append(time.perf_counter() - t0)
+        say(_fmt_progress(metrics) + _eta(run, metrics["total_epochs"] - metrics["epoch"]))
         ckpt_dir = save_checkpoint(cfg, parts, prep, run, metrics, root, keep) if prep.rank == 0 else None
         if reporter is not None:  # the whole epoch: training, evaluation and the checkpoint
             reporter(dict(metrics, epoch_wall_s=time.perf_counter() - t0), ckpt_dir)
@@ -618,9 +639,11 @@ def fit(
     from; with ``cfg.resume`` the latest one under the checkpoint root is used. ``teacher_store``
     gives the teachers' outputs (``kdray.teacher_store``); without it they run live.
     """
+    t_start = time.perf_counter()
     prep = prepare(cfg, data, teachers, device, teacher_store)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     say = log if prep.rank == 0 else (lambda s: None)
+    say(_ready_line(prep, time.perf_counter() - t_start))
     if prep.note:
         say(prep.note)
     root = Path(checkpoint_root or cfg.checkpoint_dir or "kdray-work/checkpoints")

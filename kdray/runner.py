@@ -105,6 +105,8 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
         from .engine import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
+    log(f"starting: {cfg.method} {cfg.student} on {cfg.dataset}, {cfg.epochs} epochs; checking the data"
+        + (" and the teachers" if cfg.teachers else ""))
     check_inputs(cfg)
     if store_budget <= 0:
         raise KdrayError(f"--teacher-store-budget {store_budget:g} is out of range; allowed: > 0 (GB)")

@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,12 +16,43 @@ _set_exit_status = exit_after_atexit()
 
 
 def pytest_sessionfinish(session, exitstatus):
+    cwd = session.config._kdray_cwd
+    new = sorted(_tree(cwd) - session.config._kdray_tree)
+    if new:  # a test wrote outside its temporary directories
+        print(f"\nERROR: the tests left {len(new)} new path(s) in {cwd}: {', '.join(new[:10])}", file=sys.stderr)
+        session.exitstatus = exitstatus = pytest.ExitCode.TESTS_FAILED
     _set_exit_status(exitstatus)  # an ExitCode; the handler keeps int(exitstatus)
 
 
 @pytest.fixture(autouse=True)
 def _quiet_threads(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+@pytest.fixture(autouse=True)
+def _workdir_in_tmp(monkeypatch, tmp_path_factory):
+    """A command a test runs without --workdir writes into a temporary kdray working directory,
+    never into ./kdray-work of whoever runs the tests (subprocesses inherit it)."""
+    monkeypatch.setenv("KDRAY_WORKDIR", str(tmp_path_factory.mktemp("kdray-work")))
+
+
+# -- the test run leaves the directory it runs in as it found it ----------------------------------
+IGNORED_ENTRIES = {".pytest_cache", "__pycache__", ".git", ".venv", "build", "kdray.egg-info"}
+
+
+def _tree(root: Path) -> set:
+    """Every path under ``root`` (relative), except caches and the environment."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in IGNORED_ENTRIES and not d.endswith(".egg-info")]
+        rel = Path(dirpath).relative_to(root)
+        out.update(str(rel / n) for n in dirnames + filenames if n not in IGNORED_ENTRIES)
+    return out
+
+
+def pytest_configure(config):
+    config._kdray_cwd = Path.cwd()
+    config._kdray_tree = _tree(config._kdray_cwd)
 
 
 def small_cfg(**kw) -> RunConfig:

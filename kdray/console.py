@@ -1,0 +1,47 @@
+"""What reaches the user's terminal during a sweep: kdray's own lines. Ray's, Tune's and Optuna's
+output (their loggers, and what Tune prints: its configuration box, result-folder and TensorBoard
+hints) goes to a log file beside the sweep's other state instead."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+#: library loggers whose records go to the sweep's log file (their children propagate to them)
+LIBRARY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna", "mlflow", "alembic")
+
+
+def _to_file(loggers: tuple, handler: logging.Handler) -> list:
+    """Point ``loggers`` at ``handler`` only; return what to restore."""
+    saved = []
+    for name in loggers:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers = [handler]
+        logger.propagate = False
+    return saved
+
+
+@contextlib.contextmanager
+def library_output_to(path: Path, stdout: bool = True) -> Iterator[Path]:
+    """Inside: the libraries' log records and (``stdout``) everything printed to stdout go to
+    ``path`` (appended). kdray's own lines go to stderr and are untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", buffering=1) as fh:
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        import optuna
+
+        # Optuna adds its stderr handler lazily, on its first record; configure and remove it now
+        optuna.logging.disable_default_handler()
+        saved = _to_file(LIBRARY_LOGGERS, handler)
+        try:
+            with contextlib.redirect_stdout(fh) if stdout else contextlib.nullcontext():
+                yield path
+        finally:
+            for logger, handlers, propagate in saved:
+                logger.handlers, logger.propagate = handlers, propagate
+            optuna.logging.enable_default_handler()
