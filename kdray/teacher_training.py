@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ._version import __version__
 from .checkpoint import atomic_save, sha256_file
@@ -52,7 +52,25 @@ def _finished(out: Path, index: int, key: str) -> dict | None:
     return None
 
 
-def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log) -> dict:
+TEACHER_EXPERIMENT = "kdray-teachers"
+
+
+def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
+    """An MLflow run (kind ``teacher``) for one teacher, in ``tracking``'s experiment (default
+    kdray-teachers, apart from the students' sweeps); None when tracking is off."""
+    if not tracking:
+        return None
+    from . import tracking as tr
+
+    exp_id = tr.experiment_id(tracking["uri"], tracking.get("experiment") or TEACHER_EXPERIMENT,
+                              tracking.get("workdir"))
+    run_id = tr.start_run(tracking["uri"], exp_id, run_name=name, cfg=tcfg, kind="teacher", extra_tags=tr.versions())
+    log(f"tracking: teacher run {run_id}")
+    return tr.RunLogger(tracking["uri"], run_id)
+
+
+def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
+               tracking: Optional[dict] = None) -> dict:
     done = _finished(out, index, key)
     if done is not None:
         log(f"teacher {index + 1}/{count}: {arch} already trained (test acc {done['entry']['test_acc']:.4f}); kept")
@@ -63,13 +81,23 @@ def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log)
                        checkpoint_dir=str(work), resume=True)
     log(f"teacher {index + 1}/{count}: {arch} seed {tcfg.seed}, {tcfg.epochs} epochs on {cfg.dataset}")
     t0 = time.time()
-    result = fit(tcfg, log=log, keep_checkpoints=1)
+    run = _open_teacher_run(tracking, tcfg, f"teacher-{index}-{arch}-s{tcfg.seed}", log)
+    try:
+        result = fit(tcfg, log=log, keep_checkpoints=1, reporter=run.epoch if run else None)
+    except BaseException as exc:
+        if run is not None:
+            from .outcome import failure_reason
+
+            run.failed(failure_reason(exc))
+        raise
     file = out / f"teacher_{index}.pt"
     atomic_save(result["student"].model.state_dict(), file)
     m = result["metrics"]
     entry = {"file": file.name, "arch": arch, "seed": tcfg.seed, "epochs": tcfg.epochs,
              "val_acc": m["val_acc"], "test_acc": m["test_acc"], "params": m["params"],
              "sha256": sha256_file(file), "train_time_s": round(time.time() - t0, 2)}
+    if run is not None:
+        entry["mlflow_run_id"] = run.run_id
     record = {"recipe_key": key, "entry": entry, "classes": result["classes"], "image_size": result["image_size"]}
     _write_json(out / f"teacher_{index}.json", record)
     shutil.rmtree(work, ignore_errors=True)
@@ -82,12 +110,14 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Callable[[str], None] = print) -> dict:
+def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Callable[[str], None] = print,
+                   tracking: Optional[dict] = None) -> dict:
     """Train ``count`` teachers (archs cycled, seed cfg.seed + i) with plain CE; write the manifest.
 
     Interrupted, it continues where it stopped when run again with the same recipe: finished
     teachers are kept (``teacher_<i>.json`` records them until the manifest exists) and the one in
-    training resumes from its last epoch."""
+    training resumes from its last epoch. ``tracking`` (``{"uri", "experiment", "workdir"}``):
+    each teacher is an MLflow run of kind ``teacher``, its id in the manifest."""
     if count < 1:
         raise KdrayError(f"--count {count} is out of range; allowed: >= 1")
     for arch in archs:
@@ -95,7 +125,7 @@ def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Call
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = recipe_key(cfg, archs, count)
-    trained = [_train_one(cfg, archs[i % len(archs)], i, count, out, key, log) for i in range(count)]
+    trained = [_train_one(cfg, archs[i % len(archs)], i, count, out, key, log, tracking) for i in range(count)]
     manifest = {
         "format": "kdray-teachers/1", "kdray_version": __version__, "dataset": cfg.dataset,
         "train_fraction": cfg.train_fraction, "image_size": trained[-1]["image_size"],
@@ -108,12 +138,13 @@ def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Call
     return manifest
 
 
-def ensure_teachers(cfg, archs: list[str], count: int, root: Path, log: Callable[[str], None]) -> str:
+def ensure_teachers(cfg, archs: list[str], count: int, root: Path, log: Callable[[str], None],
+                    tracking: Optional[dict] = None) -> str:
     """The teachers of this recipe under ``root`` (trained now if missing); their directory."""
     out = Path(root) / f"{cfg.dataset}-{recipe_key(cfg, archs, count)}"
     if (out / MANIFEST).is_file():
         log(f"teachers: using {out}")
         return str(out.resolve())
     log(f"teachers: training {count} x {archs} for {cfg.epochs} epochs once for this sweep")
-    train_teachers(cfg, archs, count, out, log=log)
+    train_teachers(cfg, archs, count, out, log=log, tracking=tracking)
     return str(out.resolve())

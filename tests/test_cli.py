@@ -127,3 +127,24 @@ def test_console_script_teachers_and_train(tmp_path):
                         str(tmp_path / "run"), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "loss_feed" in json.loads(r.stdout)
+
+
+def test_teachers_train_is_tracked_as_runs(tmp_path, capsys):
+    """Each teacher is an MLflow run (kind teacher) of the kdray-teachers experiment, with its
+    epochs' metrics and its student file; the manifest names the run."""
+    import mlflow
+
+    rc = main(["teachers", "train", "--dataset", "fake", "--image-size", "16", "--device", "cpu", "--epochs", "2",
+               "--count", "2", "--arch", "resnet8", "--out", str(tmp_path / "t"), "--json",
+               "--workdir", str(tmp_path / "w")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    manifest = json.loads(out)
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'w').resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kdray-teachers")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(t["mlflow_run_id"] for t in manifest["teachers"])
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["kdray.kind"] == "teacher"
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 2
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["student"]
