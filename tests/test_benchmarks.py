@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import kdray.engine as engine
 from conftest import small_cfg
 
@@ -38,3 +40,32 @@ def test_step_throughput_benchmark_runs_on_the_engine(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["kdray_img_s"] > 0 and result["reference_img_s"] > 0 and result["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
+    """benchmarks/cifar_table.py on a tiny image tree: every row, the B search, the tuned sweep
+    and its re-training; run again, it reads every finished run back instead of training it."""
+    from datahelpers import write_tree
+
+    tree = tmp_path / "tree"
+    write_tree(tree / "train", per_class=12)
+    write_tree(tree / "test", per_class=4, seed=1)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "cifar_table.py"), "--workdir", str(tmp_path / "w"),
+           "--data-dir", str(tree), "--teacher-arch", "resnet8,resnet14", "--teachers", "2", "--teacher-epochs", "1",
+           "--epochs", "1", "--fractions", "0.5", "--seeds", "0,1", "--ekd-branches", "1", "--tune-samples", "2",
+           "--tune-fractions", "0.5", "--tune-concurrency", "1",
+           "--device", "cpu", "--json"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = json.loads(first.stdout)
+    (fr,) = table["fractions"]
+    rows = {r["row"] for r in fr["rows"]}
+    assert {"ce", "avg_kd", "ekd-B2", "feed", "ekd-tuned"} <= rows
+    assert sum(r.startswith("kd-t") for r in rows) == 2 and any(r.startswith("kd, best teacher") for r in rows)
+    assert fr["ekd_best_branches"] in (1, 2) and set(fr["tuned"]["best_config"]) >= {"temperature", "branches"}
+    assert all(len(r["per_seed"]) == 2 for r in fr["rows"])
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["fractions"][0]["rows"] == fr["rows"]
+    assert " kdray train " not in again.stderr and "reusing" in again.stderr
