@@ -151,6 +151,19 @@ def tracking_settings(track: bool, tracking_uri: Optional[str], experiment: str,
     return {"uri": uri, "experiment": experiment, "workdir": str(Path(workdir).resolve())}
 
 
+def check_readable_store(uri: str) -> None:
+    """For commands that only read (best, export --run, load_student): a sqlite store that does
+    not exist is an error, not an empty store created on the spot (MLflow would create one)."""
+    from .tracking import check_store
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise KdrayError(f"no MLflow store at {path}: nothing was tracked there; run from the folder that holds "
+                             "kdray-work, or pass --workdir DIR or --tracking-uri URI")
+    check_store(uri)
+
+
 # --------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------
@@ -185,6 +198,7 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     """Train one student. ``config``: a RunConfig, a dict of config keys or a YAML file;
     ``overrides`` are config keys too (``epochs=5``). ``teacher_store``: a folder or "auto" to take
     the teachers' outputs from a teacher store. Returns the student, its metrics and MLflow run."""
+    from .console import library_output_to
     from .distill import get_method
     from .runner import run_training
 
@@ -197,10 +211,14 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     name = name or f"{cfg.method}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = _run_folder(cfg, out, name, workdir, resume)
     cfg = cfg.replace(resume=bool(resume), checkpoint_dir=str(folder / "checkpoints"))
-    tracking = tracking_settings(track, tracking_uri, experiment, workdir)
-    result = run_training(cfg, out=folder, run_name=name, tracking=tracking, log=log, address=address,
-                          gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                          max_failures=max_failures, store_root=teacher_store, store_budget=teacher_store_budget)
+    # library log records (MLflow's store set-up, Ray's) go to the run's log file; stdout stays:
+    # a multi-worker run's epoch lines come from its workers through it
+    with library_output_to(workdir / "logs" / f"{name}.log", stdout=False):
+        tracking = tracking_settings(track, tracking_uri, experiment, workdir)
+        result = run_training(cfg, out=folder, run_name=name, tracking=tracking, log=log, address=address,
+                              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                              max_failures=max_failures, store_root=teacher_store,
+                              store_budget=teacher_store_budget)
     loaded = load_student(result["student_path"])
     loaded.record["metrics"] = {**loaded.record.get("metrics", {}),
                                 **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}
@@ -237,10 +255,11 @@ def sweep(space, *, samples: Optional[int] = None, concurrency: int = 1, workers
           address: Optional[str] = None, resume: bool = False, optuna_storage: Optional[str] = None,
           max_failures: int = 0, teacher_store: bool = True, teacher_store_dir: Optional[str] = None,
           teacher_store_budget: float = 4.0, workdir: str | Path | None = None, track: bool = True,
-          tracking_uri: Optional[str] = None, log: Log = _stderr) -> SweepResult:
+          tracking_uri: Optional[str] = None, seed: Optional[int] = None, log: Log = _stderr) -> SweepResult:
     """Run a sweep of ``space``: a YAML file, a shipped space's name (``"quick"``) or a dict with
     the same keys as a space file. Returns the trials, the best one, the Optuna study and Tune's
-    result grid."""
+    result grid. ``seed``: the TPE sampler's (default: the space's ``seed``, else a random one per
+    sweep; a resumed sweep keeps its first seed)."""
     from .tune import SweepOptions, run_sweep
 
     workdir = resolve_workdir(workdir)
@@ -248,7 +267,8 @@ def sweep(space, *, samples: Optional[int] = None, concurrency: int = 1, workers
                            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, experiment=experiment,
                            address=address, resume=resume, optuna_storage=optuna_storage,
                            max_failures=max_failures, teacher_store=teacher_store,
-                           teacher_store_dir=teacher_store_dir, teacher_store_budget=teacher_store_budget)
+                           teacher_store_dir=teacher_store_dir, teacher_store_budget=teacher_store_budget,
+                           seed=seed)
     tracking = tracking_settings(track, tracking_uri, "kdray", workdir)
     handles: dict = {}
     summary = run_sweep(space_file(space, workdir), workdir=workdir, options=options, log=log, tracking=tracking,
@@ -272,10 +292,10 @@ def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_u
     if not path.is_file():
         if Path(str(source)).suffix or "/" in str(source):
             raise KdrayError(f"{source}: no such student file")
-        from .tracking import check_store, download_student, resolve_uri
+        from .tracking import download_student, resolve_uri
 
         tracking_uri = resolve_uri(tracking_uri, resolve_workdir(workdir))
-        check_store(tracking_uri)
+        check_readable_store(tracking_uri)
         run_id = str(source)
         path = download_student(tracking_uri, run_id)
     record = safe_load(path, "student")

@@ -7,9 +7,9 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
+from .api import check_readable_store
 from .errors import KdrayError
 from .guards import Interrupted, stop_signals_interrupt
 from .outcome import disk_full_line
@@ -103,7 +103,7 @@ def cmd_train(args) -> int:
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys())
     with stop_signals_interrupt():
         run = train(cfg, out=args.out, name=args.name, resume=args.resume, workdir=workdir(args),
-                    track=not args.no_track, tracking_uri=args.tracking_uri, experiment=args.experiment or "kdray",
+                    track=not args.no_track, tracking_uri=getattr(args, "tracking_uri", None), experiment=args.experiment or "kdray",
                     teacher_store=args.teacher_store, teacher_store_budget=args.teacher_store_budget,
                     address=args.address, gpus_per_worker=args.gpus_per_worker,
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, log=log)
@@ -143,7 +143,7 @@ def cmd_best(args) -> int:
     from . import tracking as tr
 
     uri = tracking_uri(args)
-    tr.check_store(uri)
+    check_readable_store(uri)
     if args.top < 1:
         raise KdrayError(f"--top {args.top} is out of range; allowed: >= 1")
     runs, metric, mode = tr.best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
@@ -195,7 +195,7 @@ def cmd_export(args) -> int:
         from . import tracking as tr
 
         uri = tracking_uri(args)
-        tr.check_store(uri)
+        check_readable_store(uri)
         path = tr.download_student(uri, args.run)
     else:
         path = Path(args.student)
@@ -219,7 +219,8 @@ def cmd_teachers_train(args) -> int:
     from .teacher_training import train_teachers
 
     out = Path(args.out) if args.out else workdir(args) / "teachers" / cfg.dataset
-    manifest = train_teachers(cfg, args.arch or ["resnet20"], args.count, out, log=log)
+    tracking = tracking_from_args(args, "kdray-teachers")
+    manifest = train_teachers(cfg, args.arch or ["resnet20"], args.count, out, log=log, tracking=tracking)
     if args.json:
         emit_json({"out": str(out), **manifest}, sort_keys=True)
     else:
@@ -308,8 +309,22 @@ def cmd_teachers_store(args) -> int:
     return 0
 
 
+def list_shipped(args, files: dict, width: int, hint: str) -> int:
+    """Print shipped files (name -> path) with their one-line descriptions, or them as JSON."""
+    from .shipped import description
+
+    rows = [{"name": n, "path": str(p), "description": description(p)} for n, p in files.items()]
+    if getattr(args, "json", False):
+        emit_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']:{width}}  {r['description']}")
+    print(hint)
+    return 0
+
+
 def cmd_spaces(args) -> int:
-    from .shipped import copy_out, description, resolve_space, shipped_spaces
+    from .shipped import copy_out, resolve_space, shipped_spaces
 
     action = args.spaces_command or "list"
     if action == "show":
@@ -319,33 +334,21 @@ def cmd_spaces(args) -> int:
         copied = copy_out([resolve_space(args.name)], Path(args.dest))
         print(f"copied to {copied[0]}; run it with `kdray tune --space {copied[0]}`")
         return 0
-    rows = [{"name": n, "path": str(p), "description": description(p)} for n, p in shipped_spaces().items()]
-    if getattr(args, "json", False):
-        emit_json(rows)
-        return 0
-    for r in rows:
-        print(f"{r['name']:10}  {r['description']}")
-    print("run one with `kdray tune --space NAME`; `kdray spaces copy NAME` gives you a file to edit")
-    return 0
+    return list_shipped(args, shipped_spaces(), 10,
+                        "run one with `kdray tune --space NAME`; `kdray spaces copy NAME` gives you a file to edit")
 
 
 def cmd_clusters(args) -> int:
-    from .shipped import copy_out, description, shipped_cluster_files
+    from .shipped import copy_out, shipped_cluster_files
 
     files = shipped_cluster_files()
     if args.clusters_command == "copy":
         copied = copy_out(files, Path(args.dest))
-        print(f"copied {len(copied)} files to {Path(args.dest)}/; build the wheel (`python -m build --wheel` "
-              f"into ./dist) and start a cluster with `ray up {Path(args.dest) / 'onprem.yaml'}` (see its README)")
+        print(f"copied {len(copied)} files to {Path(args.dest)}/; build the wheel into ./dist "
+              f"(`python -m pip wheel --no-deps -w dist .` in a checkout) and start a cluster with "
+              f"`ray up {Path(args.dest) / 'onprem.yaml'}` (see its README)")
         return 0
-    rows = [{"name": f.name, "path": str(f), "description": description(f)} for f in files]
-    if getattr(args, "json", False):
-        emit_json(rows)
-        return 0
-    for r in rows:
-        print(f"{r['name']:14}  {r['description']}")
-    print("`kdray clusters copy` copies them to ./clusters")
-    return 0
+    return list_shipped(args, {f.name: f for f in files}, 14, "`kdray clusters copy` copies them to ./clusters")
 
 
 def cmd_tune(args) -> int:
@@ -357,7 +360,8 @@ def cmd_tune(args) -> int:
                    optuna_storage=args.optuna_storage, max_failures=args.max_failures,
                    teacher_store=args.teacher_store_on, teacher_store_dir=args.teacher_store,
                    teacher_store_budget=args.teacher_store_budget, workdir=workdir(args),
-                   track=not args.no_track, tracking_uri=args.tracking_uri, log=log).summary
+                   track=not args.no_track, tracking_uri=getattr(args, "tracking_uri", None), seed=args.seed,
+                   log=log).summary
     if args.json:
         emit_json(result, sort_keys=True, default=str)
         return _all_failed(result)
@@ -414,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         "search the distillation's hyperparameters with Ray Tune + Optuna, and track everything in MLflow.",
     )
     p.add_argument("--version", action="version", version=f"kdray {__version__}")
-    p.add_argument("--workdir", help=f"kdray working directory for teachers, runs and local stores (default ./{DEFAULT_WORKDIR} or $KDRAY_WORKDIR)")
+    p.add_argument("--workdir", default=argparse.SUPPRESS, help=WORKDIR_HELP)
+    p.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=TRACKING_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     # train ----------------------------------------------------------------------------------
@@ -464,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--resume", action="store_true", help="continue the sweep's Optuna study; interrupted trials run again")
     tu.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///WORKDIR/optuna.db)")
     tu.add_argument("--max-failures", type=int, default=0, help="worker failures a trial survives, resuming from its last checkpoint (default 0)")
+    tu.add_argument("--seed", type=int, help="seed of Optuna's sampler, to repeat a sweep's proposals (default: the space's "
+                    "`seed`, else a random one, printed and recorded in the study and the MLflow sweep run; "
+                    "--resume keeps the study's)")
     tu.add_argument("--no-teacher-store", dest="teacher_store_on", action="store_false",
                     help="run the teachers live in every trial instead of sharing their outputs from a teacher store")
     tu.add_argument("--teacher-store", metavar="DIR", help="where teacher stores live (default: the teacher set's stores/)")
@@ -547,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     add_data_args(tt)
     add_optim_args(tt)
+    add_tracking_args(tt, default_experiment="kdray-teachers")
     tt.set_defaults(func=cmd_teachers_train)
     st = tsub.add_parser("store", help="build (or extend) a teacher store: the teachers' outputs for the views runs will see",
                          description="Compute the teachers' outputs for every training view a sweep of --space (or a "
@@ -588,7 +597,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(ti)
     ti.set_defaults(func=cmd_teachers_import)
     te.set_defaults(func=lambda a: (te.print_help(), 2)[1])
+    accept_global_options_anywhere(p)
     return p
+
+
+WORKDIR_HELP = (f"kdray working directory for teachers, runs and local stores (default ./{DEFAULT_WORKDIR} or "
+                "$KDRAY_WORKDIR); before or after the command")
+TRACKING_HELP = ("MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db); "
+                 "before or after the command")
+
+
+def accept_global_options_anywhere(parser: argparse.ArgumentParser) -> None:
+    """``--workdir`` and ``--tracking-uri`` before or after the (sub)command: every command's parser
+    takes them too. Their defaults are SUPPRESS everywhere, so a value given before the command is
+    not overwritten by the command parser's default (argparse copies a subparser's defaults into
+    the namespace)."""
+    for action in parser._actions:  # argparse has no public API to walk its subparsers
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in dict.fromkeys(action.choices.values()):
+            options = {o: a for a in sub._actions for o in a.option_strings}
+            if "--workdir" not in options:
+                sub.add_argument("--workdir", default=argparse.SUPPRESS, help=WORKDIR_HELP)
+            if "--tracking-uri" in options:
+                options["--tracking-uri"].default = argparse.SUPPRESS
+            accept_global_options_anywhere(sub)
 
 
 def add_hparam_args(group) -> None:
@@ -604,9 +637,9 @@ def add_hparam_args(group) -> None:
                            help=f"{p.help} ({users}{default}; allowed: {p.allowed()})")
 
 
-def add_tracking_args(p: argparse.ArgumentParser) -> None:
+def add_tracking_args(p: argparse.ArgumentParser, default_experiment: str = "kdray") -> None:
     g = p.add_argument_group("tracking (MLflow)")
-    g.add_argument("--experiment", help="MLflow experiment name (default kdray)")
+    g.add_argument("--experiment", help=f"MLflow experiment name (default {default_experiment})")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db)")
     g.add_argument("--no-track", action="store_true", help="do not log to MLflow")
 

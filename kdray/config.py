@@ -205,3 +205,23 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if value is not None:
             data[key] = value
     return from_dict(data, where)
+
+
+def tracked_config(cfg) -> dict:
+    """The config values a run logs as MLflow params: the run's fields and its own method's
+    hyperparameters (not those of every registered method: FEED's ``feed_weight`` is no EKD
+    run's), a per-branch list as one value per branch (``branch_alpha_0``, ...: the names a
+    sweep's Optuna trials use) and left out when unset."""
+    from .distill import get_method
+
+    own = {p.name for p in get_method(cfg.method).hparams}
+    out = {}
+    for key, value in cfg.to_dict().items():
+        declared = HPARAMS.get(key)
+        if declared is None:
+            out[key] = value
+        elif key in own and declared.per_branch:
+            out.update({f"{key}_{b}": v for b, v in enumerate(value or [])})
+        elif key in own:
+            out[key] = value
+    return out

@@ -6,13 +6,25 @@ private, each with the upstream behaviour it works around.
   then trust partial scores as finished results. ``PrunedAwareOptunaSearch`` tells those as
   PRUNED / FAIL instead. It reads ``OptunaSearch``'s private ``_ot_trials`` (Tune trial id ->
   Optuna trial), ``_ot_study`` and ``_completed_trials``: Ray offers no hook to choose the state.
+- Tune never hands a searcher the result it stops a trial on (ASHA's early stop, and ``max_t``):
+  ``TuneController._process_trial_result`` (ray/tune/execution/tune_controller.py) calls
+  ``search_alg.on_trial_result`` only when the scheduler's decision is not STOP, then passes that
+  last result to ``on_trial_complete`` alone. Ray's ``OptunaSearch.on_trial_complete`` does not
+  report it, so the last epoch was missing from the intermediate values and a pruned trial (whose
+  value Optuna's ``tell`` takes from the last intermediate value, optuna/study/_tell.py) held the
+  epoch before. ``PrunedAwareOptunaSearch`` reports it before telling. Its steps are kdray's
+  ``epoch`` (MLflow's step too), not Tune's ``training_iteration``, which goes on counting when a
+  Train worker group restarts.
 - On ``--resume`` the trials an interrupted sweep left RUNNING are closed as FAIL through the
   storage's public API and their parameters enqueued to run again.
+- The sweep's sampler seed is kept as a study user attribute; a resumed sweep reads it back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from typing import Callable, Optional
 
 from .errors import KdrayError
@@ -21,6 +33,10 @@ from .outcome import COMPLETED, FAILED, PRUNED, trial_state
 
 #: what a later ``--resume`` needs to name the best student, kept as Optuna user attributes
 KEPT_RESULT_KEYS = ("checkpoint_path", "node_ip", "epoch", "total_epochs")
+#: the trial user attribute that holds its MLflow run's id (the run's tags name the trial: ``link_run``)
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+#: the study user attributes that hold the sweep's seed and where it came from
+SEED_ATTR, SEED_SOURCE_ATTR = "seed", "seed_source"
 
 
 def make_searcher_class():
@@ -30,25 +46,88 @@ def make_searcher_class():
     optuna_state = {PRUNED: optuna.trial.TrialState.PRUNED, FAILED: optuna.trial.TrialState.FAIL}
 
     class PrunedAwareOptunaSearch(OptunaSearch):
-        """OptunaSearch that records early-stopped trials as PRUNED and failed ones as FAIL."""
+        """OptunaSearch that records every epoch Tune saw (the one it stopped on included), records
+        early-stopped trials as PRUNED and failed ones as FAIL, names the objectives, and links each
+        Optuna trial to its MLflow run.
+
+        ``link_run(ray_trial_id, optuna_trial_number)``: the trial's MLflow run id (None while it has
+        none); called until it answers. ``study_attrs``: user attributes set on the study (the seed)."""
+
+        def __init__(self, *args, link_run: Optional[Callable[[str, int], Optional[str]]] = None,
+                     study_attrs: Optional[dict] = None, **kwargs):
+            self._link_run, self._study_attrs = link_run, dict(study_attrs or {})
+            self._last_step: dict = {}  # Tune trial id -> the last step reported to Optuna
+            self._linked: set = set()
+            super().__init__(*args, **kwargs)  # creates or loads the study (_setup_study)
+
+        def _setup_study(self, mode):
+            super()._setup_study(mode)
+            names = self.metric if isinstance(self.metric, list) else [self.metric]
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(list(names))  # optuna-dashboard shows them, not "Objective 0"
+            for key, value in self._study_attrs.items():
+                self._ot_study.set_user_attr(key, value)
+
+        def on_trial_result(self, trial_id, result):
+            if trial_id in self._completed_trials:
+                return super().on_trial_result(trial_id, result)  # Ray's warning
+            self._link(trial_id)
+            self._report(trial_id, result)
+
+        def _report(self, trial_id, result: dict) -> None:
+            """One intermediate value per epoch, at step ``epoch``; single objective only (Optuna
+            keeps no intermediate values for several)."""
+            if isinstance(self.metric, list) or trial_id not in self._ot_trials:
+                return
+            value, step = result.get(self.metric), result.get("epoch", result.get("training_iteration"))
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or step is None:
+                return
+            if int(step) > self._last_step.get(trial_id, -1):  # a retried trial re-reports no epoch
+                self._ot_trials[trial_id].report(float(value), int(step))
+                self._last_step[trial_id] = int(step)
+
+        def _link(self, trial_id) -> None:
+            if self._link_run is None or trial_id in self._linked or trial_id not in self._ot_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            run_id = self._link_run(trial_id, ot_trial.number)
+            if run_id:
+                ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
+                self._linked.add(trial_id)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if stop_requested() is not None:
                 return  # stopped by a signal: left RUNNING here, recorded as interrupted by the sweep
             ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is None or not result:
+            if ot_trial is None or trial_id in self._completed_trials:
                 return super().on_trial_complete(trial_id, result=result, error=error)
+            self._link(trial_id)  # before tell: a finished trial's attributes are frozen
+            if not result:
+                return super().on_trial_complete(trial_id, result=result, error=error)
+            if not error:
+                self._report(trial_id, result)  # the result Tune stopped the trial on (see the module doc)
             for key in KEPT_RESULT_KEYS:
                 if result.get(key) is not None:
                     with contextlib.suppress(Exception):
                         ot_trial.set_user_attr(key, result[key])
             state = FAILED if error else trial_state(result)
-            if state == COMPLETED or trial_id in self._completed_trials:
+            if state == COMPLETED:
                 return super().on_trial_complete(trial_id, result=result, error=error)
             try:
-                self._ot_study.tell(ot_trial, None, state=optuna_state[state])
+                self._ot_study.tell(ot_trial, None, state=optuna_state[state])  # PRUNED: the last epoch's value
             finally:
                 self._completed_trials.add(trial_id)
+
+        def save(self, checkpoint_path: str):
+            # Tune snapshots the searcher with OptunaSearch.save, which pickles its whole __dict__
+            # (ray/tune/search/optuna/optuna_search.py); ``link_run`` (a closure over the sweep's
+            # log) stays out. kdray resumes from the Optuna study, never from this snapshot.
+            link_run, self._link_run = self._link_run, None
+            try:
+                super().save(checkpoint_path)
+            finally:
+                self._link_run = link_run
 
         def suggest(self, trial_id):
             config = super().suggest(trial_id)
@@ -57,6 +136,29 @@ def make_searcher_class():
             return config
 
     return PrunedAwareOptunaSearch
+
+
+def recorded_seed(storage, name: str) -> Optional[int]:
+    """The seed an earlier session of sweep ``name`` recorded on its study (None: no study, or
+    one from before seeds were recorded)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    seed = study.user_attrs.get(SEED_ATTR)
+    return int(seed) if seed is not None else None
+
+
+def trial_count(storage, name: str) -> int:
+    """How many trials the study holds (0 when it does not exist yet)."""
+    import optuna
+
+    try:
+        return len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:
+        return 0
 
 
 def _mark_interrupted(storage, study, trials) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import latest_checkpoint, safe_load
+from .config import tracked_config
 from .errors import KdrayError
 from .guards import Interrupted
 from .values import mask_credentials
@@ -48,7 +49,8 @@ def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dic
     with stores_initialising(workdir) if workdir else contextlib.nullcontext():
         exp_id = tr.experiment_id(tracking["uri"], tracking["experiment"], workdir)
     run_id = tr.start_run(tracking["uri"], exp_id, run_name=run_name, cfg=cfg, kind="train",
-                          extra_tags=tr.versions(), teacher_archs=teacher_archs(cfg.teachers))
+                          params=tracked_config(cfg), extra_tags=tr.versions(),
+                          teacher_archs=teacher_archs(cfg.teachers), workdir=workdir)
     log(f"tracking: MLflow run {run_id} in experiment {tracking['experiment']!r} at {mask_credentials(tracking['uri'])}")
     return {"uri": tracking["uri"], "run_id": run_id, "experiment_id": exp_id}
 

@@ -224,10 +224,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(address: Optional[str] = None, env: Optional[dict] = None) -> None:
+def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_logs: bool = True) -> None:
     """Start a local Ray or connect to ``address``. ``env``: environment variables for every Ray
     worker process of this job (trials, Train controllers, workers), set through the job's
-    runtime_env: os.environ changed after Ray started reaches none of them."""
+    runtime_env: os.environ changed after Ray started reaches none of them. ``worker_logs``:
+    whether Ray forwards its workers' output to this console (a sweep reports its trials itself;
+    their output stays in Ray's session logs)."""
     import ray
 
     if ray.is_initialized():
@@ -255,7 +257,7 @@ def init_ray(address: Optional[str] = None, env: Optional[dict] = None) -> None:
             env["RAY_ADDRESS"] = address  # host:port of the GCS
 
         def init():
-            ray.init(address=address or None, log_to_driver=True, logging_level="WARNING",
+            ray.init(address=address or None, log_to_driver=worker_logs, logging_level="WARNING",
                      runtime_env={"env_vars": env} if env else None, **kwargs)
 
         if local:

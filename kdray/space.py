@@ -18,6 +18,7 @@ per_branch:                                            # conditional on `branche
   branch_alpha: {type: float, low: 0, high: 1}         # one value per branch
 scheduler: {grace_period: 2, reduction_factor: 2}      # ASHA on the epoch axis
 samples: 8
+seed: 7                          # the sampler's seed; omitted: a random one per sweep (or --seed)
 ```
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
 from .distill import HPARAMS, METHODS, get_method
@@ -59,7 +60,7 @@ class Space:
     teachers: dict
     scheduler: dict
     samples: int
-    seed: int = 0
+    seed: Optional[int] = None  # the TPE sampler's; None: each sweep draws one (kdray.tune.sweep_seed)
 
     @property
     def multi_objective(self) -> bool:
@@ -238,10 +239,20 @@ def load_space(path: str | Path) -> Space:
         raise KdrayError(f"{where}: samples must be an integer >= 1, got {samples!r}")
     space = Space(path=where, name=str(raw.get("name") or Path(path).stem), base=base, params=params,
                   per_branch=per_branch, metrics=metrics, teachers=teachers, scheduler=sched,
-                  samples=samples, seed=int(raw.get("seed", 0)))
+                  samples=samples, seed=_seed(raw, where))
     _check_per_branch_readers(space)
     _check_extremes(space)
     return space
+
+
+def _seed(raw: dict, where: str) -> Optional[int]:
+    """The space's sampler seed, if it sets one (numpy's RandomState takes 0 .. 2**32 - 1)."""
+    seed = raw.get("seed")
+    if seed is None:
+        return None
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise KdrayError(f"{where}: seed must be an integer in 0 .. {2**32 - 1}, got {seed!r}")
+    return seed
 
 
 def _check_per_branch_readers(space: Space) -> None:

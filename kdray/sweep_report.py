@@ -170,8 +170,10 @@ def make_progress_callback(log: Callable[[str], None], metric: str, mode: str = 
 
 def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str, log: Callable[[str], None]):
     """A driver-side Tune callback: closes each trial's MLflow child run with its state (pruned,
-    completed, failed with the reason), creating the run when a trial died before it could. A
-    store that fails here costs one line, not the sweep (--resume closes what stayed open)."""
+    completed, failed with the reason; :func:`kdray.tracking.finish_run` sets MLflow's status and
+    the run's description and closes its student model), creating the run when a trial died
+    before it could. A store that fails here costs one line, not the sweep (--resume closes what
+    stayed open)."""
     from ray.tune import Callback
 
     from . import tracking as tr
@@ -182,7 +184,8 @@ def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str, log: Calla
             return None  # the worker closed it already
         if run is not None or not create:
             return run.info.run_id if run is not None else None
-        return tr.client(uri).create_run(exp_id, run_name=trial.trial_id, tags={
+        name = tr.trial_run_name((trial.config or {}).get("method"), trial.trial_id)
+        return tr.client(uri).create_run(exp_id, run_name=name, tags={
             "mlflow.parentRunId": parent_run_id, tr.KIND_TAG: "trial", tr.TRIAL_TAG: trial.trial_id}).info.run_id
 
     def record(trial, create: bool, state: str, reason: Optional[str] = None) -> None:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from ._version import __version__
 from .checkpoint import atomic_save, sha256_file
+from .config import tracked_config
 from .engine import fit
 from .errors import KdrayError
 from .models import build_model
@@ -64,7 +65,8 @@ def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
 
     exp_id = tr.experiment_id(tracking["uri"], tracking.get("experiment") or TEACHER_EXPERIMENT,
                               tracking.get("workdir"))
-    run_id = tr.start_run(tracking["uri"], exp_id, run_name=name, cfg=tcfg, kind="teacher", extra_tags=tr.versions())
+    run_id = tr.start_run(tracking["uri"], exp_id, run_name=name, cfg=tcfg, kind="teacher",
+                          params=tracked_config(tcfg), extra_tags=tr.versions())
     log(f"tracking: teacher run {run_id}")
     return tr.RunLogger(tracking["uri"], run_id)
 

@@ -11,10 +11,7 @@ Ray, teachers, their store, tracking, then the Tuner, then the summary.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,10 @@ from .errors import KdrayError
 from .guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
 from .space import Space, load_space
 from .values import mask_credentials
+
+
+#: Optuna's samplers seed numpy's RandomState, which takes 0 .. 2**32 - 1
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,13 @@ class SweepOptions:
     teacher_store: bool = True  # teachers' outputs computed once and shared (--no-teacher-store: live)
     teacher_store_dir: Optional[str] = None  # default: the teacher set's stores/
     teacher_store_budget: float = 4.0  # GB of memory (and disk) a store may take
+    seed: Optional[int] = None  # the sampler's seed (default: the space's `seed`, else a random one)
 
     def check(self) -> None:
         if self.samples is not None and self.samples < 1:
             raise KdrayError(f"--samples {self.samples} is out of range; allowed: >= 1")
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
+            raise KdrayError(f"--seed {self.seed} is out of range; allowed: 0 .. {SEED_LIMIT - 1}")
         if self.concurrency < 1 or self.workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise KdrayError("--concurrency and --workers must be >= 1, --gpus-per-worker >= 0, --cpus-per-worker > 0")
         if not self.teacher_store_budget > 0:
@@ -138,8 +142,10 @@ def trial_env(local: bool) -> dict:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
-def teachers_for(space: Space, workdir: Path, log: Callable[[str], None]) -> Optional[str]:
-    """Train the space's teachers once (or find them, by their whole recipe); their directory."""
+def teachers_for(space: Space, workdir: Path, log: Callable[[str], None],
+                 tracking: Optional[dict] = None) -> Optional[str]:
+    """Train the space's teachers once (or find them, by their whole recipe); their directory.
+    Teachers trained here are tracked as runs of the kdray-teachers experiment."""
     from .distill import get_method
 
     if space.base.teachers or all(get_method(m).min_teachers == 0 for m in space.methods()):
@@ -151,7 +157,8 @@ def teachers_for(space: Space, workdir: Path, log: Callable[[str], None]) -> Opt
     archs = [archs] if isinstance(archs, str) else list(archs)
     tcfg = space.base.replace(epochs=spec.get("epochs", 20),
                               train_fraction=spec.get("train_fraction", space.base.train_fraction))
-    return ensure_teachers(tcfg, archs, int(spec.get("count", 3)), workdir / "teachers", log)
+    teacher_tracking = {"uri": tracking["uri"], "workdir": str(workdir)} if tracking else None
+    return ensure_teachers(tcfg, archs, int(spec.get("count", 3)), workdir / "teachers", log, teacher_tracking)
 
 
 def make_scheduler(space: Space):
@@ -168,17 +175,110 @@ def make_scheduler(space: Space):
     )
 
 
-def make_searcher(space: Space, name: str, storage):
+@dataclass(frozen=True)
+class SweepSeed:
+    """The seed of a sweep's TPE sampler. ``value``: the sweep's, recorded on its Optuna study and
+    its MLflow sweep run; ``source``: ``--seed``, ``space``, ``random`` or ``study`` (a resumed
+    sweep keeps its study's); ``sampler``: what this session's sampler starts from."""
+
+    value: int
+    source: str
+    sampler: int
+
+
+def sweep_seed(options: SweepOptions, space: Space, storage, name: str, log: Callable[[str], None]) -> SweepSeed:
+    """--seed, else the space's ``seed``, else a random one: two sweeps of one space explore
+    differently unless told otherwise. A resumed sweep keeps the seed its study recorded."""
+    import secrets
+
+    from .optuna_adapter import recorded_seed, trial_count
+
+    kept = recorded_seed(storage, name) if options.resume else None
+    if kept is not None:
+        if options.seed is not None and options.seed != kept:
+            log(f"--seed {options.seed} ignored: the resumed sweep {name!r} keeps its seed {kept}")
+        value, source = kept, "study"
+    elif options.seed is not None:
+        value, source = options.seed, "--seed"
+    elif space.seed is not None:
+        value, source = space.seed, "space"
+    else:
+        value, source = secrets.randbelow(SEED_LIMIT), "random"
+    seed = SweepSeed(value, source, session_seed(value, trial_count(storage, name)))
+    log(f"sampler seed {value} ({source}); `--seed {value}` repeats this sweep's proposals")
+    return seed
+
+
+def session_seed(seed: int, trials_before: int) -> int:
+    """The seed of one session's sampler: the sweep's on its first session; on a resumed one, one
+    derived from (seed, trials already in the study). Optuna's samplers draw from an RNG seeded
+    once per sampler object (``LazyRandomState`` in optuna/samplers/_random.py and
+    _tpe/sampler.py): the same seed in a new process would propose the first session's random
+    start-up trials again."""
+    if trials_before == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, trials_before]).generate_state(1)[0])
+
+
+def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=None):
+    """TPE seeded by ``seed``; ``link_run``: see :func:`make_run_linker`."""
     from optuna.samplers import TPESampler
 
-    from .optuna_adapter import make_searcher_class
+    from .optuna_adapter import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
 
     names, modes = [m for m, _ in space.metrics], [d for _, d in space.metrics]
     multi = space.multi_objective
+    first_session = seed.source != "study"  # a resumed study keeps what its first session recorded
     return make_searcher_class()(
         space=space.define_by_run(), metric=names if multi else names[0], mode=modes if multi else modes[0],
-        sampler=TPESampler(seed=space.seed), study_name=name, storage=storage,
+        sampler=TPESampler(seed=seed.sampler), study_name=name, storage=storage, link_run=link_run,
+        study_attrs={SEED_ATTR: seed.value, SEED_SOURCE_ATTR: seed.source} if first_session else None,
     )
+
+
+#: tags on a trial's MLflow run naming its Optuna trial (the trial holds the run id: ``mlflow_run_id``)
+OPTUNA_TRIAL_TAG, OPTUNA_STUDY_TAG = "optuna.trial_number", "optuna.study_name"
+
+
+def make_run_linker(track: Optional[dict], study_name: str, log: Callable[[str], None]):
+    """For the searcher (on the driver): the MLflow run of a Tune trial, found by its
+    ``kdray.trial_id`` tag and tagged with the Optuna trial's number and study; None while the trial
+    has no run yet. A store that fails costs one line per trial, not the sweep."""
+    if not track:
+        return None
+    from . import tracking as tr
+
+    warned: set = set()
+
+    def link(trial_id: str, number: int) -> Optional[str]:
+        try:
+            run = tr.find_trial_run(track["uri"], track["experiment_id"], track["parent_run_id"], trial_id)
+            if run is None:
+                return None
+            tr.log_batch(tr.client(track["uri"]), run.info.run_id,
+                         tags={OPTUNA_TRIAL_TAG: number, OPTUNA_STUDY_TAG: study_name})
+            tr.name_trial_run(track["uri"], run.info.run_id, number)
+            return run.info.run_id
+        except Exception as exc:  # noqa: BLE001 - the store is down or refuses
+            if trial_id not in warned:
+                from .outcome import failure_reason
+
+                warned.add(trial_id)
+                log(f"tracking: trial {trial_id} not linked to Optuna trial {number} ({failure_reason(exc)})")
+            return None
+
+    return link
+
+
+def record_sweep_seed(track: dict, seed: SweepSeed) -> None:
+    """The sampler's seed on the sweep's MLflow run (the study holds it as user attribute ``seed``)."""
+    from . import tracking as tr
+
+    tr.log_batch(tr.client(track["uri"]), track["parent_run_id"],
+                 params={"optuna_seed": seed.value, "optuna_seed_source": seed.source,
+                         "optuna_sampler_seed": seed.sampler})
 
 
 def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, trial_track: Optional[dict],
@@ -198,7 +298,7 @@ def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, t
         register_payload(methods)  # methods and architectures defined outside kdray travel by value
         cfg = space.trial_config(config)
         context = ray.tune.get_context()
-        run = _start_trial_run(trial_track, cfg, context, config)
+        run = _start_trial_run(trial_track, cfg, context)
         if opts.in_trial:
             from .scale import fit_in_tune_trial
 
@@ -284,7 +384,7 @@ def ray_trial_retried() -> bool:
     return ray.tune.get_checkpoint() is not None
 
 
-def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) -> Optional[dict]:
+def _start_trial_run(trial_track: Optional[dict], cfg, context) -> Optional[dict]:
     """The trial's child run, created on the trial's node (over HTTP on a cluster)."""
     if not trial_track:
         return None
@@ -296,12 +396,13 @@ def _start_trial_run(trial_track: Optional[dict], cfg, context, config: dict) ->
         earlier = tr.find_trial_run(uri, trial_track["experiment_id"], trial_track["parent_run_id"], context.get_trial_id())
         if earlier is not None:
             return {"uri": uri, "run_id": earlier.info.run_id}
-    run_id = tr.start_run(uri, trial_track["experiment_id"], run_name=context.get_trial_name(), cfg=cfg,
-                          kind="trial", parent_run_id=trial_track["parent_run_id"],
-                          teacher_archs=trial_track.get("teacher_archs"),
+    from .config import tracked_config
+
+    run_id = tr.start_run(uri, trial_track["experiment_id"], run_name=tr.trial_run_name(cfg.method, context.get_trial_id()),
+                          cfg=cfg, kind="trial", params=tracked_config(cfg), parent_run_id=trial_track["parent_run_id"],
+                          teacher_archs=trial_track.get("teacher_archs"), workdir=trial_track.get("workdir"),
                           extra_tags={tr.TRIAL_TAG: context.get_trial_id(),
-                                      **({tr.STORE_TAG: trial_track["teacher_store"]} if trial_track.get("teacher_store") else {}),
-                                      "kdray.sampled": json.dumps(config, sort_keys=True, default=str)})
+                                      **({tr.STORE_TAG: trial_track["teacher_store"]} if trial_track.get("teacher_store") else {})})
     return {"uri": uri, "run_id": run_id}
 
 
@@ -332,10 +433,12 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
     archs = teacher_archs(teachers)
     parent = tr.start_sweep_run(uri, exp_id, name=name, space=space, study_name=name,
                                 storage_url=mask_credentials(getattr(storage, "url", str(storage))), teachers=teachers,
-                                teacher_archs=archs)
+                                teacher_archs=archs, workdir=workdir)
+    metric, mode = space.metrics[0]
+    tr.save_trials_view(uri, exp_id, metric=metric, mode=mode, searched=tr.searched_params(space))
     log(f"tracking: MLflow experiment {name!r} (id {exp_id}), sweep run {parent} at {mask_credentials(uri)}")
     return {"uri": uri, "experiment_id": exp_id, "parent_run_id": parent, "teacher_archs": archs,
-            "callback": make_tracking_callback(uri, exp_id, parent, log)}
+            "workdir": str(workdir), "callback": make_tracking_callback(uri, exp_id, parent, log)}
 
 
 def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, log, reason=None, summary=None) -> dict:
@@ -349,7 +452,8 @@ def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, 
         try:
             study = optuna.load_study(study_name=name, storage=storage)
             plots = tr.log_sweep_plots(uri, parent, study, space, log=log)
-            tr.log_batch(tr.client(uri), parent, metrics=_sweep_metrics(track, space, summary or {}))
+            _summarize_parent(track, space, summary or {})
+            log(f"tracking: {tr.ui_hint(uri, track['experiment_id'])}")
         finally:
             tr.finish_run(uri, parent, state, reason)
     except KdrayError:
@@ -361,20 +465,19 @@ def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, 
     return {"tracking_uri": mask_credentials(uri), "experiment_id": track["experiment_id"], "parent_run_id": parent, "plots": plots}
 
 
-def _sweep_metrics(track: dict, space: Space, summary: dict) -> dict:
-    """Trial counts by state and the best trial's metric for the parent run (links the best run)."""
+def _summarize_parent(track: dict, space: Space, summary: dict) -> None:
+    """The parent run carries the best trial's metrics, params and a link to it (and the summary
+    its MLflow run id); counts by state go into its description."""
     from . import tracking as tr
 
-    counts = {f"trials_{k.lower()}": v for k, v in summary.get("study_counts", {}).items()}
     best = summary.get("best")
-    if best:
-        metric = space.metrics[0][0]
-        counts[f"best_{metric}"] = best["metrics"].get(metric)
+    if best and not best.get("mlflow_run_id"):
         run = tr.find_trial_run(track["uri"], track["experiment_id"], track["parent_run_id"],
                                 str(best["metrics"].get("trial_id")))
         if run is not None:
             best["mlflow_run_id"] = run.info.run_id
-    return counts
+    tr.summarize_sweep(track["uri"], track["parent_run_id"], best_run_id=(best or {}).get("mlflow_run_id"),
+                       metric=space.metrics[0][0], counts=tr.trial_counts(summary.get("study_counts", {})))
 
 
 def open_storage(opts: SweepOptions, workdir: Path):
@@ -387,7 +490,7 @@ def start_ray(opts: SweepOptions, log) -> int:
     """Ray up (local or the given cluster), checked to host one trial; the concurrency it can host."""
     from .scale import check_resources, init_ray
 
-    init_ray(opts.address, env=trial_env(local=opts.local))
+    init_ray(opts.address, env=trial_env(local=opts.local), worker_logs=False)  # trials report through kdray's lines
     rearm_stop_signals()  # after Ray's own SIGTERM handler
     check_resources(opts.workers, opts.gpus_per_worker, opts.cpus_per_worker)
     return fit_concurrency(opts.concurrency, opts.workers, opts.gpus_per_worker, opts.cpus_per_worker, log,
@@ -395,7 +498,8 @@ def start_ray(opts: SweepOptions, log) -> int:
 
 
 def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, concurrency: int,
-               storage_path: str, track: Optional[dict], progress, store_ref=None):
+               storage_path: str, track: Optional[dict], progress, store_ref=None, *, seed: SweepSeed,
+               link_run=None):
     from ray import tune
 
     # Tune snapshots its experiment state whenever a trial has checkpointed num_to_keep times since
@@ -403,13 +507,14 @@ def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, 
     # with a checkpoint every epoch of short epochs that is every few seconds. The snapshot is
     # cheap on a local disk; the warning is noise (ray/tune/execution/experiment_state.py).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trial_track = ({k: track.get(k) for k in ("uri", "experiment_id", "parent_run_id", "teacher_archs", "teacher_store")}
+    trial_track = ({k: track.get(k) for k in ("uri", "experiment_id", "parent_run_id", "teacher_archs", "teacher_store",
+                                              "workdir")}
                    if track else None)
     metric, mode = space.metrics[0]
     return tune.Tuner(
         tune.with_resources(make_trial(space, name, opts, storage_path, trial_track, store_ref), opts.trial_resources),
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, name, storage), scheduler=make_scheduler(space), num_samples=left,
+            search_alg=make_searcher(space, name, storage, seed, link_run), scheduler=make_scheduler(space), num_samples=left,
             max_concurrent_trials=concurrency,
             reuse_actors=opts.in_trial,  # a finished trial's process runs the next: no process start, no imports
             **({} if space.multi_objective else {"metric": metric, "mode": mode}),
@@ -432,6 +537,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     and ``result_grid`` (Tune's). Raises :class:`~kdray.guards.Interrupted` after recording a
     SIGINT / SIGTERM."""
     handles = {} if handles is None else handles
+    from .console import library_output_to
     from .guards import one_sweep_at_a_time, stop_signals_interrupt, stores_initialising
     from .optuna_adapter import prepare_study
     from .sweep_report import summarize
@@ -443,15 +549,18 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     name = options.experiment or space.name
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    with one_sweep_at_a_time(workdir, name), stop_signals_interrupt():
+    chatter = workdir / "logs" / f"{name}.log"
+    with one_sweep_at_a_time(workdir, name), stop_signals_interrupt(), library_output_to(chatter):
+        log(f"sweep {name!r}: Ray's, Tune's and Optuna's own output goes to {chatter}")
         with stores_initialising(workdir):
             storage = handles["storage"] = open_storage(options, workdir)
             left = prepare_study(storage, name, space.samples, options.resume, log)
+            seed = sweep_seed(options, space, storage, name, log) if left else None
         if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
             log(f"sweep {name!r}: every trial is done already")
             return summarize(name, storage, space, [])
         sweep = {"space": space, "space_file": space_file, "name": name, "options": options,
-                 "storage": storage, "workdir": workdir, "log": log, "track": None, "handles": handles}
+                 "storage": storage, "workdir": workdir, "log": log, "track": None, "handles": handles, "seed": seed}
         try:
             return _run_trials(sweep, left, tracking)
         except Interrupted as exc:
@@ -465,7 +574,7 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
     space, name, options, storage, workdir, log = (sweep[k] for k in
                                                     ("space", "name", "options", "storage", "workdir", "log"))
     concurrency = start_ray(options, log)
-    teachers = teachers_for(space, workdir, log)
+    teachers = teachers_for(space, workdir, log, tracking)
     if teachers:
         space.base = space.base.replace(teachers=teachers)
     store_ref, sweep["teacher_store"] = sweep_teacher_store(space, options, log)
@@ -476,15 +585,16 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
 
             client(sweep["track"]["uri"]).set_tag(sweep["track"]["parent_run_id"], STORE_TAG, sweep["teacher_store"])
             sweep["track"]["teacher_store"] = sweep["teacher_store"]
+        record_sweep_seed(sweep["track"], sweep["seed"])
     track = sweep["track"]
     progress = make_progress_callback(log, space.metrics[0][0], space.metrics[0][1], total=left)
     tuner = make_tuner(space, name, options, storage, left, concurrency, str(workdir / "ray_results"), track, progress,
-                       store_ref)
+                       store_ref, seed=sweep["seed"], link_run=make_run_linker(track, name, log))
     log(f"sweep {name!r}: {left} trial(s), {concurrency} at a time, {options.workers} worker(s) each; "
         f"study in {mask_credentials(getattr(storage, 'url', 'optuna storage'))}")
     t_fit = time.time()
     try:
-        with contextlib.redirect_stdout(sys.stderr), tune_stops_gracefully():  # stdout is for the result (--json)
+        with tune_stops_gracefully():  # Tune's prints go to the sweep's log file (library_output_to)
             grid = sweep["handles"]["result_grid"] = tuner.fit()
     except Exception as exc:
         if track:

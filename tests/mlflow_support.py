@@ -533,10 +533,26 @@ def check_experiment_page(server_url: str, experiment_id: str, names, png_path, 
 
 
 def artifacts_dir() -> Path:
-    """Where tests keep artifacts: $KDRAY_TEST_ARTIFACTS, else <repo>/test-artifacts."""
-    d = Path(os.environ.get("KDRAY_TEST_ARTIFACTS") or REPO_ROOT / "test-artifacts")
+    """Where tests keep screenshots: $KDRAY_TEST_ARTIFACTS, else /tmp/kdray-shots (never the
+    checkout or the cwd)."""
+    d = Path(os.environ.get("KDRAY_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "kdray-shots")
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def grid_rows(dom: str, words) -> dict:
+    """The runs table as rendered: row index -> which of ``words`` its cells show (as a whole cell
+    text). The table is an ag-grid: a row is split over its pinned and scrolling containers, each
+    part carrying ``row-index``; only the columns in the window are rendered (dump a wide one)."""
+    import html
+    import re
+
+    marks = [(m.start(), int(m.group(1))) for m in re.finditer(r'row-index="(\d+)"', dom)]
+    rows: dict = {}
+    for (start, index), (end, _) in zip(marks, marks[1:] + [(len(dom), -1)]):
+        part = dom[start:end]
+        rows.setdefault(index, set()).update(w for w in words if f">{html.escape(w)}<" in part)
+    return rows
 
 
 def png_stats(png_path) -> dict:

@@ -3,7 +3,7 @@
 No mocks: the server is `mlflow server` from this venv (sqlite backend, artifacts served over
 HTTP), the client is `mlflow.MlflowClient`, the browser is Debian's `chromium` (installed by
 ensure_chromium() when missing). The screenshot is kept at
-$KDRAY_TEST_ARTIFACTS/mlflow-ui-experiment.png (default <repo>/test-artifacts/).
+$KDRAY_TEST_ARTIFACTS/mlflow-ui-experiment.png (default /tmp/kdray-shots/).
 """
 
 from __future__ import annotations
