@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -107,9 +108,10 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
         from .engine import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
-    log(f"starting: {cfg.method} {cfg.student} on {cfg.dataset}, {cfg.epochs} epochs; checking the data"
-        + (" and the teachers" if cfg.teachers else ""))
-    check_inputs(cfg)
+    t0 = time.perf_counter()
+    check_inputs(cfg)  # bad input stops here with one line, before anything is said or created
+    log(f"starting: {cfg.method} {cfg.student} on {cfg.dataset}, {cfg.epochs} epochs (data"
+        + (" and teachers" if cfg.teachers else "") + f" checked in {time.perf_counter() - t0:.1f}s)")
     if store_budget <= 0:
         raise KdrayError(f"--teacher-store-budget {store_budget:g} is out of range; allowed: > 0 (GB)")
     workers_device = ("cuda" if gpus_per_worker > 0 else "cpu") if cfg.workers > 1 else None
