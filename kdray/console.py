@@ -33,6 +33,7 @@ def library_output_to(path: Path, stdout: bool = True) -> Iterator[Path]:
     with path.open("a", buffering=1) as fh:
         handler = logging.StreamHandler(fh)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        import mlflow  # noqa: F401  (its import configures the "mlflow" logger: do it before we take it over)
         import optuna
 
         # Optuna adds its stderr handler lazily, on its first record; configure and remove it now

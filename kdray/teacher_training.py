@@ -80,7 +80,7 @@ def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
     work = out / f".work_teacher_{index}-{key}"  # keyed: never resume another recipe's epochs
     # resume=True: an interrupted teacher continues from its last epoch checkpoint in ``work``
     tcfg = cfg.replace(method="ce", student=arch, seed=cfg.seed + index, teachers=None,
-                       checkpoint_dir=str(work), resume=True)
+                       checkpoint_dir=str(work), resume=work.is_dir())
     log(f"teacher {index + 1}/{count}: {arch} seed {tcfg.seed}, {tcfg.epochs} epochs on {cfg.dataset}")
     t0 = time.time()
     run = _open_teacher_run(tracking, tcfg, f"teacher-{index}-{arch}-s{tcfg.seed}", log)
