@@ -214,6 +214,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def teacher_origin(t: dict) -> str:
+    """'resnet20 seed 0' for a teacher kdray trained; 'resnet18 imported from FILE' otherwise."""
+    if t.get("imported"):
+        return f"{t['arch']} imported from {t.get('source', '?')}"
+    return f"{t['arch']} seed {t['seed']}"
+
+
 def cmd_teachers_train(args) -> int:
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS)
     from .teacher_training import train_teachers
@@ -225,7 +232,7 @@ def cmd_teachers_train(args) -> int:
         emit_json({"out": str(out), **manifest}, sort_keys=True)
     else:
         for t in manifest["teachers"]:
-            print(f"{t['file']}: {t['arch']} seed {t['seed']} test acc {t['test_acc']:.4f} ({t['params']} params)")
+            print(f"{t['file']}: {teacher_origin(t)} test acc {t['test_acc']:.4f} ({t['params']} params)")
         print(f"teachers written to {out}")
     return 0
 
@@ -242,7 +249,7 @@ def cmd_teachers_show(args) -> int:
         return 0
     print(f"{args.dir}: {len(manifest['teachers'])} teachers on {manifest['dataset']} ({len(manifest['classes'])} classes), all verified")
     for t in manifest["teachers"]:
-        print(f"  {t['file']}: {t['arch']} seed {t['seed']} test acc {t['test_acc']:.4f}")
+        print(f"  {t['file']}: {teacher_origin(t)} test acc {t['test_acc']:.4f}")
     for m in stores:
         print(store_line(m))
     if not stores:

@@ -156,7 +156,7 @@ def _check_out(out: Path) -> None:
 
 def _entry(teacher: Imported, file: Path) -> dict:
     entry = {"file": file.name, "arch": teacher.model.arch, "source": teacher.source, "layout": teacher.layout,
-             # `kdray teachers show` lists a seed: kdray did not train this one, so it has none
+             # no training seed: kdray did not train this one (`teachers show` names its source)
              "seed": teacher.seed, "imported": True, **teacher.accuracy,
              "params": count_params(teacher.model), "sha256": sha256_file(file)}
     if teacher.reinitialised:

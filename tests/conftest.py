@@ -63,6 +63,29 @@ def small_cfg(**kw) -> RunConfig:
     return RunConfig().replace(**base)
 
 
+def sweep_in_process(workdir: Path, capsys, space_yaml: str, name: str) -> list[dict]:
+    """`kdray tune --no-track` on a space written from ``space_yaml``, in this process (so what the
+    test registered must travel to the Ray workers by value); the trials' rows, each without error."""
+    import json
+
+    import ray
+
+    from kdray.cli import main
+
+    space = workdir / f"{name}.yaml"
+    space.parent.mkdir(parents=True, exist_ok=True)
+    space.write_text(space_yaml)
+    try:
+        rc = main(["--workdir", str(workdir / "w"), "tune", "--no-track", "--space", str(space), "--json"])
+    finally:
+        ray.shutdown()
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rows = json.loads(out)["trials"]
+    assert all(r["error"] is None for r in rows), rows
+    return rows
+
+
 @pytest.fixture(scope="session")
 def fake_teachers(tmp_path_factory):
     """Two tiny trained teachers on the fake dataset (different archs)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import small_cfg
+from conftest import small_cfg, sweep_in_process
 from kdray.engine import fit
 from kdray.errors import KdrayError
 from kdray.models import (MultiBranchStudent, StagedModel, available_models, build_model, register_model,
@@ -139,21 +139,8 @@ def test_a_builder_returning_something_else_is_one_line():
 def test_searched_as_a_student_in_a_sweep_on_ray_workers(tiny, tmp_path, capsys):
     """A trial runs in a Ray worker process, where only kdray's own architectures exist at import:
     the registered builder travels to it by value (kdray.scale.method_payload)."""
-    import json
-
-    import ray
-
-    from kdray.cli import main
-
-    space = tmp_path / "tiny.yaml"
-    space.write_text("name: tiny\nsamples: 2\n"
-                     "base: {dataset: fake, image_size: 16, student: tiny_net, device: cpu, method: ce, epochs: 1}\n"
-                     "params:\n  lr: {type: float, low: 0.01, high: 0.1, log: true}\n")
-    try:
-        rc = main(["--workdir", str(tmp_path / "w"), "tune", "--no-track", "--space", str(space), "--json"])
-    finally:
-        ray.shutdown()
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    rows = json.loads(out)["trials"]
-    assert len(rows) == 2 and all(r["error"] is None for r in rows), rows
+    rows = sweep_in_process(tmp_path, capsys, (
+        "name: tiny\nsamples: 2\n"
+        "base: {dataset: fake, image_size: 16, student: tiny_net, device: cpu, method: ce, epochs: 1}\n"
+        "params:\n  lr: {type: float, low: 0.01, high: 0.1, log: true}\n"), "tiny")
+    assert len(rows) == 2

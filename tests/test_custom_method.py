@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch.nn.functional as F
 
+from conftest import sweep_in_process
 from kdray.cli import build_parser, main
 from kdray.distill import HParam, Method, get_method, register, unregister
 from kdray.distill.losses import kd_kl, soften
@@ -67,22 +68,12 @@ def test_trains_from_the_cli_with_set(tmp_path, capsys, fake_teachers):
 
 
 def test_searched_from_a_space_file_on_ray_workers(tmp_path, capsys, fake_teachers):
-    import ray
-
-    space = tmp_path / "smooth.yaml"
-    space.write_text(
+    rows = sweep_in_process(tmp_path, capsys, (
         "name: smooth\nsamples: 2\n"
         f"base: {{dataset: fake, image_size: 16, student: resnet8, device: cpu, method: smooth_kd, epochs: 1, "
         f"teachers: {fake_teachers}}}\n"
-        "params:\n  smoothing: {type: float, low: 0.05, high: 0.4}\n")
-    try:
-        rc = main(["--workdir", str(tmp_path / "w"), "tune", "--no-track", "--space", str(space), "--json"])
-    finally:
-        ray.shutdown()
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    rows = json.loads(out)["trials"]
-    assert len(rows) == 2 and all(r["error"] is None for r in rows), rows
+        "params:\n  smoothing: {type: float, low: 0.05, high: 0.4}\n"), "smooth")
+    assert len(rows) == 2
     storage = optuna.storages.RDBStorage(f"sqlite:///{(tmp_path / 'w').resolve() / 'optuna.db'}")
     trials = optuna.load_study(study_name="smooth", storage=storage).get_trials(deepcopy=False)
     assert all(0.05 <= t.params["smoothing"] <= 0.4 for t in trials) and len(trials) == 2

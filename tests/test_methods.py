@@ -98,7 +98,8 @@ def student_ns(branches=1, feat_channels=4):
 
 
 def test_registry_has_all_six():
-    assert set(METHODS) == ALL
+    # other tests register methods of their own; kdray's are the ones defined in kdray
+    assert {name for name, cls in METHODS.items() if cls.__module__.startswith("kdray.")} == ALL
     for name in ALL:
         cls = get_method(name)
         assert cls is METHODS[name] and cls.name == name and issubclass(cls, Method)
