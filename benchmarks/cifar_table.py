@@ -22,7 +22,9 @@ run that finished is read back from its ``result.json``).
    with every seed and set beside EKD with the paper's defaults (B = K). The feature weight is not
    searched here: the teachers' feature maps of every view do not fit the store's budget on this
    machine, so those trials would run the teachers live, about 3x slower.
-5. A markdown table of mean +- sample std (ddof 1) test accuracy with the per-seed values,
+5. Teacher diagnostics on the test split (each teacher's accuracy, their averaged probabilities,
+   how often two disagree, how often at least one is right): what the students can learn from.
+6. A markdown table of mean +- sample std (ddof 1) test accuracy with the per-seed values,
    ``table.json`` beside it.
 
 The README's table::
@@ -95,6 +97,42 @@ def single_teacher_set(tdir: Path, manifest: dict, k: int) -> Path:
     (out / "manifest.json.tmp").write_text(json.dumps(sub, indent=2))
     os.replace(out / "manifest.json.tmp", out / "manifest.json")
     return out
+
+
+def teacher_diagnostics(args, tdir: Path) -> dict:
+    """What the teachers offer a student, on the test split: each one's accuracy, the accuracy of
+    their averaged probabilities (what avg_kd and EKD's B = 1 distil), how often two of them
+    disagree (the ensemble's diversity) and how often at least one is right. Cached beside them."""
+    cached = tdir / "diagnostics.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    import torch
+
+    from kdray.config import RunConfig
+    from kdray.engine import prepare
+
+    cfg = RunConfig().replace(dataset="imagefolder", data_dir=str(args.data_dir), train_fraction=1.0,
+                              method="avg_kd", teachers=str(tdir), device="cpu")
+    prep = prepare(cfg)
+    logits, labels = [], []
+    for x, y in prep.loaders.test:
+        logits.append(prep.ensemble()(x)["logits"].float())
+        labels.append(y)
+    logits, y = torch.cat(logits, 1), torch.cat(labels)  # [K, N, C], [N]
+    pred = logits.argmax(2)
+    K = pred.shape[0]
+    pairs = [(a, b) for a in range(K) for b in range(a + 1, K)]
+    diag = {
+        "test_acc": [float((p == y).double().mean()) for p in pred],
+        "ensemble_test_acc": float((logits.softmax(2).mean(0).argmax(1) == y).double().mean()),
+        "oracle_test_acc": float((pred == y).any(0).double().mean()),
+        "pairwise_disagreement": {f"{a}-{b}": float((pred[a] != pred[b]).double().mean()) for a, b in pairs},
+    }
+    cached.write_text(json.dumps(diag, indent=1))
+    log("teachers on the test split: " + ", ".join(pct(a) for a in diag["test_acc"])
+        + f"; their averaged probabilities {pct(diag['ensemble_test_acc'])}; pairwise disagreement "
+        + ", ".join(f"{k} {pct(v)}" for k, v in diag["pairwise_disagreement"].items()))
+    return diag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +296,10 @@ def print_table(args, manifest: dict, summary: dict) -> None:
     print("CIFAR-10 (JPEG copy). Teachers on the whole training split (45,000 images, 5,000 held out): "
           + ", ".join(f"{t['arch']} {pct(t['test_acc'])} %" for t in manifest["teachers"])
           + f" test accuracy after {args.teacher_epochs} epochs.")
+    d = summary["teacher_diagnostics"]
+    print(f"Their averaged probabilities: {pct(d['ensemble_test_acc'])} %; at least one right: "
+          f"{pct(d['oracle_test_acc'])} %; pairwise disagreement "
+          + ", ".join(f"{k} {pct(v)} %" for k, v in d["pairwise_disagreement"].items()) + ".")
     print(f"Students: {args.student}, {args.epochs} epochs, kdray defaults otherwise"
           + (f" plus {' '.join(args.extra)}" if args.extra else "")
           + f"; seeds {args.seeds}; test accuracy %, mean ± sample std.\n")
@@ -320,7 +362,8 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     manifest = train_teachers(args, work / "teachers")
-    summary = {"dataset": "cifar10-jpeg", "student": args.student, "epochs": args.epochs, "seeds": args.seeds,
+    diagnostics = teacher_diagnostics(args, work / "teachers")
+    summary = {"teacher_diagnostics": diagnostics, "dataset": "cifar10-jpeg", "student": args.student, "epochs": args.epochs, "seeds": args.seeds,
                "extra": args.extra, "teacher_epochs": args.teacher_epochs,
                "teachers": [{k: t[k] for k in ("arch", "seed", "epochs", "val_acc", "test_acc")}
                             for t in manifest["teachers"]], "fractions": []}

@@ -65,6 +65,12 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     assert sum(r.startswith("kd-t") for r in rows) == 2 and any(r.startswith("kd, best teacher") for r in rows)
     assert fr["ekd_best_branches"] in (1, 2) and set(fr["tuned"]["best_config"]) >= {"temperature", "branches"}
     assert all(len(r["per_seed"]) == 2 for r in fr["rows"])
+    d, manifest = table["teacher_diagnostics"], json.loads((tmp_path / "w" / "teachers" / "manifest.json").read_text())
+    # the diagnostics' per-teacher accuracies are the ones kdray measured when it trained them
+    assert d["test_acc"] == pytest.approx([t["test_acc"] for t in manifest["teachers"]], abs=1 / 40)
+    assert set(d["pairwise_disagreement"]) == {"0-1"} and 0 <= d["pairwise_disagreement"]["0-1"] <= 1
+    assert max(d["test_acc"]) <= d["oracle_test_acc"] and min(d["test_acc"]) >= d["oracle_test_acc"] - \
+        d["pairwise_disagreement"]["0-1"] - 1e-9
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["fractions"][0]["rows"] == fr["rows"]
