@@ -65,7 +65,13 @@ def train_teachers(args, tdir: Path) -> dict:
     """The teacher set (trained, or continued after an interruption, by ``kdray teachers train``)."""
     if (tdir / "manifest.json").is_file():
         log(f"teachers: reusing {tdir}")
-        return json.loads((tdir / "manifest.json").read_text())
+        manifest = json.loads((tdir / "manifest.json").read_text())
+        archs = args.teacher_arch.split(",")
+        wanted = [(archs[k % len(archs)], args.teacher_epochs) for k in range(args.teachers)]
+        found = [(t["arch"], t["epochs"]) for t in manifest["teachers"]]
+        if found != wanted:
+            raise SystemExit(f"{tdir} holds teachers (arch, epochs) {found}, not {wanted}; use another --workdir")
+        return manifest
     cmd = kdray_exe() + ["teachers", "train"] + data_args(args) + [
         "--train-fraction", "1.0", "--count", str(args.teachers), "--epochs", str(args.teacher_epochs),
         "--batch-size", str(args.teacher_batch_size), "--lr", str(args.teacher_lr),
@@ -139,21 +145,36 @@ def teacher_diagnostics(args, tdir: Path) -> dict:
 # students
 
 
+def kdray_args(cmd: list[str]) -> list[str]:
+    """A ``kdray train`` command without its executable (whose path differs between checkouts)."""
+    return cmd[cmd.index("train"):]
+
+
+def check_same_run(cached: Path, was: list[str], now: list[str]) -> None:
+    """A finished run is read back only if it ran with the arguments asked for now."""
+    if was != now:
+        diff = [f"{a} -> {b}" for a, b in zip(was, now) if a != b] or [f"{len(was)} -> {len(now)} arguments"]
+        raise SystemExit(f"{cached} was made with other settings ({'; '.join(diff[:3])}); "
+                         "rerun with the settings it was made with, or use another --workdir")
+
+
 def train_student(args, teachers: Path, row: str, method: str, fraction: float, seed: int,
                   extra: list[str]) -> dict:
     """One ``kdray train`` run, read back from ``result.json`` when it finished before."""
     name = f"f{fraction}-{row}-s{seed}"
     out = Path(args.workdir) / "runs" / name
     cached = out / "result.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    if out.exists():
-        shutil.rmtree(out)  # an interrupted run: start it again
     cmd = kdray_exe() + ["train", "--method", method, "--student", args.student, "--teachers", str(teachers)] \
         + data_args(args) + [
             "--train-fraction", str(fraction), "--epochs", str(args.epochs), "--seed", str(seed),
             "--device", args.device, "--teacher-store", "auto", "--json", "--no-track", "--out", str(out),
         ] + extra + args.extra
+    if cached.is_file():
+        res = json.loads(cached.read_text())
+        check_same_run(cached, kdray_args(res["command"]), kdray_args(cmd))
+        return res
+    if out.exists():
+        shutil.rmtree(out)  # an interrupted run: start it again
     log(f"{name}: kdray train --method {method} {' '.join(extra)}")
     t0 = time.time()
     res = run_json(cmd, Path(args.workdir) / "logs" / f"{name}.log")
@@ -335,7 +356,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-batch-size", type=int, default=128)
     p.add_argument("--teacher-lr", type=float, default=0.1)
     p.add_argument("--student", default="resnet8")
-    p.add_argument("--epochs", type=int, default=30, help="student epochs, the same for every method")
+    p.add_argument("--epochs", type=int, default=20,
+                   help="student epochs, the same for every method (20: the 10 %% table fits a session on 2 cores)")
     p.add_argument("--fractions", default="0.1,0.25", help="train fractions of the students")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ekd-branches", default="1,2,4", help="B values searched for EKD besides B = K")

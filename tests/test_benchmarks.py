@@ -75,3 +75,12 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["fractions"][0]["rows"] == fr["rows"]
     assert " kdray train " not in again.stderr and "reusing" in again.stderr
+    # finished work is read back only under the settings it was made with
+    runs = sorted(p.name for p in (tmp_path / "w" / "runs").iterdir())
+    other = subprocess.run([*cmd[:cmd.index("--epochs")], "--epochs", "2", *cmd[cmd.index("--epochs") + 2:]],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert other.returncode != 0 and "was made with other settings (1 -> 2)" in other.stderr, other.stderr[-2000:]
+    teachers = subprocess.run([*cmd, "--teacher-epochs", "2"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert teachers.returncode != 0 and "holds teachers (arch, epochs) [('resnet8', 1), ('resnet14', 1)]" in \
+        teachers.stderr, teachers.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "w" / "runs").iterdir()) == runs  # nothing removed
