@@ -61,7 +61,15 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     table = json.loads(first.stdout)
     (fr,) = table["fractions"]
     rows = {r["row"] for r in fr["rows"]}
-    assert {"ce", "avg_kd", "ekd-B2", "feed", "ekd-tuned"} <= rows
+    assert {"ce", "avg_kd", "ekd-B2", "feed"} <= rows and sum(r.startswith("ekd-tuned-") for r in rows) == 1
+    by_name = {r["row"]: r for r in fr["rows"]}
+    assert len(by_name["ekd-B2"]["best_branch"]) == 2 and "best_branch" not in by_name["ce"]  # one per seed
+    v = fr["verdict"]
+    assert v["strongest_baseline"] in rows and not v["strongest_baseline"].startswith(("ekd", "feed"))
+    assert {c["row"] for c in v["methods"]} == {r for r in rows if r.startswith(("ekd", "feed"))}
+    tuned_vs_default = v["tuned_vs_default"]
+    assert tuned_vs_default["against"] == "ekd-B2" and tuned_vs_default["row"].startswith("ekd-tuned-")
+    assert tuned_vs_default["gap"] == pytest.approx(by_name[tuned_vs_default["row"]]["mean"] - by_name["ekd-B2"]["mean"])
     assert sum(r.startswith("kd-t") for r in rows) == 2 and any(r.startswith("kd, best teacher") for r in rows)
     assert fr["ekd_best_branches"] in (1, 2) and set(fr["tuned"]["best_config"]) >= {"temperature", "branches"}
     assert all(len(r["per_seed"]) == 2 for r in fr["rows"])
@@ -71,9 +79,10 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     assert set(d["pairwise_disagreement"]) == {"0-1"} and 0 <= d["pairwise_disagreement"]["0-1"] <= 1
     assert max(d["test_acc"]) <= d["oracle_test_acc"] and min(d["test_acc"]) >= d["oracle_test_acc"] - \
         d["pairwise_disagreement"]["0-1"] - 1e-9
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    again = subprocess.run([c for c in cmd if c != "--json"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout)["fractions"][0]["rows"] == fr["rows"]
+    assert json.loads((tmp_path / "w" / "table.json").read_text())["fractions"][0]["rows"] == fr["rows"]
+    assert "| ce | " in again.stdout and "| method | against | gap pts |" in again.stdout  # the markdown table
     assert " kdray train " not in again.stderr and "reusing" in again.stderr
     # finished work is read back only under the settings it was made with
     runs = sorted(p.name for p in (tmp_path / "w" / "runs").iterdir())
