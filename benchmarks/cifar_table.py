@@ -385,6 +385,34 @@ def print_table(args, manifest: dict, summary: dict) -> None:
     print(f"wall time of this invocation {summary['wall_s']:.0f}s; results in {Path(args.workdir) / 'table.json'}")
 
 
+def finished_runs(workdir: Path, fraction: float) -> dict[str, dict[int, dict]]:
+    """Every student run of ``fraction`` that finished so far: row -> seed -> result."""
+    found: dict[str, dict[int, dict]] = {}
+    prefix = f"f{fraction}-"
+    for res in sorted((workdir / "runs").glob(f"{prefix}*-s*/result.json")):
+        row, _, seed = res.parent.name[len(prefix):].rpartition("-s")
+        found.setdefault(row, {})[int(seed)] = json.loads(res.read_text())
+    return found
+
+
+def print_progress(args, fractions: list[float]) -> None:
+    """``--report``: the table so far, rows with fewer seeds included (their count shown)."""
+    work = Path(args.workdir)
+    print(f"Progress of {work} (students {args.student}, {args.epochs} epochs); test acc %, mean ± sample std:\n")
+    for fraction in fractions:
+        runs = finished_runs(work, fraction)
+        print(f"**{int(fraction * 100)} % of the training split**: {sum(map(len, runs.values()))} runs finished\n")
+        print("| row | seeds | test acc % | per seed | val acc % | EKD single branch chosen by val, test acc % |")
+        print("|---|---|---|---|---|---|")
+        for name, per in runs.items():
+            r = summarise(name, per)
+            std = f" ± {pct(r['std'])}" if len(per) > 1 else ""
+            branch = f"{pct(r['best_branch_mean'])} (branches {r['best_branch']})" if "best_branch_mean" in r else ""
+            print(f"| {name} | {','.join(r['per_seed'])} | {pct(r['mean'])}{std} | "
+                  f"{', '.join(pct(v) for v in r['per_seed'].values())} | {pct(r['val_mean'])} | {branch} |")
+        print()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/kdray-cifar-table", help="teachers, stores, runs, logs, results")
@@ -409,6 +437,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra", action="append", default=[],
                    help="extra argument for every `kdray train` call (repeatable: --extra=--lr --extra=0.1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of markdown")
+    p.add_argument("--report", action="store_true",
+                   help="print the runs finished so far (any number of seeds) and train nothing")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.ekd_branches = [int(b) for b in args.ekd_branches.split(",") if b.strip()]
@@ -419,9 +449,14 @@ def main(argv=None) -> int:
     if args.tune_samples and args.extra:
         p.error("--extra applies to the table's runs only, not to the tuned sweep's trials: "
                 "use it with --tune-samples 0")
+    # kdray's own working files (the runs' library logs) stay in this workdir, not in the cwd
+    ENV.setdefault("KDRAY_WORKDIR", str(Path(args.workdir).resolve() / "kdray-work"))
     if args.threads > 0:  # the environment every kdray subprocess is started with
         ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     work = Path(args.workdir)
+    if args.report:
+        print_progress(args, fractions)
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     if args.data_dir is None:
         args.data_dir = cifar10_jpeg_dir(Path("~/.cache/kdray").expanduser())

@@ -93,3 +93,6 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     assert teachers.returncode != 0 and "holds teachers (arch, epochs) [('resnet8', 1), ('resnet14', 1)]" in \
         teachers.stderr, teachers.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "w" / "runs").iterdir()) == runs  # nothing removed
+    report = subprocess.run([*cmd, "--report"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 0 and f"{len(runs)} runs finished" in report.stdout, report.stderr[-2000:]
+    assert f"| ce | 0,1 | {by_name['ce']['mean'] * 100:.2f} ± " in report.stdout  # the same figures as the table
