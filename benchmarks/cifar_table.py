@@ -342,6 +342,15 @@ def verdict(rows: list[dict], K: int) -> dict:
     return out
 
 
+def row_cells(r: dict) -> list[str]:
+    """A summarised row's test acc (± its spread from 2 seeds on), per-seed values, val acc and
+    EKD's single branch chosen by val."""
+    spread = lambda m, s: pct(m) + (f" ± {pct(s)}" if len(r["per_seed"]) > 1 else "")  # noqa: E731
+    branch = (f"{spread(r['best_branch_mean'], r['best_branch_std'])} (branches {r['best_branch']})"
+              if "best_branch_mean" in r else "")
+    return [spread(r["mean"], r["std"]), ", ".join(pct(v) for v in r["per_seed"].values()), pct(r["val_mean"]), branch]
+
+
 def print_comparison(c: dict) -> None:
     print(f"| {c['row']} | {c['against']} | {pct(c['gap'])} | {pct(c['seed_spread'])} | {pct(c['gap_se'])} "
           f"| {'yes' if c['beats_by_more_than_spread'] else 'no'} |")
@@ -366,10 +375,7 @@ def print_table(args, manifest: dict, summary: dict) -> None:
         print("| row | test acc % | per seed | val acc % | EKD single branch chosen by val, test acc % |")
         print("|---|---|---|---|---|")
         for r in fr["rows"]:
-            branch = (f"{pct(r['best_branch_mean'])} ± {pct(r['best_branch_std'])} (branches {r['best_branch']})"
-                      if "best_branch_mean" in r else "")
-            per = ", ".join(pct(v) for v in r["per_seed"].values())
-            print(f"| {r['row']} | {pct(r['mean'])} ± {pct(r['std'])} | {per} | {pct(r['val_mean'])} | {branch} |")
+            print("| " + " | ".join([r["row"], *row_cells(r)]) + " |")
         if fr.get("tuned"):
             t = fr["tuned"]
             print(f"\n{t['row']}: the best of a {args.tune_samples}-trial sweep (val acc {t['sweep_best_val_acc']:.4f}): "
@@ -406,10 +412,7 @@ def print_progress(args, fractions: list[float]) -> None:
         print("|---|---|---|---|---|---|")
         for name, per in runs.items():
             r = summarise(name, per)
-            std = f" ± {pct(r['std'])}" if len(per) > 1 else ""
-            branch = f"{pct(r['best_branch_mean'])} (branches {r['best_branch']})" if "best_branch_mean" in r else ""
-            print(f"| {name} | {','.join(r['per_seed'])} | {pct(r['mean'])}{std} | "
-                  f"{', '.join(pct(v) for v in r['per_seed'].values())} | {pct(r['val_mean'])} | {branch} |")
+            print("| " + " | ".join([name, ",".join(r["per_seed"]), *row_cells(r)]) + " |")
         print()
 
 
