@@ -187,13 +187,19 @@ def train_student(args, teachers: Path, row: str, method: str, fraction: float, 
     return res
 
 
+def ekd_flags(branches: int) -> list[str]:
+    """EKD's flags with the branch-loss form spelled out: runs of the spec's averaged form
+    (before 2026-11-30) lack it, so the resume guard refuses to read them back as today's EKD."""
+    return ["--branches", str(branches), "--set=mean_branch_losses=false"]
+
+
 def rows_for(args, tdir: Path, manifest: dict) -> list[tuple[str, str, Path, list[str]]]:
     """(row name, method, teacher set, extra flags) of every fixed row of the table."""
     K = len(manifest["teachers"])
     rows = [("ce", "ce", tdir, [])]
     for k, t in enumerate(manifest["teachers"]):
         rows.append((f"kd-t{k}-{t['arch']}", "kd", single_teacher_set(tdir, manifest, k), []))
-    rows += [("avg_kd", "avg_kd", tdir, []), (f"ekd-B{K}", "ekd", tdir, ["--branches", str(K)]),
+    rows += [("avg_kd", "avg_kd", tdir, []), (f"ekd-B{K}", "ekd", tdir, ekd_flags(K)),
              ("feed", "feed", tdir, [])]
     return rows
 
@@ -204,7 +210,7 @@ def search_branches(args, tdir: Path, fraction: float, K: int, results: dict) ->
     val = {K: results[f"ekd-B{K}"][seed0]["val_acc"]}
     for B in args.ekd_branches:
         if B != K:
-            r = train_student(args, tdir, f"ekd-B{B}", "ekd", fraction, seed0, ["--branches", str(B)])
+            r = train_student(args, tdir, f"ekd-B{B}", "ekd", fraction, seed0, ekd_flags(B))
             results.setdefault(f"ekd-B{B}", {})[seed0] = r
             val[B] = r["val_acc"]
     best = max(sorted(val), key=lambda b: val[b])
@@ -223,7 +229,7 @@ def run_fraction(args, tdir: Path, manifest: dict, fraction: float) -> dict:
         if i == 0:
             best_b = search_branches(args, tdir, fraction, K, results)
         if best_b != K:
-            r = train_student(args, tdir, f"ekd-B{best_b}", "ekd", fraction, seed, ["--branches", str(best_b)])
+            r = train_student(args, tdir, f"ekd-B{best_b}", "ekd", fraction, seed, ekd_flags(best_b))
             results.setdefault(f"ekd-B{best_b}", {})[seed] = r
     return {"results": results, "ekd_best_branches": best_b}
 
@@ -248,7 +254,7 @@ def tune_space(args, tdir: Path, fraction: float, K: int) -> Path:
         "name": f"cifar-ekd-f{fraction}", "metric": "val_acc", "mode": "max", "samples": args.tune_samples,
         "base": {"dataset": "imagefolder", "data_dir": str(args.data_dir), "train_fraction": fraction,
                  "method": "ekd", "student": args.student, "epochs": args.epochs, "teachers": str(tdir),
-                 "seed": args.seeds[0], "device": args.device},
+                 "seed": args.seeds[0], "device": args.device, "mean_branch_losses": False},
         "params": {**TUNED_PARAMS, "branches": {"type": "int", "low": 1, "high": max(K, 4)}},
         "scheduler": {"grace_period": max(1, args.epochs // 4), "reduction_factor": 2},
         "seed": 0,

@@ -19,6 +19,7 @@ from kdray.distill.ce import CE
 from kdray.distill.ekd import EKD
 from kdray.distill.feed import FEED
 from kdray.distill.kd import KD
+from kdray.distill.losses import kd_kl, soften
 from kdray.distill.sfeed import SFEED
 from kdray.errors import KdrayError
 
@@ -233,12 +234,12 @@ def test_ekd_pairing_b_mod_k():
     logits, terms = m(y, {"branch_logits": zb, "logits": zb.mean(0), "feats": []}, {"logits": t, "feats": []})
     assert terms["kd"].item() == pytest.approx(0.0, abs=1e-6)
     T = 4.0
-    wrong = sum(py_kd(zb[b], py_soft_rows(t[k], T), T) for b, k in enumerate([0, 0, 0])) / 3
+    wrong = sum(py_kd(zb[b], py_soft_rows(t[k], T), T) for b, k in enumerate([0, 0, 0]))
     assert wrong > 1e-2
     # and with other logits the value follows the same pairing
     zb2 = torch.stack([t[1], t[0], t[1]])
     _, terms2 = m(y, {"branch_logits": zb2, "feats": []}, {"logits": t, "feats": []})
-    want = sum(py_kd(zb2[b], py_soft_rows(t[k], T), T) for b, k in enumerate([0, 1, 0])) / 3
+    want = sum(py_kd(zb2[b], py_soft_rows(t[k], T), T) for b, k in enumerate([0, 1, 0]))
     assert terms2["kd"].item() == pytest.approx(want, rel=1e-5)
 
 
@@ -270,17 +271,17 @@ def test_ekd_golden_fewer_branches_than_teachers():
     r3 = math.sqrt(3.0)
     p1 = [r3 / (r3 + 1), 1 / (r3 + 1)]
     kl1 = sum(p * math.log(p / 0.5) for p in p1)
-    assert terms["kd"].item() == pytest.approx((0.0 + kl1) / 2, rel=1e-5)
+    assert terms["kd"].item() == pytest.approx(0.0 + kl1, rel=1e-5)
     # the old pairing (branch b <- teacher b) would have given branch 0 KL(s([0, ln3]) || q) > 0
     old0 = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
-    assert abs(terms["kd"].item() - (old0 + kl1) / 2) > 0.05
+    assert abs(terms["kd"].item() - (old0 + kl1)) > 0.05
     # p_b is a mean of probabilities, not the softmax of mean logits: they coincide above, so take
     # teachers 0 and 2 where they differ
     t2 = torch.tensor([[[0.0, 2.0]], [[0.0, 0.0]], [[1.0, 0.0]]])
     _, terms2 = m(y, {"branch_logits": zb, "feats": []}, {"logits": t2, "feats": []})
     soft = [py_softmax([0.0, 2.0]), py_softmax([1.0, 0.0])]
     p0 = [(soft[0][c] + soft[1][c]) / 2 for c in range(2)]
-    want = (py_kl(p0, [0.5, 0.5]) + 0.0) / 2
+    want = py_kl(p0, [0.5, 0.5]) + 0.0
     p0_logits = py_softmax([0.5, 1.0])
     assert abs(py_kl(p0_logits, [0.5, 0.5]) - py_kl(p0, [0.5, 0.5])) > 1e-3
     assert terms2["kd"].item() == pytest.approx(want, rel=1e-5)
@@ -292,12 +293,12 @@ def test_ekd_branch_alpha_per_branch():
     m = EKD(cfg_for(branch_alpha=alphas, temperature=T), student_ns(3), TeacherInfo(2, (5, 7)))
     _, terms = m(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
     kls = [py_kd(zb[b], py_soft_rows(t[b % 2], T), T) for b in range(3)]
-    want = sum(a * k for a, k in zip(alphas, kls)) / 3
-    swapped = sum(a * k for a, k in zip(alphas[::-1], kls)) / 3
+    want = sum(a * k for a, k in zip(alphas, kls))
+    swapped = sum(a * k for a, k in zip(alphas[::-1], kls))
     assert abs(want - swapped) > 1e-2
     assert terms["kd"].item() == pytest.approx(want, rel=1e-5)
-    # CE of every branch, averaged; unscaled by alpha (L_b = CE + a KL)
-    assert terms["ce"].item() == pytest.approx(sum(py_ce(zb[b], y) for b in range(3)) / 3, rel=1e-5)
+    # CE of every branch, summed; unscaled by alpha (L_b = CE + a KL)
+    assert terms["ce"].item() == pytest.approx(sum(py_ce(zb[b], y) for b in range(3)), rel=1e-5)
     m0 = EKD(cfg_for(branch_alpha=[0, 0, 0]), student_ns(3), TeacherInfo(2, (5, 7)))
     _, terms0 = m0(y, {"branch_logits": zb, "feats": []}, {"logits": t, "feats": []})
     assert "kd" not in terms0
@@ -379,9 +380,10 @@ def ref_feat_losses(m, s_feats, t_feats, sets):
     return out
 
 
-def make_ekd_full(g=0.5, a=0.7, T=3.0, d=0.8, e=0.3):
+def make_ekd_full(g=0.5, a=0.7, T=3.0, d=0.8, e=0.3, mean_branch_losses=False):
     torch.manual_seed(0)
-    m = EKD(cfg_for(feat_weight=g, alpha=a, temperature=T, ens_ce_weight=d, ens_kd_weight=e),
+    m = EKD(cfg_for(feat_weight=g, alpha=a, temperature=T, ens_ce_weight=d, ens_kd_weight=e,
+                    mean_branch_losses=mean_branch_losses),
             student_ns(3, feat_channels=4), TeacherInfo(2, (5, 7)))
     with torch.no_grad():  # non-trivial BN affine parameters
         for ads in m.adapters:
@@ -398,7 +400,7 @@ def test_ekd_feat_term_value():
     g = 0.5
     m = make_ekd_full(g=g)
     _, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
-    want = g * sum(ref_feat_losses(m, s_feats, t_feats, [[0], [1], [0]])) / 3
+    want = g * sum(ref_feat_losses(m, s_feats, t_feats, [[0], [1], [0]]))
     assert terms["feat"].item() == pytest.approx(want, rel=1e-4)
 
 
@@ -412,8 +414,13 @@ def test_ekd_total_matches_independent_formula():
     L = [py_ce(zb[b], y) + a * py_kd(zb[b], py_soft_rows(t[b % 2], T), T) + g * feats[b] for b in range(3)]
     z_ens = zb.mean(0)
     ens = d * py_ce(z_ens, y) + e * py_kd(z_ens, py_soft_rows(t.mean(0), T), T)
-    want = sum(L) / 3 + ens
+    want = sum(L) + ens
     assert sum(v.item() for v in terms.values()) == pytest.approx(want, rel=1e-4)
+    # mean_branch_losses: the 2026-11-29 spec's (1/B) sum_b L_b + the same ensemble loss
+    m_mean = make_ekd_full(g=g, a=a, T=T, d=d, e=e, mean_branch_losses=True)
+    _, terms_mean = m_mean(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
+    assert sum(v.item() for v in terms_mean.values()) == pytest.approx(sum(L) / 3 + ens, rel=1e-4)
+    assert abs(sum(L) / 3 - sum(L)) > 1.0
 
 
 def test_ekd_feat_term_several_teachers_per_branch():
@@ -432,7 +439,7 @@ def test_ekd_feat_term_several_teachers_per_branch():
     t_feats = [torch.randn(2, c, hw, hw, generator=gen) for c, hw in ((5, 2), (7, 8), (6, 4))]
     _, terms = m(y, {"branch_logits": zb, "feats": s_feats}, {"logits": t, "feats": t_feats})
     per_branch = ref_feat_losses(m, s_feats, t_feats, [[0, 2], [1]])
-    assert terms["feat"].item() == pytest.approx(g * sum(per_branch) / 2, rel=1e-4)
+    assert terms["feat"].item() == pytest.approx(g * sum(per_branch), rel=1e-4)
     # per-sample sums, not element means: random maps are about orthogonal, so each term is near 2
     assert all(1.0 < v < 3.0 for v in per_branch)
 
@@ -449,6 +456,23 @@ def test_ekd_gradients_flow():
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in s_feats)
     for p in m.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_ekd_branch_gets_a_lone_students_gradient():
+    # With the ensemble terms off, branch b's logits get exactly the gradient of a single student
+    # trained on L_b (kd with b's teacher); the spec's averaged form gave it 1/B of that.
+    y, zb, t, _, _ = ekd_data()
+    a, T = 0.7, 3.0
+    for mean, scale in ((False, 1.0), (True, 1 / 3)):
+        m = EKD(cfg_for(alpha=a, temperature=T, ens_ce_weight=0.0, mean_branch_losses=mean),
+                student_ns(3), TeacherInfo(2, (5, 7)))
+        z = zb.clone().requires_grad_(True)
+        _, terms = m(y, {"branch_logits": z, "feats": []}, {"logits": t, "feats": []})
+        sum(terms.values()).backward()
+        for b in range(3):
+            lone = zb[b].clone().requires_grad_(True)
+            (F.cross_entropy(lone, y) + a * kd_kl(lone, soften(t[b % 2], T), T)).backward()
+            assert torch.allclose(z.grad[b], scale * lone.grad, atol=1e-6), (mean, b)
 
 
 # --- feed / sfeed ----------------------------------------------------------------------------
