@@ -159,6 +159,16 @@ def check_same_run(cached: Path, was: list[str], now: list[str]) -> None:
                          "rerun with the settings it was made with, or use another --workdir")
 
 
+def fraction_epochs(args, fraction: float) -> int:
+    """Student epochs at ``fraction``. With ``--steps-of F`` (the default, 0.1), the epochs that give
+    the optimizer steps of ``--epochs`` at F: every fraction gets the same training compute, so a
+    larger fraction differs only in how many distinct images it sees. With ``--steps-of 0``,
+    ``--epochs`` at every fraction."""
+    if not args.steps_of:
+        return args.epochs
+    return max(1, round(args.epochs * args.steps_of / fraction))
+
+
 def train_student(args, teachers: Path, row: str, method: str, fraction: float, seed: int,
                   extra: list[str]) -> dict:
     """One ``kdray train`` run, read back from ``result.json`` when it finished before."""
@@ -167,7 +177,7 @@ def train_student(args, teachers: Path, row: str, method: str, fraction: float, 
     cached = out / "result.json"
     cmd = kdray_exe() + ["train", "--method", method, "--student", args.student, "--teachers", str(teachers)] \
         + data_args(args) + [
-            "--train-fraction", str(fraction), "--epochs", str(args.epochs), "--seed", str(seed),
+            "--train-fraction", str(fraction), "--epochs", str(fraction_epochs(args, fraction)), "--seed", str(seed),
             "--device", args.device, "--teacher-store", "auto", "--json", "--no-track", "--out", str(out),
         ] + extra + args.extra
     if cached.is_file():
@@ -253,10 +263,10 @@ def tune_space(args, tdir: Path, fraction: float, K: int) -> Path:
     space = {
         "name": f"cifar-ekd-f{fraction}", "metric": "val_acc", "mode": "max", "samples": args.tune_samples,
         "base": {"dataset": "imagefolder", "data_dir": str(args.data_dir), "train_fraction": fraction,
-                 "method": "ekd", "student": args.student, "epochs": args.epochs, "teachers": str(tdir),
+                 "method": "ekd", "student": args.student, "epochs": fraction_epochs(args, fraction), "teachers": str(tdir),
                  "seed": args.seeds[0], "device": args.device, "mean_branch_losses": False},
         "params": {**TUNED_PARAMS, "branches": {"type": "int", "low": 1, "high": max(K, 4)}},
-        "scheduler": {"grace_period": max(1, args.epochs // 4), "reduction_factor": 2},
+        "scheduler": {"grace_period": max(1, fraction_epochs(args, fraction) // 4), "reduction_factor": 2},
         "seed": 0,
     }
     path = Path(args.workdir) / "tune" / f"cifar-ekd-f{fraction}.yaml"
@@ -372,11 +382,11 @@ def print_table(args, manifest: dict, summary: dict) -> None:
           f"{pct(d['oracle_test_acc'])} %"
           + ("; pairwise disagreement " + ", ".join(f"{k} {pct(v)} %" for k, v in pairs.items()) if pairs else "")
           + ".")
-    print(f"Students: {args.student}, {args.epochs} epochs, kdray defaults otherwise"
+    print(f"Students: {args.student}, kdray defaults otherwise"
           + (f" plus {' '.join(args.extra)}" if args.extra else "")
           + f"; seeds {args.seeds}; test accuracy %, mean ± sample std.\n")
     for fr in summary["fractions"]:
-        print(f"**{int(fr['fraction'] * 100)} % of the training split** "
+        print(f"**{int(fr['fraction'] * 100)} % of the training split**, {fr['epochs']} epochs "
               f"(EKD's B searched on seed {args.seeds[0]} by val acc: B = {fr.get('ekd_best_branches')})\n")
         print("| row | test acc % | per seed | val acc % | EKD single branch chosen by val, test acc % |")
         print("|---|---|---|---|---|")
@@ -410,10 +420,11 @@ def finished_runs(workdir: Path, fraction: float) -> dict[str, dict[int, dict]]:
 def print_progress(args, fractions: list[float]) -> None:
     """``--report``: the table so far, rows with fewer seeds included (their count shown)."""
     work = Path(args.workdir)
-    print(f"Progress of {work} (students {args.student}, {args.epochs} epochs); test acc %, mean ± sample std:\n")
+    print(f"Progress of {work} (students {args.student}); test acc %, mean ± sample std:\n")
     for fraction in fractions:
         runs = finished_runs(work, fraction)
-        print(f"**{int(fraction * 100)} % of the training split**: {sum(map(len, runs.values()))} runs finished\n")
+        print(f"**{int(fraction * 100)} % of the training split**, {fraction_epochs(args, fraction)} epochs: "
+              f"{sum(map(len, runs.values()))} runs finished\n")
         print("| row | seeds | test acc % | per seed | val acc % | EKD single branch chosen by val, test acc % |")
         print("|---|---|---|---|---|---|")
         for name, per in runs.items():
@@ -433,7 +444,11 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-lr", type=float, default=0.1)
     p.add_argument("--student", default="resnet8")
     p.add_argument("--epochs", type=int, default=20,
-                   help="student epochs, the same for every method (20: the 10 %% table fits a session on 2 cores)")
+                   help="student epochs at the --steps-of fraction, the same for every method "
+                        "(20: the 10 %% table fits a session on 2 cores)")
+    p.add_argument("--steps-of", type=float, default=0.1, metavar="F",
+                   help="every fraction trains for the optimizer steps of --epochs at fraction F "
+                        "(25 %% gets 8 epochs when F is 0.1 and --epochs 20); 0: --epochs at every fraction")
     p.add_argument("--fractions", default="0.1,0.25", help="train fractions of the students")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ekd-branches", default="1,2,4", help="B values searched for EKD besides B = K")
@@ -455,6 +470,8 @@ def main(argv=None) -> int:
     fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
     if not args.seeds:
         p.error("--seeds: give at least one seed")
+    if not 0 <= args.steps_of <= 1:
+        p.error(f"--steps-of {args.steps_of:g}: allowed is a train fraction in (0, 1], or 0 for the same epochs everywhere")
     if args.tune_samples and args.extra:
         p.error("--extra applies to the table's runs only, not to the tuned sweep's trials: "
                 "use it with --tune-samples 0")
@@ -473,7 +490,8 @@ def main(argv=None) -> int:
 
     manifest = train_teachers(args, work / "teachers")
     diagnostics = teacher_diagnostics(args, work / "teachers")
-    summary = {"teacher_diagnostics": diagnostics, "dataset": "cifar10-jpeg", "student": args.student, "epochs": args.epochs, "seeds": args.seeds,
+    summary = {"teacher_diagnostics": diagnostics, "dataset": "cifar10-jpeg", "student": args.student, "epochs": args.epochs,
+               "steps_of": args.steps_of, "seeds": args.seeds,
                "extra": args.extra, "teacher_epochs": args.teacher_epochs,
                "teachers": [{k: t[k] for k in ("arch", "seed", "epochs", "val_acc", "test_acc")}
                             for t in manifest["teachers"]], "fractions": []}
@@ -484,7 +502,8 @@ def main(argv=None) -> int:
             fr["results"][tuned["row"]] = tuned["runs"]
             fr["tuned"] = {k: v for k, v in tuned.items() if k != "runs"}
         rows = table_rows(fr, args.seeds)
-        summary["fractions"].append({"fraction": fraction, "ekd_best_branches": fr["ekd_best_branches"],
+        summary["fractions"].append({"fraction": fraction, "epochs": fraction_epochs(args, fraction),
+                                     "ekd_best_branches": fr["ekd_best_branches"],
                                      "rows": rows, "verdict": verdict(rows, len(manifest["teachers"])), "tuned": fr.get("tuned")})
     summary["wall_s"] = round(time.time() - t_start, 1)
     (work / "table.json").write_text(json.dumps(summary, indent=1))
