@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     write_tree(tree / "test", per_class=4, seed=1)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "cifar_table.py"), "--workdir", str(tmp_path / "w"),
            "--data-dir", str(tree), "--teacher-arch", "resnet8,resnet14", "--teachers", "2", "--teacher-epochs", "1",
-           "--epochs", "1", "--fractions", "0.5", "--seeds", "0,1", "--ekd-branches", "1", "--tune-samples", "2",
+           "--epochs", "1", "--steps-of", "0.5", "--fractions", "0.5", "--seeds", "0,1", "--ekd-branches", "1", "--tune-samples", "2",
            "--tune-fractions", "0.5", "--tune-concurrency", "1",
            "--device", "cpu", "--json"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
@@ -96,3 +97,19 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     report = subprocess.run([*cmd, "--report"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert report.returncode == 0 and f"{len(runs)} runs finished" in report.stdout, report.stderr[-2000:]
     assert f"| ce | 0,1 | {by_name['ce']['mean'] * 100:.2f} ± " in report.stdout  # the same figures as the table
+
+
+def test_cifar_table_gives_every_fraction_the_same_optimizer_steps():
+    """--steps-of F: a fraction f trains for --epochs x F / f epochs (the steps of --epochs at F);
+    --steps-of 0 keeps --epochs everywhere; a fraction outside (0, 1] is refused in one line."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cifar_table
+
+    args = lambda **kw: SimpleNamespace(**{"epochs": 20, "steps_of": 0.1, **kw})  # noqa: E731
+    assert [cifar_table.fraction_epochs(args(), f) for f in (0.1, 0.25, 0.5, 1.0)] == [20, 8, 4, 2]
+    assert cifar_table.fraction_epochs(args(epochs=1), 0.5) == 1  # never below one epoch
+    assert [cifar_table.fraction_epochs(args(steps_of=0), f) for f in (0.1, 0.25)] == [20, 20]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cifar_table.py"), "--steps-of", "2", "--report"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "--steps-of 2: allowed is a train fraction in (0, 1], or 0 for the same epochs everywhere")
