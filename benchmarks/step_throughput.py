@@ -62,9 +62,8 @@ from torch import nn  # noqa: E402
 
 from kdray.config import from_dict  # noqa: E402
 from kdray.data import DATASETS, Split, load_data  # noqa: E402
-from kdray import engine  # noqa: E402
 from kdray.distill import METHODS, Generation, check_teacher_count, get_method  # noqa: E402
-from kdray.engine import make_optimizer, pick_device  # noqa: E402
+from kdray.engine import LiveTeacherOutputs, build_generation, make_optimizer, pick_device, prepare, train_epoch  # noqa: E402  # noqa: E402
 from kdray.errors import KdrayError  # noqa: E402
 from kdray.models import build_model, build_student  # noqa: E402
 from kdray.teachers import TeacherEnsemble  # noqa: E402
@@ -177,9 +176,9 @@ def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, pe
     from kdray.teacher_store import compute_rows, empty_store, view_batch
 
     data = dataclasses.replace(data, train=train)
-    prep = engine.prepare(cfg, data=data, teachers=TeacherEnsemble(teacher_models), device=device)
+    prep = prepare(cfg, data=data, teachers=TeacherEnsemble(teacher_models), device=device)
     feats = get_method(cfg.method).needs_teacher_feats(cfg)
-    source = engine.LiveTeacherOutputs(prep.teachers, prep.precision.autocast, feats)
+    source = LiveTeacherOutputs(prep.teachers, prep.precision.autocast, feats)
     views, loader = ViewSpec(data.crop_padding, data.hflip), prep.loaders.train
     codes = []
     for e in range(epochs):
@@ -202,9 +201,9 @@ class KdraySide:
 
     def __init__(self, cfg, data, train: Split, teacher_models, device, store=None):
         teachers = TeacherEnsemble(teacher_models) if teacher_models else None
-        self.prep = engine.prepare(cfg, data=dataclasses.replace(data, train=train), teachers=teachers,
+        self.prep = prepare(cfg, data=dataclasses.replace(data, train=train), teachers=teachers,
                                    device=device, store=store)
-        self.parts = engine.build_generation(cfg, self.prep, Generation(0))
+        self.parts = build_generation(cfg, self.prep, Generation(0))
         self.device = device
         self.use_amp = self.prep.precision.use_amp
         self.channels_last = self.prep.precision.channels_last
@@ -218,10 +217,10 @@ class KdraySide:
         loader.set_epoch(self.epoch)
         self.epoch += 1
         batches = loader.with_views()
-        engine.train_epoch(self.parts, itertools.islice(batches, warmup))
+        train_epoch(self.parts, itertools.islice(batches, warmup))
         sync(self.device)
         t0 = time.perf_counter()
-        totals = engine.train_epoch(self.parts, itertools.islice(batches, steps))
+        totals = train_epoch(self.parts, itertools.islice(batches, steps))
         sync(self.device)
         elapsed = time.perf_counter() - t0
         if totals.seen != steps * loader.batch_size:

@@ -8,7 +8,7 @@ The Python API (``kdray.api``; imported on first use, so ``import kdray`` stays 
     kdray.register_model(name)(builder)               # a custom architecture (kdray.models)
 """
 
-from ._version import __version__
+from kdray._version import __version__
 
 _API = ("train", "sweep", "load_student", "make_config", "StudentResult", "SweepResult")
 __all__ = ["__version__", *_API, "register_model"]
@@ -16,11 +16,11 @@ __all__ = ["__version__", *_API, "register_model"]
 
 def __getattr__(name: str):
     if name in _API:
-        from . import api
+        from kdray import api
 
         return getattr(api, name)
     if name == "register_model":
-        from .models import register_model
+        from kdray.models import register_model
 
         return register_model
     raise AttributeError(f"module 'kdray' has no attribute {name!r}")

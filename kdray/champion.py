@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import KdrayError
+from kdray.errors import KdrayError
 
 ALIAS = "champion"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}$")
@@ -93,7 +93,7 @@ def raw_input_of(record: dict) -> RawInput:
 
 def champion_module(record: dict) -> tuple[RawImages, RawInput]:
     """The whole student (EKD: the ensemble, as its accuracy was logged) behind its preprocessing."""
-    from .export import deploy_module
+    from kdray.export import deploy_module
 
     raw = raw_input_of(record)
     return RawImages(deploy_module(record, branch="all"), raw, int(record["image_size"])).eval(), raw
@@ -175,11 +175,11 @@ def log_champion_model(uri: str, run, module: nn.Module, example, name: str, fac
     import mlflow
     from mlflow.models import infer_signature
 
-    from . import tracking as tr
+    from kdray.tracking import client
 
     with torch.no_grad():
         signature = infer_signature(example, module(torch.from_numpy(example)).numpy())
-    c = tr.client(uri)
+    c = client(uri)
     model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run.info.run_id,
                                   params=dict(run.data.params), tags=facts, model_type="kdray-champion")
     with _global_tracking_uri(uri):
@@ -194,9 +194,9 @@ def register_version(uri: str, model, run, name: str, facts: dict, description: 
     """A new version of registered model ``name`` from ``model``, the alias pointing at it."""
     from mlflow.exceptions import MlflowException
 
-    from . import tracking as tr
+    from kdray.tracking import client
 
-    c = tr.client(uri)
+    c = client(uri)
     try:
         c.create_registered_model(name, description="kdray students; the alias `champion` is the current best.")
     except MlflowException as exc:
@@ -216,14 +216,14 @@ def register_champion(uri: str, run_id: str, model_name: str, log: Callable[[str
     raw images (:data:`RAW_INPUTS`) with its preprocessing inside, a description and tags. The
     run is read, not written."""
     check_model_name(model_name)
-    from . import tracking as tr
-    from .checkpoint import safe_load
+    from kdray.checkpoint import safe_load
+    from kdray.tracking import download_student, get_run
 
-    run = tr.get_run(uri, run_id)
-    record = safe_load(tr.download_student(uri, run_id), "student")
+    run = get_run(uri, run_id)
+    record = safe_load(download_student(uri, run_id), "student")
     module, raw = champion_module(record)
     parent_id = run.data.tags.get("mlflow.parentRunId")
-    parent: Optional[object] = tr.get_run(uri, parent_id) if parent_id else None
+    parent: Optional[object] = get_run(uri, parent_id) if parent_id else None
     facts = version_facts(run, record, raw, parent)
     model = log_champion_model(uri, run, module, input_example(raw, int(record["image_size"])), model_name, facts)
     version = register_version(uri, model, run, model_name, facts, version_description(facts, record))

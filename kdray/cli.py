@@ -9,17 +9,17 @@ import os
 import sys
 from pathlib import Path
 
-from .api import check_readable_store
-from .errors import KdrayError
-from .guards import Interrupted, stop_signals_interrupt
-from .outcome import disk_full_line
-from .values import mask_credentials
+from kdray.api import check_readable_store
+from kdray.errors import KdrayError
+from kdray.guards import Interrupted, stop_signals_interrupt
+from kdray.outcome import disk_full_line
+from kdray.values import mask_credentials
 
 DEFAULT_WORKDIR = "kdray-work"
 
 
 def workdir(args) -> Path:
-    from .api import resolve_workdir
+    from kdray.api import resolve_workdir
 
     return resolve_workdir(getattr(args, "workdir", None))
 
@@ -83,13 +83,13 @@ RUN_KEYS = ("method", "student", "teachers", "workers")
 
 def method_keys() -> tuple:
     """The run keys plus every hyperparameter the registered methods declare (each has a flag)."""
-    from .distill import HPARAMS
+    from kdray.distill import HPARAMS
 
     return RUN_KEYS + tuple(HPARAMS)
 
 
 def build_config(args, keys, extra=None):
-    from .config import load_config
+    from kdray.config import load_config
 
     overrides = collect(args, keys)
     overrides.update(parse_set(getattr(args, "set", None)))
@@ -98,7 +98,7 @@ def build_config(args, keys, extra=None):
 
 
 def cmd_train(args) -> int:
-    from .api import train
+    from kdray.api import train
 
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys())
     with stop_signals_interrupt():
@@ -126,39 +126,39 @@ def cmd_train(args) -> int:
 
 
 def tracking_uri(args) -> str:
-    from .tracking import resolve_uri
+    from kdray.tracking import resolve_uri
 
     return resolve_uri(getattr(args, "tracking_uri", None), workdir(args))
 
 
 def tracking_from_args(args, experiment_default: str = "kdray"):
     """None with --no-track; else the checked store, experiment and workdir for MLflow."""
-    from .api import tracking_settings
+    from kdray.api import tracking_settings
 
     return tracking_settings(not getattr(args, "no_track", False), getattr(args, "tracking_uri", None),
                              getattr(args, "experiment", None) or experiment_default, workdir(args))
 
 
 def cmd_best(args) -> int:
-    from . import tracking as tr
+    from kdray.tracking import STATE_TAG, best_runs
 
     uri = tracking_uri(args)
     check_readable_store(uri)
     if args.top < 1:
         raise KdrayError(f"--top {args.top} is out of range; allowed: >= 1")
-    runs, metric, mode = tr.best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
+    runs, metric, mode = best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
                                       max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=args.top)
     rows = []
     for r in runs:
         m, t = r.data.metrics, r.data.tags
         rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "method": t.get("kdray.method"),
-                     "state": t.get(tr.STATE_TAG), metric: m.get(metric), "test_acc": m.get("test_acc"),
+                     "state": t.get(STATE_TAG), metric: m.get(metric), "test_acc": m.get("test_acc"),
                      "test_acc_best_branch": m.get("test_acc_best_branch"), "params": m.get("params"),
                      "latency_ms": m.get("latency_ms"), "parent_run_id": t.get("mlflow.parentRunId")})
     out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows,
            "tracking_uri": mask_credentials(uri)}
     if args.register:
-        from .champion import register_champion
+        from kdray.champion import register_champion
 
         out["registered"] = register_champion(uri, rows[0]["run_id"], args.register, log=log)
     if args.json:
@@ -180,8 +180,8 @@ def cmd_best(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .checkpoint import safe_load
-    from .export import export_student
+    from kdray.checkpoint import safe_load
+    from kdray.export import export_student
 
     if bool(args.run) == bool(args.student):
         raise KdrayError("give exactly one of --run RUN_ID (an MLflow run) or --student PATH (a student.pt)")
@@ -192,11 +192,11 @@ def cmd_export(args) -> int:
         except ValueError:
             raise KdrayError(f"--branch {args.branch!r} is not allowed; allowed: best, all or a branch number") from None
     if args.run:
-        from . import tracking as tr
+        from kdray.tracking import download_student
 
         uri = tracking_uri(args)
         check_readable_store(uri)
-        path = tr.download_student(uri, args.run)
+        path = download_student(uri, args.run)
     else:
         path = Path(args.student)
         if not path.is_file():
@@ -223,7 +223,7 @@ def teacher_origin(t: dict) -> str:
 
 def cmd_teachers_train(args) -> int:
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS)
-    from .teacher_training import train_teachers
+    from kdray.teacher_training import train_teachers
 
     out = Path(args.out) if args.out else workdir(args) / "teachers" / cfg.dataset
     tracking = tracking_from_args(args, "kdray-teachers")
@@ -238,8 +238,8 @@ def cmd_teachers_train(args) -> int:
 
 
 def cmd_teachers_show(args) -> int:
-    from .teacher_store import STORES, list_stores
-    from .teachers import load_teachers, read_manifest
+    from kdray.teacher_store import STORES, list_stores
+    from kdray.teachers import load_teachers, read_manifest
 
     manifest = read_manifest(args.dir)
     load_teachers(args.dir)  # verifies every checksum and state dict
@@ -259,7 +259,7 @@ def cmd_teachers_show(args) -> int:
 
 def cmd_teachers_import(args) -> int:
     cfg = build_config(args, DATA_KEYS + ("device",))
-    from .teacher_import import import_teachers
+    from kdray.teacher_import import import_teachers
 
     manifest = import_teachers(args.files, out=args.out, cfg=cfg, archs=args.arch, layout=args.layout,
                                weights=args.weights or (), log=log)
@@ -283,12 +283,12 @@ def store_line(m: dict) -> str:
 
 
 def cmd_teachers_store(args) -> int:
-    from .engine import open_teacher_store
-    from .teacher_store import list_stores
+    from kdray.engine import open_teacher_store
+    from kdray.teacher_store import list_stores
 
     if args.space:
-        from .space import load_space
-        from .tune import sweep_store_needs
+        from kdray.space import load_space
+        from kdray.tune import sweep_store_needs
 
         space = load_space(args.space)
         space.base = space.base.replace(teachers=str(args.dir))
@@ -318,7 +318,7 @@ def cmd_teachers_store(args) -> int:
 
 def list_shipped(args, files: dict, width: int, hint: str) -> int:
     """Print shipped files (name -> path) with their one-line descriptions, or them as JSON."""
-    from .shipped import description
+    from kdray.shipped import description
 
     rows = [{"name": n, "path": str(p), "description": description(p)} for n, p in files.items()]
     if getattr(args, "json", False):
@@ -331,7 +331,7 @@ def list_shipped(args, files: dict, width: int, hint: str) -> int:
 
 
 def cmd_spaces(args) -> int:
-    from .shipped import copy_out, resolve_space, shipped_spaces
+    from kdray.shipped import copy_out, resolve_space, shipped_spaces
 
     action = args.spaces_command or "list"
     if action == "show":
@@ -346,7 +346,7 @@ def cmd_spaces(args) -> int:
 
 
 def cmd_clusters(args) -> int:
-    from .shipped import copy_out, shipped_cluster_files
+    from kdray.shipped import copy_out, shipped_cluster_files
 
     files = shipped_cluster_files()
     if args.clusters_command == "copy":
@@ -359,7 +359,7 @@ def cmd_clusters(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .api import sweep
+    from kdray.api import sweep
 
     result = sweep(args.space, samples=args.samples, concurrency=args.concurrency, workers=args.workers,
                    gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
@@ -417,7 +417,7 @@ def _all_failed(result: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+    from kdray._version import __version__
 
     p = argparse.ArgumentParser(
         prog="kdray",
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     # train ----------------------------------------------------------------------------------
     t = sub.add_parser("train", help="distil one student (one run)", description="Train one student with a distillation method; one progress line per epoch, a summary at the end.")
     m = t.add_argument_group("method")
-    from .distill import METHODS
+    from kdray.distill import METHODS
 
     m.add_argument("--method", help=f"{', '.join(sorted(METHODS))} (default ekd)")
     m.add_argument("--student", help="student architecture, e.g. resnet8 (default), resnet8x4, wrn_16_2, mobilenet_v3_small")
@@ -634,7 +634,7 @@ def accept_global_options_anywhere(parser: argparse.ArgumentParser) -> None:
 def add_hparam_args(group) -> None:
     """One flag per hyperparameter the registered methods declare (``--feat-weight``, ...):
     its type, help and default come from the declaration (kdray/distill/hparams.py)."""
-    from .distill import HPARAMS, METHODS
+    from kdray.distill import HPARAMS, METHODS
 
     for name, p in sorted(HPARAMS.items()):
         users = ", ".join(m for m, cls in sorted(METHODS.items()) if p in cls.hparams)

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
-from .distill import HPARAMS, RESERVED_NAMES
-from .errors import KdrayError
-from .values import coerce_value
+from kdray.distill import HPARAMS, RESERVED_NAMES
+from kdray.errors import KdrayError
+from kdray.values import coerce_value
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -212,7 +212,7 @@ def tracked_config(cfg) -> dict:
     hyperparameters (not those of every registered method: FEED's ``feed_weight`` is no EKD
     run's), a per-branch list as one value per branch (``branch_alpha_0``, ...: the names a
     sweep's Optuna trials use) and left out when unset."""
-    from .distill import get_method
+    from kdray.distill import get_method
 
     own = {p.name for p in get_method(cfg.method).hparams}
     out = {}

@@ -40,8 +40,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import STUDENT_FORMAT, safe_load, sha256_file
-from .errors import KdrayError
+from kdray.checkpoint import STUDENT_FORMAT, safe_load, sha256_file
+from kdray.errors import KdrayError
 
 EXPORT_FORMAT = "kdray-export/1"
 _RECORD_KEYS = ("arch", "num_classes", "multi_branch", "branches", "split_stage", "classes", "mean", "std",
@@ -163,8 +163,8 @@ def deploy_module(record: dict, branch: Branch = "all") -> nn.Module:
     Built from the student weights only: ``rebuild_student`` loads ``record["state_dict"]``
     strictly, so a record carrying anything else (say FEED translators) is refused.
     """
-    from .student_file import rebuild_student
-    from .models import export_module
+    from kdray.models import export_module
+    from kdray.student_file import rebuild_student
 
     check_record(record)
     b = resolve_branch(record, branch)
@@ -208,8 +208,8 @@ def load_test_split(record: dict):
     The test split is fixed by the data code (its own split seed), so it is the split the run
     was tested on. A KdrayError with the reason when the data cannot be loaded or no longer fits.
     """
-    from .config import from_dict
-    from .data import load_data
+    from kdray.config import from_dict
+    from kdray.data import load_data
 
     try:
         cfg = from_dict(dict(record["config"]), "the student's config")
@@ -552,7 +552,7 @@ def load_exported(out: Union[str, Path]) -> nn.Module:
 
 def load_state_dict_module(out: Union[str, Path]) -> nn.Module:
     """The deploy module rebuilt from ``export.json`` + ``state_dict.pt`` (weights_only), eval mode."""
-    from .models import build_student, export_module
+    from kdray.models import build_student, export_module
 
     info = read_export_info(out)
     multi = info["multi_branch"]

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import KdrayError
+from kdray.errors import KdrayError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

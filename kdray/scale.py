@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .config import from_dict
-from .errors import KdrayError
+from kdray.config import from_dict
+from kdray.errors import KdrayError
 
 # A trial's driver (the Tune function that fits a TorchTrainer) mostly waits: it asks for no CPU, so
 # C trials of W one-CPU workers fit on C*W CPUs (at 0.01 CPU each, 2 trials x 1 worker needed 2.02 of
@@ -40,7 +40,7 @@ def final_extras(metrics: dict, ckpt_dir: Optional[str]) -> dict:
     student = Path(ckpt_dir) / "student.pt" if ckpt_dir else None
     if not metrics.get("done") or student is None or not student.is_file():
         return {}
-    from .export import student_latency_ms
+    from kdray.export import student_latency_ms
 
     return {"latency_ms": student_latency_ms(student)}
 
@@ -51,7 +51,7 @@ def _rank0_tracker(track: Optional[dict], cfg, node_ip: str):
 
     if not track or ray.train.get_context().get_world_rank() != 0:
         return None
-    from .tracking import RunLogger
+    from kdray.tracking import RunLogger
 
     return RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers, node_ip=node_ip)
 
@@ -79,10 +79,10 @@ def _ray_reporter(tracker, node_ip: str, node_id: str, api=None):
 def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet: bool, root: Optional[str] = None) -> None:
     """``fit`` from ``checkpoint`` (Ray's last, or None) with the store behind ``store_ref``; a
     failure is recorded on the run before it propagates."""
-    from .engine import fit
-    from .outcome import failure_reason
-    from .store_ray import fetch
-    from .tracking import TrackingLost
+    from kdray.engine import fit
+    from kdray.outcome import failure_reason
+    from kdray.store_ray import fetch
+    from kdray.tracking import TrackingLost
 
     root = root or tempfile.mkdtemp(prefix="kdray-ckpt-")
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
@@ -106,8 +106,8 @@ def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None, checkpoi
     import ray.tune
     from ray.util import get_node_ip_address
 
-    from .engine import pick_device
-    from .tracking import RunLogger
+    from kdray.engine import pick_device
+    from kdray.tracking import RunLogger
 
     node_ip = get_node_ip_address()
     tracker = RunLogger(tracking["uri"], tracking["run_id"], teachers=cfg.teachers, node_ip=node_ip) if tracking else None
@@ -153,8 +153,8 @@ def _send_by_value(objects) -> None:
 def method_payload() -> dict:
     """What Ray workers must register before they build anything, sent by value: the methods and
     the architectures (``kdray.models.register_model``) defined outside kdray."""
-    from .distill import methods_defined_outside_kdray
-    from .models import registered_builders
+    from kdray.distill import methods_defined_outside_kdray
+    from kdray.models import registered_builders
 
     classes, builders = methods_defined_outside_kdray(), registered_builders()
     _send_by_value([*classes, *builders.values()])
@@ -163,8 +163,8 @@ def method_payload() -> dict:
 
 def register_payload(payload) -> None:
     """In a Ray worker: register what ``method_payload`` sent (names already known are kept)."""
-    from .distill import ensure_registered
-    from .models import ensure_models_registered
+    from kdray.distill import ensure_registered
+    from kdray.models import ensure_models_registered
 
     payload = payload or {}
     ensure_registered(payload.get("methods", ()))
@@ -177,7 +177,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from . import local_ray
+    from kdray.local_ray import torch_config
 
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker}
@@ -188,7 +188,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
         train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": methods,
                            "teacher_store": store_ref},
         # on a local Ray, torch's rendezvous store listens on loopback too (see kdray.local_ray)
-        torch_config=local_ray.torch_config("nccl" if use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=list(callbacks),
@@ -245,13 +245,13 @@ def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_l
         # the head's machine (another user's, a test's), with the same starvation as the result.
         # A local Ray is started by kdray.local_ray: every listener on loopback (the dashboard agent
         # takes jobs without authentication), every process ended soon after this driver ends.
-        from . import local_ray
+        from kdray.local_ray import connect, init_kwargs, is_local, start
 
         kwargs, env = {}, dict(env or {})
-        local = local_ray.is_local(address)
+        local = is_local(address)
         if local:
             port = _free_port()
-            kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **local_ray.init_kwargs()}
+            kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **init_kwargs()}
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         elif "://" not in address and address != "auto":
             env["RAY_ADDRESS"] = address  # host:port of the GCS
@@ -261,9 +261,9 @@ def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_l
                      runtime_env={"env_vars": env} if env else None, **kwargs)
 
         if local:
-            local_ray.start(init)
+            start(init)
         else:
-            local_ray.connect(init, address)
+            connect(init, address)
     except ConnectionError as exc:
         raise KdrayError(f"cannot reach the Ray cluster at {address!r} ({exc})") from None
 
@@ -273,11 +273,11 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
                     tracking: Optional[dict] = None, store=None) -> dict:
     """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint.
     ``store``: a teacher store, handed to the workers through Ray's object store."""
-    from .store_ray import share
-    from .tracking import bounded_http_env
+    from kdray.store_ray import share
+    from kdray.tracking import bounded_http_env
 
     init_ray(address, env=bounded_http_env())
-    from .guards import rearm_stop_signals
+    from kdray.guards import rearm_stop_signals
 
     rearm_stop_signals()  # after Ray's own SIGTERM handler
     check_resources(workers, gpus_per_worker, cpus_per_worker)
@@ -288,7 +288,7 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error
-        from .outcome import failure_reason
+        from kdray.outcome import failure_reason
 
         raise KdrayError(f"distributed training failed: {failure_reason(exc)}") from None
     return {"metrics": dict(result.metrics), "checkpoint_dir": result.checkpoint.path if result.checkpoint else None}

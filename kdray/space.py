@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
-from .distill import HPARAMS, METHODS, get_method
-from .errors import KdrayError
-from .shipped import resolve_space
+from kdray.config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
+from kdray.distill import HPARAMS, METHODS, get_method
+from kdray.errors import KdrayError
+from kdray.shipped import resolve_space
 
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
             "per_branch", "scheduler", "samples", "seed")

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .guards import stop_requested
-from .optuna_adapter import earlier_best, study_counts
-from .outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
+from kdray.guards import stop_requested
+from kdray.optuna_adapter import earlier_best, study_counts
+from kdray.outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
 
 
 def trial_error(trial) -> Optional[BaseException]:
@@ -176,23 +176,23 @@ def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str, log: Calla
     stayed open)."""
     from ray.tune import Callback
 
-    from . import tracking as tr
+    from kdray.tracking import KIND_TAG, STATE_TAG, TRIAL_TAG, client, find_trial_run, finish_run, trial_run_name
 
     def open_run(trial, create: bool):
-        run = tr.find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)
-        if run is not None and run.data.tags.get(tr.STATE_TAG) != "running":
+        run = find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)
+        if run is not None and run.data.tags.get(STATE_TAG) != "running":
             return None  # the worker closed it already
         if run is not None or not create:
             return run.info.run_id if run is not None else None
-        name = tr.trial_run_name((trial.config or {}).get("method"), trial.trial_id)
-        return tr.client(uri).create_run(exp_id, run_name=name, tags={
-            "mlflow.parentRunId": parent_run_id, tr.KIND_TAG: "trial", tr.TRIAL_TAG: trial.trial_id}).info.run_id
+        name = trial_run_name((trial.config or {}).get("method"), trial.trial_id)
+        return client(uri).create_run(exp_id, run_name=name, tags={
+            "mlflow.parentRunId": parent_run_id, KIND_TAG: "trial", TRIAL_TAG: trial.trial_id}).info.run_id
 
     def record(trial, create: bool, state: str, reason: Optional[str] = None) -> None:
         try:
             run_id = open_run(trial, create=create)
             if run_id is not None:
-                tr.finish_run(uri, run_id, state, reason)
+                finish_run(uri, run_id, state, reason)
         except Exception as exc:  # noqa: BLE001 - the store is down or refuses: say so once per trial
             log(f"tracking: trial {trial.trial_id} could not be recorded as {state} ({failure_reason(exc)})")
 

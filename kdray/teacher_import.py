@@ -22,15 +22,21 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._version import __version__
-from .checkpoint import atomic_save, safe_load, sha256_file
-from .data import BatchLoader, DataBundle, load_data
-from .engine import Precision, count_params, evaluate, pick_device
-from .errors import KdrayError, choice_error
-from .models import StagedModel, Student, build_model
-from .models.tv import (from_torchvision_state, load_strict, load_torchvision_weights, resolve_weights,
-                        torchvision_names, wrap_torchvision)
-from .teachers import MANIFEST
+from kdray._version import __version__
+from kdray.checkpoint import atomic_save, safe_load, sha256_file
+from kdray.data import BatchLoader, DataBundle, load_data
+from kdray.engine import Precision, count_params, evaluate, pick_device
+from kdray.errors import KdrayError, choice_error
+from kdray.models import StagedModel, Student, build_model
+from kdray.models.tv import (
+    from_torchvision_state,
+    load_strict,
+    load_torchvision_weights,
+    resolve_weights,
+    torchvision_names,
+    wrap_torchvision,
+)
+from kdray.teachers import MANIFEST
 
 LAYOUTS = ("auto", "kdray", "torchvision")
 #: the top-level modules of every StagedModel: a state dict whose keys all start so is kdray's

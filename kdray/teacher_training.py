@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ._version import __version__
-from .checkpoint import atomic_save, sha256_file
-from .config import tracked_config
-from .engine import fit
-from .errors import KdrayError
-from .models import build_model
-from .teachers import MANIFEST
+from kdray._version import __version__
+from kdray.checkpoint import atomic_save, sha256_file
+from kdray.config import tracked_config
+from kdray.engine import fit
+from kdray.errors import KdrayError
+from kdray.models import build_model
+from kdray.teachers import MANIFEST
 
 #: config keys that do not change what a teacher learns (where it runs, how it is evaluated or logged)
 NOT_IN_RECIPE = ("method", "student", "teachers", "checkpoint_dir", "resume", "workers", "device",
@@ -28,7 +28,7 @@ NOT_IN_RECIPE = ("method", "student", "teachers", "checkpoint_dir", "resume", "w
 def recipe(cfg, archs: list[str], count: int) -> dict:
     """Everything that decides the teachers: architectures, count and every training key
     (data, split seed and fractions, augmentation, optimizer, lr, schedule, epochs, seed, ...)."""
-    from .distill import HPARAMS  # CE reads no method hyperparameter: they are not part of it
+    from kdray.distill import HPARAMS  # CE reads no method hyperparameter: they are not part of it
 
     keys = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_RECIPE and k not in HPARAMS}
     return {"arch": list(archs), "count": int(count), **keys}
@@ -61,14 +61,14 @@ def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
     kdray-teachers, apart from the students' sweeps); None when tracking is off."""
     if not tracking:
         return None
-    from . import tracking as tr
+    from kdray.tracking import RunLogger, experiment_id, start_run, versions
 
-    exp_id = tr.experiment_id(tracking["uri"], tracking.get("experiment") or TEACHER_EXPERIMENT,
+    exp_id = experiment_id(tracking["uri"], tracking.get("experiment") or TEACHER_EXPERIMENT,
                               tracking.get("workdir"))
-    run_id = tr.start_run(tracking["uri"], exp_id, run_name=name, cfg=tcfg, kind="teacher",
-                          params=tracked_config(tcfg), extra_tags=tr.versions())
+    run_id = start_run(tracking["uri"], exp_id, run_name=name, cfg=tcfg, kind="teacher",
+                          params=tracked_config(tcfg), extra_tags=versions())
     log(f"tracking: teacher run {run_id}")
-    return tr.RunLogger(tracking["uri"], run_id)
+    return RunLogger(tracking["uri"], run_id)
 
 
 def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
@@ -88,7 +88,7 @@ def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
         result = fit(tcfg, log=log, keep_checkpoints=1, reporter=run.epoch if run else None)
     except BaseException as exc:
         if run is not None:
-            from .outcome import failure_reason
+            from kdray.outcome import failure_reason
 
             run.failed(failure_reason(exc))
         raise

@@ -106,8 +106,8 @@ def test_credentials_are_masked_in_what_kdray_logs(tmp_path):
 
     import mlflow
 
-    from kdray import tracking as tr
     from kdray.config import RunConfig
+    from kdray.tracking import experiment_id, start_sweep_run
     from kdray.values import mask_credentials
 
     assert mask_credentials("postgresql://kd:s3cret@db:5432/optuna") == "postgresql://kd:***@db:5432/optuna"
@@ -116,8 +116,8 @@ def test_credentials_are_masked_in_what_kdray_logs(tmp_path):
     space_file.write_text("name: s\n")
     space = SimpleNamespace(path=str(space_file), metrics=[("val_acc", "max")], samples=1, base=RunConfig())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp = tr.experiment_id(uri, "masked", tmp_path)
-    run_id = tr.start_sweep_run(uri, exp, name="masked", space=space, study_name="masked",
+    exp = experiment_id(uri, "masked", tmp_path)
+    run_id = start_sweep_run(uri, exp, name="masked", space=space, study_name="masked",
                                 storage_url="postgresql://kd:s3cret@db:5432/optuna", teachers=None)
     run = mlflow.MlflowClient(uri).get_run(run_id)
     text = json.dumps([run.data.tags, run.data.params])

@@ -169,7 +169,7 @@ def test_init_ray_local_is_loopback_marked_and_watched_address_is_not(monkeypatc
     import ray
     import ray._private.ray_constants as ray_constants
 
-    from kdray import scale
+    from kdray.scale import init_ray
 
     seen, watched, shut = [], [], []
 
@@ -185,26 +185,26 @@ def test_init_ray_local_is_loopback_marked_and_watched_address_is_not(monkeypatc
     cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
 
     monkeypatch.setattr(ray._private.worker, "_global_node", _FakeNode("127.0.0.1"))
-    scale.init_ray(None)
+    init_ray(None)
     kw, flag, mark = seen[-1]
     assert kw["_node_ip_address"] == local_ray.loopback_ip() and kw["dashboard_host"] == "127.0.0.1"
     assert flag is False and mark and watched[-1][1] == mark
     assert ray_constants.ENABLE_RAY_CLUSTER == cluster_flag and local_ray.MARK_VAR not in os.environ
 
-    scale.init_ray("192.0.2.9:6379")
+    init_ray("192.0.2.9:6379")
     kw, flag, mark = seen[-1]
     assert "_node_ip_address" not in kw and flag == cluster_flag and mark is None
     assert len(watched) == 1  # no watchdog for a cluster kdray did not start
 
     # a local Ray's own address (another driver joining it): loopback kept, still no watchdog
-    scale.init_ray("127.0.0.1:6379")
+    init_ray("127.0.0.1:6379")
     kw, flag, mark = seen[-1]
     assert "_node_ip_address" not in kw and flag is False and mark is None and len(watched) == 1
     assert ray_constants.ENABLE_RAY_CLUSTER == cluster_flag
 
     monkeypatch.setattr(ray._private.worker, "_global_node", _FakeNode("192.0.2.2"))
     with pytest.raises(KdrayError, match="not on loopback"):
-        scale.init_ray(None)
+        init_ray(None)
     assert shut and len(watched) == 1
 
 

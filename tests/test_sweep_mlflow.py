@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mlflow_support import artifacts_dir, grid_rows, mlflow_server, screenshot, wait_for_names  # noqa: F401
 
 pytestmark = pytest.mark.mlflow_server
@@ -68,11 +67,11 @@ def sweep(mlflow_server, tmp_path_factory):  # noqa: F811
 
 
 def test_experiment_opens_on_a_saved_view_of_the_ranked_trials(sweep):
-    from kdray import tracking as tr
+    from kdray.tracking import TRIALS_VIEW, VIEW_TAG_PREFIX, ui_path
 
     tags = sweep["exp"].tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
-    view = json.loads(tags[tr.VIEW_TAG_PREFIX + tr.TRIALS_VIEW])
+    view = json.loads(tags[VIEW_TAG_PREFIX + TRIALS_VIEW])
     state = json.loads(view["state"])
     assert view["name"] == "kdray: trials by val_acc"
     assert state["orderByKey"] == "metrics.`val_acc`" and state["orderByAsc"] is False
@@ -80,8 +79,8 @@ def test_experiment_opens_on_a_saved_view_of_the_ranked_trials(sweep):
     assert state["selectedColumns"][:4] == ["tags.`kdray.state`", "params.`method`", "metrics.`val_acc`",
                                             "metrics.`test_acc`"]
     assert {f"params.`{p}`" for p in SEARCHED} <= set(state["selectedColumns"])
-    assert tr.ui_path(sweep["exp"].experiment_id) in tags["mlflow.note.content"]
-    assert tr.ui_path(sweep["exp"].experiment_id) in sweep["stderr"]  # printed at the end of the sweep
+    assert ui_path(sweep["exp"].experiment_id) in tags["mlflow.note.content"]
+    assert ui_path(sweep["exp"].experiment_id) in sweep["stderr"]  # printed at the end of the sweep
 
 
 def test_trials_one_per_state_with_their_own_params_and_no_bookkeeping(sweep):
@@ -142,11 +141,11 @@ def test_parent_run_carries_the_best_trial(sweep):
 
 
 def test_first_screen_shows_the_trials_ranked_with_their_state(sweep):
-    from kdray import tracking as tr
+    from kdray.tracking import ui_path
 
     names = [sweep["trials"][s].info.run_name for s in ("completed", "pruned", "failed")]
     words = [*names, "completed", "pruned", "failed", "ekd", "val_acc", "test_acc", "params", *SEARCHED, "Models"]
-    url = f"{sweep['url']}/{tr.ui_path(sweep['exp'].experiment_id)}"
+    url = f"{sweep['url']}/{ui_path(sweep['exp'].experiment_id)}"
     dom = wait_for_names(url, words, size=WIDE)
     shown = set().union(*grid_rows(dom, words).values()) | {w for w in words if f">{w}<" in dom}
     assert set(words) <= shown, set(words) - shown

@@ -1,9 +1,9 @@
 """Averaged multi-teacher KD: as ``kd``, the teacher side the mean of the K softened outputs;
 see docs/methods.md."""
 
-from .base import register
-from .kd import KD
-from .losses import soften
+from kdray.distill.base import register
+from kdray.distill.kd import KD
+from kdray.distill.losses import soften
 
 
 @register

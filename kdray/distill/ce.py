@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from .base import Method, register
+from kdray.distill.base import Method, register
 
 
 @register

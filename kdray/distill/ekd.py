@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, register
-from .hparams import ALPHA, BRANCHES, SPLIT_STAGE, TEMPERATURE, HParam
-from .losses import kd_kl, match_spatial, normalized_sq_dist, soften
+from kdray.distill.base import Method, register
+from kdray.distill.hparams import ALPHA, BRANCHES, SPLIT_STAGE, TEMPERATURE, HParam
+from kdray.distill.losses import kd_kl, match_spatial, normalized_sq_dist, soften
 
 
 def adapter(c_in: int, c_out: int) -> nn.Module:

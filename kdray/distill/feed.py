@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, register
-from .hparams import ALPHA, TEMPERATURE, HParam
-from .losses import feed_l1, kd_kl, match_spatial, soften
+from kdray.distill.base import Method, register
+from kdray.distill.hparams import ALPHA, TEMPERATURE, HParam
+from kdray.distill.losses import feed_l1, kd_kl, match_spatial, soften
 
 
 def translator(c_s: int, c_t: int) -> nn.Module:

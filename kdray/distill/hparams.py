@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..errors import KdrayError
-from ..values import coerce_value
+from kdray.errors import KdrayError
+from kdray.values import coerce_value
 
 
 @dataclass(frozen=True)

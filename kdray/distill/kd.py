@@ -3,9 +3,9 @@ see docs/methods.md."""
 
 import torch.nn.functional as F
 
-from .base import Method, register
-from .hparams import ALPHA, TEMPERATURE
-from .losses import kd_kl, soften
+from kdray.distill.base import Method, register
+from kdray.distill.hparams import ALPHA, TEMPERATURE
+from kdray.distill.losses import kd_kl, soften
 
 
 @register

@@ -3,9 +3,9 @@ ensemble by parallel FEED, generation g > 1 from generation g-1 alone. Each gene
 training run; the engine runs them in turn and reports every generation's accuracy.
 See docs/methods.md."""
 
-from .base import Generation, register
-from .feed import FEED
-from .hparams import HParam
+from kdray.distill.base import Generation, register
+from kdray.distill.feed import FEED
+from kdray.distill.hparams import HParam
 
 
 @register

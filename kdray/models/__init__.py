@@ -1,11 +1,17 @@
 """Model zoo and students: staged classifiers, feature taps, EKD multi-branch students, export."""
 
-from .registry import (ensure_models_registered, register_model, registered_builders, registered_model,
-                       registered_models, unregister_model)
-from .staged import FeatureTap, StagedModel
-from .student import MultiBranchStudent, Student, build_student, export_module
-from .tv import kdray_to_torchvision, torchvision_to_kdray
-from .zoo import available_models, build_model
+from kdray.models.registry import (
+    ensure_models_registered,
+    register_model,
+    registered_builders,
+    registered_model,
+    registered_models,
+    unregister_model,
+)
+from kdray.models.staged import FeatureTap, StagedModel
+from kdray.models.student import MultiBranchStudent, Student, build_student, export_module
+from kdray.models.tv import kdray_to_torchvision, torchvision_to_kdray
+from kdray.models.zoo import available_models, build_model
 
 __all__ = [
     "build_model",

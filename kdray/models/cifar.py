@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .staged import StagedModel
+from kdray.models.staged import StagedModel
 
 # name -> (depth, [stem, stage1, stage2, stage3] channels)
 CIFAR_RESNETS: dict[str, tuple[int, list[int]]] = {

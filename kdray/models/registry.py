@@ -12,10 +12,10 @@ from typing import Callable, Iterator, Optional, Union
 
 from torch import nn
 
-from ..errors import KdrayError
-from .cifar import CIFAR_RESNETS
-from .staged import StagedModel
-from .tv import probe_channels, torchvision_names
+from kdray.errors import KdrayError
+from kdray.models.cifar import CIFAR_RESNETS
+from kdray.models.staged import StagedModel
+from kdray.models.tv import probe_channels, torchvision_names
 
 #: what a builder may return: a StagedModel, or the (stem, stages, head) it is made of
 Built = Union[StagedModel, tuple]

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import KdrayError
+from kdray.errors import KdrayError
 
 
 class StagedModel(nn.Module):

@@ -12,9 +12,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..errors import KdrayError
-from .staged import StagedModel
-from .zoo import build_model
+from kdray.errors import KdrayError
+from kdray.models.staged import StagedModel
+from kdray.models.zoo import build_model
 
 
 class Student(nn.Module):

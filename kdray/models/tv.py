@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import KdrayError
-from .staged import StagedModel
+from kdray.errors import KdrayError
+from kdray.models.staged import StagedModel
 
 #: name prefixes of the torchvision families we know how to split into stages
 TV_FAMILIES = ("resnet", "resnext", "wide_resnet", "mobilenet_v2", "mobilenet_v3",

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 
-from ..errors import KdrayError
-from .cifar import CIFAR_RESNETS, cifar_resnet, wide_resnet
-from .registry import MODELS, build_registered, registered_models
-from .staged import StagedModel
-from .tv import build_torchvision, supported, torchvision_names
+from kdray.errors import KdrayError
+from kdray.models.cifar import CIFAR_RESNETS, cifar_resnet, wide_resnet
+from kdray.models.registry import MODELS, build_registered, registered_models
+from kdray.models.staged import StagedModel
+from kdray.models.tv import build_torchvision, supported, torchvision_names
 
 WRN_EXAMPLES = ("wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_10")
 _WRN = re.compile(r"wrn_(\d+)_(\d+)")
