@@ -60,13 +60,13 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from kdray.config import from_dict  # noqa: E402
-from kdray.data import DATASETS, Split, load_data  # noqa: E402
+from kdray.core.errors import KdrayError  # noqa: E402
+from kdray.data.sources import DATASETS, Split, load_data  # noqa: E402
 from kdray.distill import METHODS, Generation, check_teacher_count, get_method  # noqa: E402
-from kdray.engine import LiveTeacherOutputs, build_generation, make_optimizer, pick_device, prepare, train_epoch  # noqa: E402  # noqa: E402
-from kdray.errors import KdrayError  # noqa: E402
 from kdray.models import build_model, build_student  # noqa: E402
-from kdray.teachers import TeacherEnsemble  # noqa: E402
+from kdray.teachers.ensemble import TeacherEnsemble  # noqa: E402
+from kdray.train.config import from_dict  # noqa: E402
+from kdray.train.loop import LiveTeacherOutputs, build_generation, make_optimizer, pick_device, prepare, train_epoch  # noqa: E402  # noqa: E402
 
 TARBALL = "cifar10-jpeg.tar.gz"
 
@@ -172,8 +172,8 @@ def sync(device: torch.device) -> None:
 def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, per_epoch: int):
     """An in-memory teacher store holding the views of the first ``per_epoch`` samples of each of
     ``epochs`` epochs (what the timed rounds visit): (store, seconds it took, views computed)."""
-    from kdray.data import ViewSpec
-    from kdray.teacher_store import compute_rows, empty_store, view_batch
+    from kdray.data.sources import ViewSpec
+    from kdray.teachers.store import compute_rows, empty_store, view_batch
 
     data = dataclasses.replace(data, train=train)
     prep = prepare(cfg, data=data, teachers=TeacherEnsemble(teacher_models), device=device)

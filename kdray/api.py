@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 
 DEFAULT_WORKDIR = "kdray-work"
 Log = Callable[[str], None]
@@ -63,7 +63,7 @@ class StudentResult:
 
     @property
     def config(self):
-        from kdray.config import from_dict
+        from kdray.train.config import from_dict
 
         return from_dict(self.record["config"], "student record")
 
@@ -74,7 +74,7 @@ class StudentResult:
     def branch(self, index: int):
         """One branch of a multi-branch (EKD) student as an images -> logits model."""
         from kdray.models import export_module
-        from kdray.student_file import rebuild_student
+        from kdray.train.student_file import rebuild_student
 
         return export_module(rebuild_student(self.record), branch=index).eval()
 
@@ -83,7 +83,7 @@ class StudentResult:
         """The MLflow run (``mlflow.entities.Run``), or None when the run was not tracked."""
         if not (self.run_id and self.tracking_uri):
             return None
-        from kdray.tracking import client
+        from kdray.tracking.runs import client
 
         return client(self.tracking_uri).get_run(self.run_id)
 
@@ -142,7 +142,7 @@ def tracking_settings(track: bool, tracking_uri: Optional[str], experiment: str,
     """None when tracking is off; else the checked MLflow store, experiment and workdir."""
     if not track:
         return None
-    from kdray.tracking import bounded_http_env, check_store, resolve_uri
+    from kdray.tracking.runs import bounded_http_env, check_store, resolve_uri
 
     for key, value in bounded_http_env().items():  # this process's MLflow calls too
         os.environ.setdefault(key, value)
@@ -154,7 +154,7 @@ def tracking_settings(track: bool, tracking_uri: Optional[str], experiment: str,
 def check_readable_store(uri: str) -> None:
     """For commands that only read (best, export --run, load_student): a sqlite store that does
     not exist is an error, not an empty store created on the spot (MLflow would create one)."""
-    from kdray.tracking import check_store
+    from kdray.tracking.runs import check_store
 
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
@@ -170,7 +170,7 @@ def check_readable_store(uri: str) -> None:
 def make_config(config=None, **overrides):
     """A validated RunConfig from a RunConfig, a dict of config keys or a YAML file, plus overrides
     (None values ignored)."""
-    from kdray.config import RunConfig, from_dict, load_config
+    from kdray.train.config import RunConfig, from_dict, load_config
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if config is None or isinstance(config, (str, Path)):
@@ -198,9 +198,9 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     """Train one student. ``config``: a RunConfig, a dict of config keys or a YAML file;
     ``overrides`` are config keys too (``epochs=5``). ``teacher_store``: a folder or "auto" to take
     the teachers' outputs from a teacher store. Returns the student, its metrics and MLflow run."""
-    from kdray.console import library_output_to
+    from kdray.core.console import library_output_to
     from kdray.distill import get_method
-    from kdray.runner import run_training
+    from kdray.train.run import run_training
 
     cfg = make_config(config, **overrides)
     if get_method(cfg.method).min_teachers > 0 and not cfg.teachers:
@@ -260,7 +260,7 @@ def sweep(space, *, samples: Optional[int] = None, concurrency: int = 1, workers
     the same keys as a space file. Returns the trials, the best one, the Optuna study and Tune's
     result grid. ``seed``: the TPE sampler's (default: the space's ``seed``, else a random one per
     sweep; a resumed sweep keeps its first seed)."""
-    from kdray.tune import SweepOptions, run_sweep
+    from kdray.sweep.run import SweepOptions, run_sweep
 
     workdir = resolve_workdir(workdir)
     options = SweepOptions(samples=samples, concurrency=concurrency, workers=workers,
@@ -284,15 +284,15 @@ def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_u
                  workdir: str | Path | None = None) -> StudentResult:
     """A trained student from a ``student.pt`` file or from an MLflow run id (its
     ``student/student.pt`` artifact, from ``tracking_uri`` or the workdir's store)."""
-    from kdray.checkpoint import safe_load
     from kdray.models import export_module
-    from kdray.student_file import rebuild_student
+    from kdray.train.checkpoint import safe_load
+    from kdray.train.student_file import rebuild_student
 
     path = Path(source).expanduser()
     if not path.is_file():
         if Path(str(source)).suffix or "/" in str(source):
             raise KdrayError(f"{source}: no such student file")
-        from kdray.tracking import download_student, resolve_uri
+        from kdray.tracking.runs import download_student, resolve_uri
 
         tracking_uri = resolve_uri(tracking_uri, resolve_workdir(workdir))
         check_readable_store(tracking_uri)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kdray
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 
 CFG = dict(dataset="fake", image_size=16, student="resnet8", epochs=2, batch_size=64, eval_batch_size=256,
            lr=0.05, device="cpu")
@@ -43,7 +43,7 @@ def test_train_from_a_dict_returns_student_metrics_and_mlflow_run(tmp_path, fake
 
 
 def test_train_untracked_with_overrides_and_a_run_config(tmp_path):
-    from kdray.config import RunConfig
+    from kdray.train.config import RunConfig
 
     run = kdray.train(RunConfig().replace(**CFG), method="ce", epochs=1, track=False, out=tmp_path / "run",
                       log=lambda s: None)

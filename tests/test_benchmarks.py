@@ -10,9 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-import kdray.engine as engine
 from conftest import small_cfg
+
+import kdray.train.loop as engine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_cfg, sweep_in_process
 from torch import nn
 
-from conftest import small_cfg, sweep_in_process
-from kdray.engine import fit
-from kdray.errors import KdrayError
-from kdray.models import (MultiBranchStudent, StagedModel, available_models, build_model, register_model,
-                          registered_model, registered_models, unregister_model)
-from kdray.teachers import load_teachers
+from kdray.core.errors import KdrayError
+from kdray.models import (
+    MultiBranchStudent,
+    StagedModel,
+    available_models,
+    build_model,
+    register_model,
+    registered_model,
+    registered_models,
+    unregister_model,
+)
+from kdray.teachers.ensemble import load_teachers
+from kdray.train.loop import fit
 
 QUIET = dict(log=lambda s: None, keep_checkpoints=0)
 
@@ -79,7 +87,7 @@ def test_trains_as_an_ekd_multi_branch_student(tiny, tmp_path, fake_teachers):
 
 
 def test_trains_as_a_teacher_and_teaches(tiny, tmp_path):
-    from kdray.teacher_training import train_teachers
+    from kdray.train.teacher_set import train_teachers
 
     out = tmp_path / "teachers"
     manifest = train_teachers(small_cfg(epochs=1), [tiny], 1, out, log=lambda s: None)
@@ -90,7 +98,7 @@ def test_trains_as_a_teacher_and_teaches(tiny, tmp_path):
 
 
 def test_imports_as_a_teacher_arch(tiny, tmp_path):
-    from kdray.teacher_import import import_teachers
+    from kdray.teachers.importing import import_teachers
 
     torch.save(build_model(tiny, 10).state_dict(), tmp_path / "mine.pt")
     manifest = import_teachers([tmp_path / "mine.pt"], out=tmp_path / "set", cfg=small_cfg(), archs=[tiny],

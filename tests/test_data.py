@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datahelpers import CIFAR10_CLASSES, CIFAR_JPEG, extract_cifar_subset, write_image, write_tree  # noqa: E402
 
-import kdray.data as data  # noqa: E402
-from kdray.config import RunConfig  # noqa: E402
-from kdray.data import DATASETS, BatchLoader, DataBundle, Split, augment_batch, load_data, split_indices  # noqa: E402
-from kdray.errors import KdrayError  # noqa: E402
+import kdray.data.sources as data  # noqa: E402
+from kdray.core.errors import KdrayError  # noqa: E402
+from kdray.data.sources import DATASETS, BatchLoader, DataBundle, Split, augment_batch, load_data, split_indices  # noqa: E402
+from kdray.train.config import RunConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import small_cfg
-from kdray.checkpoint import safe_load
-from kdray.engine import NonFiniteLoss, fit, lr_factor
-from kdray.student_file import rebuild_student
-from kdray.errors import KdrayError
-from kdray.teachers import load_teachers
+
+from kdray.core.errors import KdrayError
+from kdray.teachers.ensemble import load_teachers
+from kdray.train.checkpoint import safe_load
+from kdray.train.loop import NonFiniteLoss, fit, lr_factor
+from kdray.train.student_file import rebuild_student
 
 quiet = dict(log=lambda s: None)
 
@@ -113,7 +113,7 @@ def test_precise_bn_recomputes_statistics_without_changing_training(tmp_path):
     """precise_bn leaves the training trajectory alone (train-mode BatchNorm uses batch statistics)
     and leaves each BatchNorm's running mean at the average of its input's batch means over the
     un-augmented train split under the final weights."""
-    from kdray.data import BatchLoader, load_data
+    from kdray.data.sources import BatchLoader, load_data
 
     cfg = small_cfg(method="ce", epochs=2)
     plain = fit(cfg, checkpoint_root=str(tmp_path / "a"), **quiet)
@@ -138,7 +138,7 @@ def test_precise_bn_recomputes_statistics_without_changing_training(tmp_path):
 def test_teachers_train_continues_after_interruption(tmp_path):
     """An interrupted ``train_teachers`` keeps the finished teacher, resumes the one in training
     from its last epoch, and ends with the same weights as an uninterrupted run."""
-    from kdray.teacher_training import train_teachers
+    from kdray.train.teacher_set import train_teachers
 
     cfg = small_cfg(epochs=2)
     whole = train_teachers(cfg, ["resnet8", "resnet14"], 2, tmp_path / "whole", log=lambda s: None)

@@ -5,18 +5,24 @@ import math
 
 import pytest
 import torch
-
 from conftest import small_cfg
-from kdray.checkpoint import safe_load, sha256_file
-from kdray.data import BatchLoader
-from kdray.engine import count_params, fit
-from kdray.errors import KdrayError
-from kdray.export import (
-    export_student, load_exported, load_record, load_state_dict_module, load_test_split, measure_latency_ms,
-    predict, resolve_branch,
+
+from kdray.core.errors import KdrayError
+from kdray.data.sources import BatchLoader
+from kdray.deploy.export import (
+    export_student,
+    load_exported,
+    load_record,
+    load_state_dict_module,
+    load_test_split,
+    measure_latency_ms,
+    predict,
+    resolve_branch,
 )
 from kdray.models import build_model
-from kdray.student_file import rebuild_student
+from kdray.train.checkpoint import safe_load, sha256_file
+from kdray.train.loop import count_params, fit
+from kdray.train.student_file import rebuild_student
 
 quiet = dict(log=lambda s: None)
 
@@ -112,7 +118,7 @@ def test_single_student_and_no_overwrite(tmp_path, ce_record, monkeypatch):
         export_student(ce_record, out=out, **quiet)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # a failure half-way (a half-written program) leaves the old export and no debris
-    import kdray.export as ex
+    import kdray.deploy.export as ex
 
     def half_written(module, size, d):
         (d / "model.pt2").write_bytes(b"half")
@@ -167,8 +173,8 @@ def test_latency_positive_finite(ce_record):
 
 
 def test_cli_exports_whole_ensemble(ekd_record, tmp_path, capsys):
-    from kdray.checkpoint import atomic_save
     from kdray.cli import main
+    from kdray.train.checkpoint import atomic_save
 
     path = atomic_save(ekd_record, tmp_path / "student.pt")
     code = main(["export", "--student", str(path), "--branch", "all", "--out", str(tmp_path / "o"), "--json"])
@@ -196,8 +202,8 @@ def _cli_error(capsys):
 
 
 def test_cli_overwrite_replaces_an_earlier_export(ce_record, tmp_path, capsys):
-    from kdray.checkpoint import atomic_save
     from kdray.cli import main
+    from kdray.train.checkpoint import atomic_save
 
     path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
     out = tmp_path / "o"
@@ -214,8 +220,8 @@ def test_cli_overwrite_replaces_an_earlier_export(ce_record, tmp_path, capsys):
 
 
 def test_cli_overwrite_refuses_foreign_files(ce_record, tmp_path, capsys):
-    from kdray.checkpoint import atomic_save
     from kdray.cli import main
+    from kdray.train.checkpoint import atomic_save
 
     path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
     mine = tmp_path / "mine"
@@ -246,8 +252,8 @@ def test_cli_overwrite_refuses_foreign_files(ce_record, tmp_path, capsys):
 
 
 def test_cli_overwrite_refuses_the_students_own_folder(ce_record, tmp_path, capsys):
-    from kdray.checkpoint import atomic_save
     from kdray.cli import main
+    from kdray.train.checkpoint import atomic_save
 
     run = tmp_path / "run"
     path = atomic_save(ce_record, run / "epoch_0001" / "student.pt")

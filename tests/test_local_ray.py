@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from kdray import local_ray
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
+from kdray.distributed import local_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 WATCHDOG = [sys.executable, "-I", "-S", local_ray.__file__, "watch"]
@@ -169,7 +169,7 @@ def test_init_ray_local_is_loopback_marked_and_watched_address_is_not(monkeypatc
     import ray
     import ray._private.ray_constants as ray_constants
 
-    from kdray.scale import init_ray
+    from kdray.distributed.raytrain import init_ray
 
     seen, watched, shut = [], [], []
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdray.config import RunConfig
+from kdray.core.errors import KdrayError
 from kdray.distill import METHODS, Generation, Method, TeacherInfo, check_teacher_count, get_method, register
 from kdray.distill.avg_kd import AvgKD
 from kdray.distill.ce import CE
@@ -21,7 +21,7 @@ from kdray.distill.feed import FEED
 from kdray.distill.kd import KD
 from kdray.distill.losses import kd_kl, soften
 from kdray.distill.sfeed import SFEED
-from kdray.errors import KdrayError
+from kdray.train.config import RunConfig
 
 ALL = {"ce", "kd", "avg_kd", "ekd", "feed", "sfeed"}
 

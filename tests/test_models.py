@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 from kdray.models import (
     FeatureTap,
     MultiBranchStudent,

@@ -41,7 +41,7 @@ ONE_TRIAL = ("metric: val_acc\nmode: max\nsamples: 1\n" + BASE % 1 +
 def local_ray():
     import ray
 
-    from kdray.scale import init_ray
+    from kdray.distributed.raytrain import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -149,8 +149,8 @@ def test_resumed_sweep_keeps_its_seed_without_replaying_its_first_trials(tmp_pat
 
 
 def test_seed_out_of_range_is_refused_before_anything_starts(tmp_path):
-    from kdray.errors import KdrayError
-    from kdray.space import load_space
+    from kdray.core.errors import KdrayError
+    from kdray.sweep.space import load_space
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(ONE_TRIAL + f"seed: {2**32}\n")

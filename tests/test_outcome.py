@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import errno
 
-
-from kdray.engine import NonFiniteLoss
-from kdray.errors import KdrayError
-from kdray.outcome import disk_full_line, failure_reason, is_done, trial_state
+from kdray.core.errors import KdrayError
+from kdray.core.outcome import disk_full_line, failure_reason, is_done, trial_state
+from kdray.train.loop import NonFiniteLoss
 
 
 def test_state_from_the_epoch_counters_not_tunes_done_flag():

@@ -5,8 +5,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from kdray.errors import KdrayError
-from kdray.space import load_space
+from kdray.core.errors import KdrayError
+from kdray.sweep.space import load_space
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 

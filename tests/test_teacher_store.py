@@ -10,13 +10,13 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import small_cfg
+
 from kdray.cli import main
-from kdray.data import BatchLoader, Split, ViewSpec, crop_and_flip, load_data
-from kdray.engine import fit, open_teacher_store
-from kdray.errors import KdrayError
-from kdray.teacher_store import META_FILE, STORE_FILE, STORES, StoreCorrupt, list_stores, load
+from kdray.core.errors import KdrayError
+from kdray.data.sources import BatchLoader, Split, ViewSpec, crop_and_flip, load_data
+from kdray.teachers.store import META_FILE, STORE_FILE, STORES, StoreCorrupt, list_stores, load
+from kdray.train.loop import fit, open_teacher_store
 
 QUIET = dict(log=lambda s: None)
 

@@ -107,9 +107,9 @@ def test_best_table_ranks_by_metric(capsys, tracked):
 def test_register_champion_leaves_the_run_alone_and_takes_raw_images(capsys, tracked, tmp_path, monkeypatch):
     import torch
 
-    from kdray.checkpoint import safe_load
-    from kdray.config import from_dict
-    from kdray.data import load_data
+    from kdray.data.sources import load_data
+    from kdray.train.checkpoint import safe_load
+    from kdray.train.config import from_dict
 
     c = mlflow.MlflowClient(tracked["uri"])
     run_id = tracked["runs"]["ekd"]["run_id"]

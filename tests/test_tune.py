@@ -23,7 +23,7 @@ import optuna
 import pytest
 
 from kdray.cli import main
-from kdray.teacher_store import STORES
+from kdray.teachers.store import STORES
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def local_ray():
     """One local Ray (2 CPUs, as on CI) shared by the single-node tests of this module."""
     import ray
 
-    from kdray.scale import init_ray
+    from kdray.distributed.raytrain import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -81,8 +81,8 @@ def test_asha_stopped_trial_is_pruned_in_optuna_study(tmp_path):
     ignores its partial score), a trial that ran every epoch as COMPLETE, an errored one as FAIL."""
     from optuna.samplers import TPESampler
 
-    from kdray.space import load_space
-    from kdray.optuna_adapter import make_searcher_class
+    from kdray.sweep.search import make_searcher_class
+    from kdray.sweep.space import load_space
 
     space = load_space(write_space(tmp_path, "p", "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n"))
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -487,7 +487,7 @@ def test_one_sweep_places_trials_on_both_nodes(tmp_path, capsys):
 
     if ray.is_initialized():
         ray.shutdown()
-    from kdray.scale import _free_port
+    from kdray.distributed.raytrain import _free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={  # the dashboard serves the state API PG cleanup needs
         "num_cpus": 1, "include_dashboard": True, "dashboard_port": _free_port()})
@@ -532,8 +532,8 @@ def test_sfeed_sweep_trains_every_generation_and_is_complete(tmp_path, capsys, l
 def test_teacher_recipes_that_differ_only_in_lr_or_seed_get_different_folders(tmp_path, change):
     """Teachers a sweep trains are found again by their whole recipe (inherited from `base`), so
     two spaces that differ in lr or seed never share the first one's teachers; the same recipe reuses them."""
-    from kdray.space import load_space
-    from kdray.tune import teachers_for
+    from kdray.sweep.run import teachers_for
+    from kdray.sweep.space import load_space
 
     teach = "teachers: {arch: [resnet8], count: 1, epochs: 1}\n"
     a = write_space(tmp_path, "a", teach, method="kd", epochs=1)

@@ -14,8 +14,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from kdray.core.errors import KdrayError, choice_error
 from kdray.distill.hparams import HPARAMS, HParam, declare
-from kdray.errors import KdrayError, choice_error
 
 METHODS: dict[str, type["Method"]] = {}
 

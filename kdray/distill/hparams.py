@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from kdray.errors import KdrayError
-from kdray.values import coerce_value
+from kdray.core.errors import KdrayError
+from kdray.core.values import coerce_value
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional, Union
 
 from torch import nn
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 from kdray.models.cifar import CIFAR_RESNETS
 from kdray.models.staged import StagedModel
 from kdray.models.tv import probe_channels, torchvision_names

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 
 
 class StagedModel(nn.Module):

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 from kdray.models.staged import StagedModel
 from kdray.models.zoo import build_model
 

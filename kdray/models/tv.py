@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 from kdray.models.staged import StagedModel
 
 #: name prefixes of the torchvision families we know how to split into stages

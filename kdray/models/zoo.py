@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 from kdray.models.cifar import CIFAR_RESNETS, cifar_resnet, wide_resnet
 from kdray.models.registry import MODELS, build_registered, registered_models
 from kdray.models.staged import StagedModel

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from kdray.api import check_readable_store
-from kdray.errors import KdrayError
-from kdray.guards import Interrupted, stop_signals_interrupt
-from kdray.outcome import disk_full_line
-from kdray.values import mask_credentials
+from kdray.core.errors import KdrayError
+from kdray.core.guards import Interrupted, stop_signals_interrupt
+from kdray.core.outcome import disk_full_line
+from kdray.core.values import mask_credentials
 
 DEFAULT_WORKDIR = "kdray-work"
 
@@ -89,7 +89,7 @@ def method_keys() -> tuple:
 
 
 def build_config(args, keys, extra=None):
-    from kdray.config import load_config
+    from kdray.train.config import load_config
 
     overrides = collect(args, keys)
     overrides.update(parse_set(getattr(args, "set", None)))
@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
 
 
 def tracking_uri(args) -> str:
-    from kdray.tracking import resolve_uri
+    from kdray.tracking.runs import resolve_uri
 
     return resolve_uri(getattr(args, "tracking_uri", None), workdir(args))
 
@@ -140,7 +140,7 @@ def tracking_from_args(args, experiment_default: str = "kdray"):
 
 
 def cmd_best(args) -> int:
-    from kdray.tracking import STATE_TAG, best_runs
+    from kdray.tracking.runs import STATE_TAG, best_runs
 
     uri = tracking_uri(args)
     check_readable_store(uri)
@@ -158,7 +158,7 @@ def cmd_best(args) -> int:
     out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows,
            "tracking_uri": mask_credentials(uri)}
     if args.register:
-        from kdray.champion import register_champion
+        from kdray.deploy.champion import register_champion
 
         out["registered"] = register_champion(uri, rows[0]["run_id"], args.register, log=log)
     if args.json:
@@ -180,8 +180,8 @@ def cmd_best(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from kdray.checkpoint import safe_load
-    from kdray.export import export_student
+    from kdray.deploy.export import export_student
+    from kdray.train.checkpoint import safe_load
 
     if bool(args.run) == bool(args.student):
         raise KdrayError("give exactly one of --run RUN_ID (an MLflow run) or --student PATH (a student.pt)")
@@ -192,7 +192,7 @@ def cmd_export(args) -> int:
         except ValueError:
             raise KdrayError(f"--branch {args.branch!r} is not allowed; allowed: best, all or a branch number") from None
     if args.run:
-        from kdray.tracking import download_student
+        from kdray.tracking.runs import download_student
 
         uri = tracking_uri(args)
         check_readable_store(uri)
@@ -223,7 +223,7 @@ def teacher_origin(t: dict) -> str:
 
 def cmd_teachers_train(args) -> int:
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS)
-    from kdray.teacher_training import train_teachers
+    from kdray.train.teacher_set import train_teachers
 
     out = Path(args.out) if args.out else workdir(args) / "teachers" / cfg.dataset
     tracking = tracking_from_args(args, "kdray-teachers")
@@ -238,8 +238,8 @@ def cmd_teachers_train(args) -> int:
 
 
 def cmd_teachers_show(args) -> int:
-    from kdray.teacher_store import STORES, list_stores
-    from kdray.teachers import load_teachers, read_manifest
+    from kdray.teachers.ensemble import load_teachers, read_manifest
+    from kdray.teachers.store import STORES, list_stores
 
     manifest = read_manifest(args.dir)
     load_teachers(args.dir)  # verifies every checksum and state dict
@@ -259,7 +259,7 @@ def cmd_teachers_show(args) -> int:
 
 def cmd_teachers_import(args) -> int:
     cfg = build_config(args, DATA_KEYS + ("device",))
-    from kdray.teacher_import import import_teachers
+    from kdray.teachers.importing import import_teachers
 
     manifest = import_teachers(args.files, out=args.out, cfg=cfg, archs=args.arch, layout=args.layout,
                                weights=args.weights or (), log=log)
@@ -283,12 +283,12 @@ def store_line(m: dict) -> str:
 
 
 def cmd_teachers_store(args) -> int:
-    from kdray.engine import open_teacher_store
-    from kdray.teacher_store import list_stores
+    from kdray.teachers.store import list_stores
+    from kdray.train.loop import open_teacher_store
 
     if args.space:
-        from kdray.space import load_space
-        from kdray.tune import sweep_store_needs
+        from kdray.sweep.run import sweep_store_needs
+        from kdray.sweep.space import load_space
 
         space = load_space(args.space)
         space.base = space.base.replace(teachers=str(args.dir))
@@ -318,7 +318,7 @@ def cmd_teachers_store(args) -> int:
 
 def list_shipped(args, files: dict, width: int, hint: str) -> int:
     """Print shipped files (name -> path) with their one-line descriptions, or them as JSON."""
-    from kdray.shipped import description
+    from kdray.core.shipped import description
 
     rows = [{"name": n, "path": str(p), "description": description(p)} for n, p in files.items()]
     if getattr(args, "json", False):
@@ -331,7 +331,7 @@ def list_shipped(args, files: dict, width: int, hint: str) -> int:
 
 
 def cmd_spaces(args) -> int:
-    from kdray.shipped import copy_out, resolve_space, shipped_spaces
+    from kdray.core.shipped import copy_out, resolve_space, shipped_spaces
 
     action = args.spaces_command or "list"
     if action == "show":
@@ -346,7 +346,7 @@ def cmd_spaces(args) -> int:
 
 
 def cmd_clusters(args) -> int:
-    from kdray.shipped import copy_out, shipped_cluster_files
+    from kdray.core.shipped import copy_out, shipped_cluster_files
 
     files = shipped_cluster_files()
     if args.clusters_command == "copy":
@@ -700,7 +700,7 @@ def main(argv=None) -> int:
 def entry() -> None:
     """The `kdray` console script: main(), then leave without interpreter teardown (see
     kdray.procexit: Ray's native client threads outlive ray.shutdown() and can crash it)."""
-    from kdray.procexit import exit_after_atexit
+    from kdray.core.procexit import exit_after_atexit
 
     set_code = exit_after_atexit()
     code = main()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 
 STUDENT_FORMAT = "kdray-student/1"
 CKPT_FORMAT = "kdray-checkpoint/1"

@@ -29,10 +29,10 @@ from typing import Callable, Optional
 
 import torch
 
-from kdray.checkpoint import atomic_save, sha256_file
-from kdray.data import DataBundle, ViewKeys, ViewSpec, normalisation, to_float
+from kdray.core.errors import KdrayError
+from kdray.data.sources import DataBundle, ViewKeys, ViewSpec, normalisation, to_float
 from kdray.distill.base import TeacherInfo
-from kdray.errors import KdrayError
+from kdray.train.checkpoint import atomic_save, sha256_file
 
 STORE_FILE, META_FILE, STORES = "store.pt", "meta.json", "stores"
 DEFAULT_BUDGET_GB = 4.0
@@ -345,7 +345,7 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     """The store for ``req``, with every pair it needs; missing rows computed (by ``build(codes,
     progress)``, default: ``source`` in this process) and saved. ``source`` is the live ensemble.
     A store without feature maps is rebuilt with them when a run needs them and the budget allows."""
-    from kdray.teachers import read_manifest
+    from kdray.teachers.ensemble import read_manifest
 
     views = req.views
     key = store_key(read_manifest(req.teachers_dir), req.data, views, req.precision)

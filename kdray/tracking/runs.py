@@ -44,8 +44,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
-from kdray.errors import KdrayError
-from kdray.values import mask_credentials
+from kdray.core.errors import KdrayError
+from kdray.core.values import mask_credentials
 
 STATE_TAG = "kdray.state"
 KIND_TAG = "kdray.kind"

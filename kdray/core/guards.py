@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

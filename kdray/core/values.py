@@ -9,7 +9,7 @@ import math
 import re
 from typing import Any
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

@@ -131,7 +131,7 @@ def start(init: Callable[[], object]) -> None:
     marked, check the result, and start the session's watchdog."""
     import ray
 
-    from kdray.errors import KdrayError
+    from kdray.core.errors import KdrayError
 
     token = secrets.token_hex(12)
     with _loopback_node_ip(), _marked(token):

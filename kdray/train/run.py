@@ -9,18 +9,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from kdray.checkpoint import latest_checkpoint, safe_load
-from kdray.config import tracked_config
-from kdray.errors import KdrayError
-from kdray.guards import Interrupted
-from kdray.values import mask_credentials
+from kdray.core.errors import KdrayError
+from kdray.core.guards import Interrupted
+from kdray.core.values import mask_credentials
+from kdray.train.checkpoint import latest_checkpoint, safe_load
+from kdray.train.config import tracked_config
 
 
 def teacher_archs(teachers: Optional[str]) -> Optional[list]:
     """The teachers' architectures for the run's tags (None when there are none or no manifest)."""
     if not teachers:
         return None
-    from kdray.teachers import read_manifest
+    from kdray.teachers.ensemble import read_manifest
 
     try:
         return [t["arch"] for t in read_manifest(teachers)["teachers"]]
@@ -33,8 +33,8 @@ def check_inputs(cfg) -> None:
     the data set, and the teachers' manifest, checksums, weights and classes."""
     if not cfg.teachers:
         return
-    from kdray.data import load_data
-    from kdray.teachers import load_teachers
+    from kdray.data.sources import load_data
+    from kdray.teachers.ensemble import load_teachers
 
     load_teachers(cfg.teachers, load_data(cfg).classes)
 
@@ -42,8 +42,8 @@ def check_inputs(cfg) -> None:
 def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dict]:
     if not tracking:
         return None
-    from kdray.guards import stores_initialising
-    from kdray.tracking import experiment_id, start_run, versions
+    from kdray.core.guards import stores_initialising
+    from kdray.tracking.runs import experiment_id, start_run, versions
 
     workdir = tracking.get("workdir")
     with stores_initialising(workdir) if workdir else contextlib.nullcontext():
@@ -60,7 +60,7 @@ def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
     precision of ``device``, the workers' device type), or None."""
     if not root:
         return None
-    from kdray.engine import open_teacher_store
+    from kdray.train.loop import open_teacher_store
 
     return open_teacher_store(cfg, root=None if root == "auto" else root, budget_gb=budget_gb, log=log,
                               device=device)
@@ -68,12 +68,12 @@ def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
 
 def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path]:
     """In this process; returns the result and the latest checkpoint folder."""
-    from kdray.engine import fit
-    from kdray.scale import final_extras
+    from kdray.distributed.raytrain import final_extras
+    from kdray.train.loop import fit
 
     reporter, extras = None, {}
     if track:
-        from kdray.tracking import RunLogger
+        from kdray.tracking.runs import RunLogger
 
         logger = RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers)
 
@@ -88,7 +88,7 @@ def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path
 
 def _train_on_ray(cfg, track: Optional[dict], out: Path, run_name: str, **ray_options) -> tuple[dict, Path]:
     """On ``cfg.workers`` Ray Train workers (``ray_options``: address, resources, retries, store)."""
-    from kdray.scale import fit_distributed
+    from kdray.distributed.raytrain import fit_distributed
 
     res = fit_distributed(cfg, workers=cfg.workers, out=out, name=run_name, tracking=track, **ray_options)
     latest = Path(res["checkpoint_dir"])
@@ -104,7 +104,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     ``store_root``: a teacher-store folder (or "auto": the teacher set's) to take the teachers'
     outputs from; None: they run live."""
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
-        from kdray.engine import SYNC_BN_NEEDS_CUDA
+        from kdray.train.loop import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     out.mkdir(parents=True, exist_ok=True)
     track = _open_run(tracking, cfg, run_name, log)
     if track and store is not None:
-        from kdray.tracking import STORE_TAG, client
+        from kdray.tracking.runs import STORE_TAG, client
 
         client(track["uri"]).set_tag(track["run_id"], STORE_TAG, store.describe())
     try:
@@ -131,15 +131,15 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
             result, latest = _train_here(cfg, track, log, store)
     except Interrupted as exc:
         if track:
-            from kdray.tracking import finish_run
+            from kdray.tracking.runs import finish_run
 
             finish_run(track["uri"], track["run_id"], "interrupted", f"interrupted by {exc.signal_name}")
         raise Interrupted(exc.signum, f"training interrupted by {exc.signal_name}; `kdray train ... --out {out} "
                                       "--resume` continues from its last checkpoint") from None
     except BaseException as exc:
         if track:
-            from kdray.outcome import failure_reason
-            from kdray.tracking import finish_run
+            from kdray.core.outcome import failure_reason
+            from kdray.tracking.runs import finish_run
 
             finish_run(track["uri"], track["run_id"], "failed", failure_reason(exc))
         raise

@@ -23,10 +23,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from kdray._version import __version__
-from kdray.checkpoint import atomic_save, safe_load, sha256_file
-from kdray.data import BatchLoader, DataBundle, load_data
-from kdray.engine import Precision, count_params, evaluate, pick_device
-from kdray.errors import KdrayError, choice_error
+from kdray.core.errors import KdrayError, choice_error
+from kdray.data.sources import BatchLoader, DataBundle, load_data
 from kdray.models import StagedModel, Student, build_model
 from kdray.models.tv import (
     from_torchvision_state,
@@ -36,7 +34,9 @@ from kdray.models.tv import (
     torchvision_names,
     wrap_torchvision,
 )
-from kdray.teachers import MANIFEST
+from kdray.teachers.ensemble import MANIFEST
+from kdray.train.checkpoint import atomic_save, safe_load, sha256_file
+from kdray.train.loop import Precision, count_params, evaluate, pick_device
 
 LAYOUTS = ("auto", "kdray", "torchvision")
 #: the top-level modules of every StagedModel: a state dict whose keys all start so is kdray's

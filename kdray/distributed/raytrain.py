@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from kdray.config import from_dict
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
+from kdray.train.config import from_dict
 
 # A trial's driver (the Tune function that fits a TorchTrainer) mostly waits: it asks for no CPU, so
 # C trials of W one-CPU workers fit on C*W CPUs (at 0.01 CPU each, 2 trials x 1 worker needed 2.02 of
@@ -40,7 +40,7 @@ def final_extras(metrics: dict, ckpt_dir: Optional[str]) -> dict:
     student = Path(ckpt_dir) / "student.pt" if ckpt_dir else None
     if not metrics.get("done") or student is None or not student.is_file():
         return {}
-    from kdray.export import student_latency_ms
+    from kdray.deploy.export import student_latency_ms
 
     return {"latency_ms": student_latency_ms(student)}
 
@@ -51,7 +51,7 @@ def _rank0_tracker(track: Optional[dict], cfg, node_ip: str):
 
     if not track or ray.train.get_context().get_world_rank() != 0:
         return None
-    from kdray.tracking import RunLogger
+    from kdray.tracking.runs import RunLogger
 
     return RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers, node_ip=node_ip)
 
@@ -79,10 +79,10 @@ def _ray_reporter(tracker, node_ip: str, node_id: str, api=None):
 def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet: bool, root: Optional[str] = None) -> None:
     """``fit`` from ``checkpoint`` (Ray's last, or None) with the store behind ``store_ref``; a
     failure is recorded on the run before it propagates."""
-    from kdray.engine import fit
-    from kdray.outcome import failure_reason
-    from kdray.store_ray import fetch
-    from kdray.tracking import TrackingLost
+    from kdray.core.outcome import failure_reason
+    from kdray.teachers.building import fetch
+    from kdray.tracking.runs import TrackingLost
+    from kdray.train.loop import fit
 
     root = root or tempfile.mkdtemp(prefix="kdray-ckpt-")
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
@@ -106,8 +106,8 @@ def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None, checkpoi
     import ray.tune
     from ray.util import get_node_ip_address
 
-    from kdray.engine import pick_device
-    from kdray.tracking import RunLogger
+    from kdray.tracking.runs import RunLogger
+    from kdray.train.loop import pick_device
 
     node_ip = get_node_ip_address()
     tracker = RunLogger(tracking["uri"], tracking["run_id"], teachers=cfg.teachers, node_ip=node_ip) if tracking else None
@@ -177,7 +177,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from kdray.local_ray import torch_config
+    from kdray.distributed.local_ray import torch_config
 
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker}
@@ -245,7 +245,7 @@ def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_l
         # the head's machine (another user's, a test's), with the same starvation as the result.
         # A local Ray is started by kdray.local_ray: every listener on loopback (the dashboard agent
         # takes jobs without authentication), every process ended soon after this driver ends.
-        from kdray.local_ray import connect, init_kwargs, is_local, start
+        from kdray.distributed.local_ray import connect, init_kwargs, is_local, start
 
         kwargs, env = {}, dict(env or {})
         local = is_local(address)
@@ -273,11 +273,11 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
                     tracking: Optional[dict] = None, store=None) -> dict:
     """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint.
     ``store``: a teacher store, handed to the workers through Ray's object store."""
-    from kdray.store_ray import share
-    from kdray.tracking import bounded_http_env
+    from kdray.teachers.building import share
+    from kdray.tracking.runs import bounded_http_env
 
     init_ray(address, env=bounded_http_env())
-    from kdray.guards import rearm_stop_signals
+    from kdray.core.guards import rearm_stop_signals
 
     rearm_stop_signals()  # after Ray's own SIGTERM handler
     check_resources(workers, gpus_per_worker, cpus_per_worker)
@@ -288,7 +288,7 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error
-        from kdray.outcome import failure_reason
+        from kdray.core.outcome import failure_reason
 
         raise KdrayError(f"distributed training failed: {failure_reason(exc)}") from None
     return {"metrics": dict(result.metrics), "checkpoint_dir": result.checkpoint.path if result.checkpoint else None}

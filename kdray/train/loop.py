@@ -22,13 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdray.checkpoint import latest_checkpoint, load_training_state, save_epoch
-from kdray.data import BatchLoader, DataBundle, load_data
+from kdray.core.errors import KdrayError
+from kdray.data.sources import BatchLoader, DataBundle, load_data
 from kdray.distill import Generation, Method, check_teacher_count, get_method
-from kdray.errors import KdrayError
 from kdray.models import build_student
-from kdray.student_file import student_record
-from kdray.teacher_store import (
+from kdray.teachers.ensemble import LiveTeacherOutputs, TeacherEnsemble, load_teachers
+from kdray.teachers.store import (
     DEFAULT_BUDGET_GB,
     StoredTeacherOutputs,
     StoreRequest,
@@ -36,7 +35,8 @@ from kdray.teacher_store import (
     ensure_store,
     mismatch,
 )
-from kdray.teachers import LiveTeacherOutputs, TeacherEnsemble, load_teachers
+from kdray.train.checkpoint import latest_checkpoint, load_training_state, save_epoch
+from kdray.train.student_file import student_record
 
 Reporter = Callable[[dict, Optional[str]], None]
 TeacherOutputs = Callable[..., dict]  # (x, view keys) -> {"logits": [K,N,C], "feats": [...]}
@@ -298,7 +298,7 @@ def store_mismatch(store: TeacherStore, cfg, data: DataBundle, precision: Precis
     the run can read it: on a cluster node without the teacher files the store's key stands)."""
     manifest = None
     if cfg.teachers and (Path(cfg.teachers) / "manifest.json").is_file():
-        from kdray.teachers import read_manifest
+        from kdray.teachers.ensemble import read_manifest
 
         manifest = read_manifest(cfg.teachers)
     return mismatch(store, manifest, data, precision)

@@ -27,9 +27,9 @@ import math
 import warnings
 from typing import Callable, Optional
 
-from kdray.errors import KdrayError
-from kdray.guards import stop_requested
-from kdray.outcome import COMPLETED, FAILED, PRUNED, trial_state
+from kdray.core.errors import KdrayError
+from kdray.core.guards import stop_requested
+from kdray.core.outcome import COMPLETED, FAILED, PRUNED, trial_state
 
 #: what a later ``--resume`` needs to name the best student, kept as Optuna user attributes
 KEPT_RESULT_KEYS = ("checkpoint_path", "node_ip", "epoch", "total_epochs")

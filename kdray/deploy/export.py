@@ -40,8 +40,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from kdray.checkpoint import STUDENT_FORMAT, safe_load, sha256_file
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
+from kdray.train.checkpoint import STUDENT_FORMAT, safe_load, sha256_file
 
 EXPORT_FORMAT = "kdray-export/1"
 _RECORD_KEYS = ("arch", "num_classes", "multi_branch", "branches", "split_stage", "classes", "mean", "std",
@@ -164,7 +164,7 @@ def deploy_module(record: dict, branch: Branch = "all") -> nn.Module:
     strictly, so a record carrying anything else (say FEED translators) is refused.
     """
     from kdray.models import export_module
-    from kdray.student_file import rebuild_student
+    from kdray.train.student_file import rebuild_student
 
     check_record(record)
     b = resolve_branch(record, branch)
@@ -208,8 +208,8 @@ def load_test_split(record: dict):
     The test split is fixed by the data code (its own split seed), so it is the split the run
     was tested on. A KdrayError with the reason when the data cannot be loaded or no longer fits.
     """
-    from kdray.config import from_dict
-    from kdray.data import load_data
+    from kdray.data.sources import load_data
+    from kdray.train.config import from_dict
 
     try:
         cfg = from_dict(dict(record["config"]), "the student's config")

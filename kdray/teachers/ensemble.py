@@ -15,10 +15,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from kdray.checkpoint import safe_load, sha256_file
+from kdray.core.errors import KdrayError
 from kdray.distill.base import TeacherInfo
-from kdray.errors import KdrayError
 from kdray.models import StagedModel, build_model
+from kdray.train.checkpoint import safe_load, sha256_file
 
 MANIFEST = "manifest.json"
 

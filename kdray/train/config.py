@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
+from kdray.core.errors import KdrayError
+from kdray.core.values import coerce_value
 from kdray.distill import HPARAMS, RESERVED_NAMES
-from kdray.errors import KdrayError
-from kdray.values import coerce_value
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")

@@ -9,16 +9,16 @@ from typing import Callable, Optional
 
 import torch
 
-from kdray.data import DataBundle, Split, ViewSpec
-from kdray.teacher_store import Builder, TeacherStore, compute_rows
+from kdray.data.sources import DataBundle, Split, ViewSpec
+from kdray.teachers.store import Builder, TeacherStore, compute_rows
 
 CHUNKS_PER_TASK_SLOT = 2  # more chunks than slots: progress and load balance without much overhead
 
 
 def _rows_task(ensemble, data: DataBundle, precision, feats: bool, codes: torch.Tensor) -> tuple:
     """One Ray task: the teachers' outputs of ``codes`` on this task's device."""
-    from kdray.engine import Precision
-    from kdray.teachers import LiveTeacherOutputs
+    from kdray.teachers.ensemble import LiveTeacherOutputs
+    from kdray.train.loop import Precision
 
     device = torch.device("cuda" if precision.device.type == "cuda" and torch.cuda.is_available() else "cpu")
     here = Precision(device, precision.use_amp, precision.channels_last)

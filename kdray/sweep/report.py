@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from kdray.guards import stop_requested
-from kdray.optuna_adapter import earlier_best, study_counts
-from kdray.outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
+from kdray.core.guards import stop_requested
+from kdray.core.outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
+from kdray.sweep.search import earlier_best, study_counts
 
 
 def trial_error(trial) -> Optional[BaseException]:
@@ -176,7 +176,7 @@ def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str, log: Calla
     stayed open)."""
     from ray.tune import Callback
 
-    from kdray.tracking import KIND_TAG, STATE_TAG, TRIAL_TAG, client, find_trial_run, finish_run, trial_run_name
+    from kdray.tracking.runs import KIND_TAG, STATE_TAG, TRIAL_TAG, client, find_trial_run, finish_run, trial_run_name
 
     def open_run(trial, create: bool):
         run = find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)

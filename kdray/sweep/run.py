@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from kdray.errors import KdrayError
-from kdray.guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
-from kdray.space import Space, load_space
-from kdray.values import mask_credentials
+from kdray.core.errors import KdrayError
+from kdray.core.guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
+from kdray.core.values import mask_credentials
+from kdray.sweep.space import Space, load_space
 
 #: Optuna's samplers seed numpy's RandomState, which takes 0 .. 2**32 - 1
 SEED_LIMIT = 2**32
@@ -63,10 +63,10 @@ class SweepOptions:
     @property
     def trial_resources(self) -> dict:
         if self.in_trial:
-            from kdray.scale import worker_resources
+            from kdray.distributed.raytrain import worker_resources
 
             return worker_resources(self.cpus_per_worker, self.gpus_per_worker)
-        from kdray.scale import DRIVER_RESOURCES
+        from kdray.distributed.raytrain import DRIVER_RESOURCES
 
         return DRIVER_RESOURCES
 
@@ -87,7 +87,7 @@ def fit_concurrency(concurrency: int, workers: int, gpus_per_worker: float, cpus
     the cluster as it is now: an autoscaling cluster gets the concurrency its current nodes allow."""
     import ray
 
-    from kdray.scale import DRIVER_RESOURCES
+    from kdray.distributed.raytrain import DRIVER_RESOURCES
 
     free = [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
             for n in ray.nodes() if n.get("Alive")]
@@ -133,7 +133,7 @@ def trial_env(local: bool) -> dict:
     """Environment for the sweep's Ray processes (handed to init_ray, which sets it through the job's
     runtime_env; Train then propagates these variables to its controllers and workers). A value the
     user exported wins."""
-    from kdray.tracking import BOUNDED_HTTP_ENV
+    from kdray.tracking.runs import BOUNDED_HTTP_ENV
 
     env = {**TRIAL_ENV_DEFAULTS, **BOUNDED_HTTP_ENV}
     if local:  # one actor process fewer per trial: nothing pre-empts a node of a local Ray
@@ -149,7 +149,7 @@ def teachers_for(space: Space, workdir: Path, log: Callable[[str], None],
 
     if space.base.teachers or all(get_method(m).min_teachers == 0 for m in space.methods()):
         return space.base.teachers
-    from kdray.teacher_training import ensure_teachers
+    from kdray.train.teacher_set import ensure_teachers
 
     spec = space.teachers
     archs = spec.get("arch", ["resnet20"])
@@ -190,7 +190,7 @@ def sweep_seed(options: SweepOptions, space: Space, storage, name: str, log: Cal
     differently unless told otherwise. A resumed sweep keeps the seed its study recorded."""
     import secrets
 
-    from kdray.optuna_adapter import recorded_seed, trial_count
+    from kdray.sweep.search import recorded_seed, trial_count
 
     kept = recorded_seed(storage, name) if options.resume else None
     if kept is not None:
@@ -225,7 +225,7 @@ def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=No
     """TPE seeded by ``seed``; ``link_run``: see :func:`make_run_linker`."""
     from optuna.samplers import TPESampler
 
-    from kdray.optuna_adapter import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
+    from kdray.sweep.search import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
 
     names, modes = [m for m, _ in space.metrics], [d for _, d in space.metrics]
     multi = space.multi_objective
@@ -247,7 +247,7 @@ def make_run_linker(track: Optional[dict], study_name: str, log: Callable[[str],
     has no run yet. A store that fails costs one line per trial, not the sweep."""
     if not track:
         return None
-    from kdray import tracking as tr
+    from kdray.tracking import runs as tr
 
     warned: set = set()
 
@@ -262,7 +262,7 @@ def make_run_linker(track: Optional[dict], study_name: str, log: Callable[[str],
             return run.info.run_id
         except Exception as exc:  # noqa: BLE001 - the store is down or refuses
             if trial_id not in warned:
-                from kdray.outcome import failure_reason
+                from kdray.core.outcome import failure_reason
 
                 warned.add(trial_id)
                 log(f"tracking: trial {trial_id} not linked to Optuna trial {number} ({failure_reason(exc)})")
@@ -273,7 +273,7 @@ def make_run_linker(track: Optional[dict], study_name: str, log: Callable[[str],
 
 def record_sweep_seed(track: dict, seed: SweepSeed) -> None:
     """The sampler's seed on the sweep's MLflow run (the study holds it as user attribute ``seed``)."""
-    from kdray import tracking as tr
+    from kdray.tracking import runs as tr
 
     tr.log_batch(tr.client(track["uri"]), track["parent_run_id"],
                  params={"optuna_seed": seed.value, "optuna_seed_source": seed.source,
@@ -285,28 +285,28 @@ def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, t
     """The Tune function of one trial: its config validated once, a child MLflow run, then the
     engine: in this process for a 1-worker trial, else a TorchTrainer of W workers. ``store_ref``:
     the sweep's teacher store in Ray's object store (or None: teachers run live)."""
-    from kdray.scale import method_payload
+    from kdray.distributed.raytrain import method_payload
 
     methods = method_payload()
 
     def trial(config: dict) -> None:
         import ray
 
-        from kdray.scale import register_payload
+        from kdray.distributed.raytrain import register_payload
 
         register_payload(methods)  # methods and architectures defined outside kdray travel by value
         cfg = space.trial_config(config)
         context = ray.tune.get_context()
         run = _start_trial_run(trial_track, cfg, context)
         if opts.in_trial:
-            from kdray.scale import fit_in_tune_trial
+            from kdray.distributed.raytrain import fit_in_tune_trial
 
             fit_in_tune_trial(cfg, tracking=run, store_ref=store_ref,
                               checkpoint_root=str(Path(storage_path) / name / "kdray-checkpoints" / context.get_trial_id()))
             return
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from kdray.scale import make_trainer
+        from kdray.distributed.raytrain import make_trainer
 
         trainer = make_trainer(cfg, workers=opts.workers, gpus_per_worker=opts.gpus_per_worker,
                                cpus_per_worker=opts.cpus_per_worker, storage_path=storage_path,
@@ -338,9 +338,9 @@ STORE_CHANGING_KEYS = ("dataset", "data_dir", "train_fraction", "val_fraction", 
 def sweep_store_needs(space: Space):
     """What a sweep of ``space`` needs from a teacher store: (a config of its teachers, data and
     precision, the seeds, the loader epochs, whether feature maps); None without teachers."""
-    from kdray.config import from_dict
     from kdray.distill import get_method
-    from kdray.engine import teacher_view_epochs
+    from kdray.train.config import from_dict
+    from kdray.train.loop import teacher_view_epochs
 
     high = {**space.base.to_dict(), **space.corner("high")}
     cfgs = [from_dict({**high, "method": m}, space.path) for m in space.methods() if get_method(m).min_teachers > 0]
@@ -366,8 +366,8 @@ def sweep_teacher_store(space: Space, opts: SweepOptions, log):
     if why:
         log(f"teacher store: off ({why}); the teachers run live in every trial")
         return None, f"off ({why})"
-    from kdray.engine import open_teacher_store
-    from kdray.store_ray import ray_builder, share
+    from kdray.teachers.building import ray_builder, share
+    from kdray.train.loop import open_teacher_store
 
     store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=opts.teacher_store_dir,
                                budget_gb=opts.teacher_store_budget,
@@ -387,7 +387,7 @@ def _start_trial_run(trial_track: Optional[dict], cfg, context) -> Optional[dict
     """The trial's child run, created on the trial's node (over HTTP on a cluster)."""
     if not trial_track:
         return None
-    from kdray import tracking as tr
+    from kdray.tracking import runs as tr
 
     uri = trial_track["uri"]
     retried = ray_trial_retried()
@@ -395,7 +395,7 @@ def _start_trial_run(trial_track: Optional[dict], cfg, context) -> Optional[dict
         earlier = tr.find_trial_run(uri, trial_track["experiment_id"], trial_track["parent_run_id"], context.get_trial_id())
         if earlier is not None:
             return {"uri": uri, "run_id": earlier.info.run_id}
-    from kdray.config import tracked_config
+    from kdray.train.config import tracked_config
 
     run_id = tr.start_run(uri, trial_track["experiment_id"], run_name=tr.trial_run_name(cfg.method, context.get_trial_id()),
                           cfg=cfg, kind="trial", params=tracked_config(cfg), parent_run_id=trial_track["parent_run_id"],
@@ -410,9 +410,9 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
     """The sweep's parent run, and the driver-side callback that records each trial's state."""
     import ray
 
-    from kdray import tracking as tr
-    from kdray.runner import teacher_archs
-    from kdray.sweep_report import make_tracking_callback
+    from kdray.sweep.report import make_tracking_callback
+    from kdray.tracking import runs as tr
+    from kdray.train.run import teacher_archs
 
     uri = tracking["uri"]
     ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
@@ -421,7 +421,7 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
             f"the MLflow store {uri} is a local file, but the Ray cluster spans {len(ips)} hosts ({', '.join(sorted(ips))}); "
             "trials on other hosts cannot write it: pass --tracking-uri http://HEAD:5000 (an `mlflow server`)"
         )
-    from kdray.guards import stores_initialising
+    from kdray.core.guards import stores_initialising
 
     with stores_initialising(workdir):
         exp_id = tr.experiment_id(uri, name, workdir)
@@ -443,7 +443,7 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
 def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, log, reason=None, summary=None) -> dict:
     import optuna
 
-    from kdray import tracking as tr
+    from kdray.tracking import runs as tr
 
     uri, parent = track["uri"], track["parent_run_id"]
     plots: list = []
@@ -467,7 +467,7 @@ def _finish_tracking(track: dict, space: Space, name: str, storage, state: str, 
 def _summarize_parent(track: dict, space: Space, summary: dict) -> None:
     """The parent run carries the best trial's metrics, params and a link to it (and the summary
     its MLflow run id); counts by state go into its description."""
-    from kdray import tracking as tr
+    from kdray.tracking import runs as tr
 
     best = summary.get("best")
     if best and not best.get("mlflow_run_id"):
@@ -487,7 +487,7 @@ def open_storage(opts: SweepOptions, workdir: Path):
 
 def start_ray(opts: SweepOptions, log) -> int:
     """Ray up (local or the given cluster), checked to host one trial; the concurrency it can host."""
-    from kdray.scale import check_resources, init_ray
+    from kdray.distributed.raytrain import check_resources, init_ray
 
     init_ray(opts.address, env=trial_env(local=opts.local), worker_logs=False)  # trials report through kdray's lines
     rearm_stop_signals()  # after Ray's own SIGTERM handler
@@ -536,10 +536,10 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     and ``result_grid`` (Tune's). Raises :class:`~kdray.guards.Interrupted` after recording a
     SIGINT / SIGTERM."""
     handles = {} if handles is None else handles
-    from kdray.console import library_output_to
-    from kdray.guards import one_sweep_at_a_time, stop_signals_interrupt, stores_initialising
-    from kdray.optuna_adapter import prepare_study
-    from kdray.sweep_report import summarize
+    from kdray.core.console import library_output_to
+    from kdray.core.guards import one_sweep_at_a_time, stop_signals_interrupt, stores_initialising
+    from kdray.sweep.report import summarize
+    from kdray.sweep.search import prepare_study
 
     space = load_space(space_file)  # validated before anything starts
     options.check()
@@ -567,7 +567,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
 
 
 def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
-    from kdray.sweep_report import make_progress_callback, quiet_trial_tracebacks, result_rows, summarize, sweep_timing
+    from kdray.sweep.report import make_progress_callback, quiet_trial_tracebacks, result_rows, summarize, sweep_timing
 
     quiet_trial_tracebacks()
     space, name, options, storage, workdir, log = (sweep[k] for k in
@@ -580,7 +580,7 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
     if tracking:
         sweep["track"] = _start_tracking(tracking, space, name, storage, workdir, teachers, log, options.resume)
         if sweep["teacher_store"]:
-            from kdray.tracking import STORE_TAG, client
+            from kdray.tracking.runs import STORE_TAG, client
 
             client(sweep["track"]["uri"]).set_tag(sweep["track"]["parent_run_id"], STORE_TAG, sweep["teacher_store"])
             sweep["track"]["teacher_store"] = sweep["teacher_store"]
@@ -597,7 +597,7 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
             grid = sweep["handles"]["result_grid"] = tuner.fit()
     except Exception as exc:
         if track:
-            from kdray.outcome import failure_reason
+            from kdray.core.outcome import failure_reason
 
             _finish_tracking(track, space, name, storage, "failed", log, reason=failure_reason(exc))
         raise
@@ -614,7 +614,7 @@ def _record_interruption(sweep: dict, exc: Interrupted) -> Interrupted:
     """Stop the trials (Ray down), then record them as interrupted in Optuna and MLflow."""
     import ray
 
-    from kdray.optuna_adapter import close_interrupted_trials
+    from kdray.sweep.search import close_interrupted_trials
 
     sweep["log"](f"{exc.signal_name}: stopping the sweep's trials")
     if ray.is_initialized():
@@ -623,7 +623,7 @@ def _record_interruption(sweep: dict, exc: Interrupted) -> Interrupted:
     count = close_interrupted_trials(sweep["storage"], name)
     track = sweep["track"]
     if track:
-        from kdray import tracking as tr
+        from kdray.tracking import runs as tr
 
         tr.close_running_runs(track["uri"], track["experiment_id"], "interrupted", f"interrupted by {exc.signal_name}")
     return Interrupted(exc.signum, (
@@ -634,7 +634,7 @@ def _record_interruption(sweep: dict, exc: Interrupted) -> Interrupted:
 def _requeue_lost_tracking(rows: list, storage, name: str, log) -> None:
     """Trials that failed because the tracking server went away did not fail on their own: they
     are marked interrupted and queued again, so --resume runs them once the server is back."""
-    from kdray.optuna_adapter import requeue_trials
+    from kdray.sweep.search import requeue_trials
 
     lost = [r["trial"] for r in rows if (r["error"] or "").startswith("TrackingLost")]
     if lost:

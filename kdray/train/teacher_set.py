@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kdray._version import __version__
-from kdray.checkpoint import atomic_save, sha256_file
-from kdray.config import tracked_config
-from kdray.engine import fit
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 from kdray.models import build_model
-from kdray.teachers import MANIFEST
+from kdray.teachers.ensemble import MANIFEST
+from kdray.train.checkpoint import atomic_save, sha256_file
+from kdray.train.config import tracked_config
+from kdray.train.loop import fit
 
 #: config keys that do not change what a teacher learns (where it runs, how it is evaluated or logged)
 NOT_IN_RECIPE = ("method", "student", "teachers", "checkpoint_dir", "resume", "workers", "device",
@@ -61,7 +61,7 @@ def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
     kdray-teachers, apart from the students' sweeps); None when tracking is off."""
     if not tracking:
         return None
-    from kdray.tracking import RunLogger, experiment_id, start_run, versions
+    from kdray.tracking.runs import RunLogger, experiment_id, start_run, versions
 
     exp_id = experiment_id(tracking["uri"], tracking.get("experiment") or TEACHER_EXPERIMENT,
                               tracking.get("workdir"))
@@ -88,7 +88,7 @@ def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
         result = fit(tcfg, log=log, keep_checkpoints=1, reporter=run.epoch if run else None)
     except BaseException as exc:
         if run is not None:
-            from kdray.outcome import failure_reason
+            from kdray.core.outcome import failure_reason
 
             run.failed(failure_reason(exc))
         raise

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kdray.errors import KdrayError, choice_error
+from kdray.core.errors import KdrayError, choice_error
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 DEFAULT_IMAGE_SIZE = 32

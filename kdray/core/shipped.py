@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from kdray.errors import KdrayError
+from kdray.core.errors import KdrayError
 
 SPACES, CLUSTERS = "search_spaces", "clusters"
 CLUSTER_SUFFIXES = (".yaml", ".sh", ".md")
