@@ -116,7 +116,7 @@ def teacher_diagnostics(args, tdir: Path) -> dict:
     import torch
 
     from kdray.train.config import RunConfig
-    from kdray.train.loop import prepare
+    from kdray.train.prepare import prepare
 
     cfg = RunConfig().replace(dataset="imagefolder", data_dir=str(args.data_dir), train_fraction=1.0,
                               method="avg_kd", teachers=str(tdir), device="cpu")

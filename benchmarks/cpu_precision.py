@@ -61,13 +61,15 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from kdray.core.device import Precision, cpu_has_native_bf16
 from kdray.core.errors import KdrayError  # noqa: E402
 from kdray.data.sources import load_data  # noqa: E402
 from kdray.distill import METHODS, get_method  # noqa: E402
 from kdray.models import build_model  # noqa: E402
 from kdray.teachers.ensemble import TeacherEnsemble  # noqa: E402
 from kdray.train.config import from_dict  # noqa: E402
-from kdray.train.loop import Precision, cpu_has_native_bf16, fit, make_optimizer  # noqa: E402
+from kdray.train.fit import fit
+from kdray.train.generation import make_optimizer  # noqa: E402
 from kdray.train.teacher_set import train_teachers  # noqa: E402
 
 CPU = torch.device("cpu")

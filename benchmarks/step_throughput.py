@@ -60,13 +60,17 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from kdray.core.device import pick_device  # noqa: E402  # noqa: E402
 from kdray.core.errors import KdrayError  # noqa: E402
-from kdray.data.sources import DATASETS, Split, load_data  # noqa: E402
+from kdray.data.sources import DATASETS, load_data
+from kdray.data.splits import Split  # noqa: E402
 from kdray.distill import METHODS, Generation, check_teacher_count, get_method  # noqa: E402
 from kdray.models import build_model, build_student  # noqa: E402
 from kdray.teachers.ensemble import TeacherEnsemble  # noqa: E402
 from kdray.train.config import from_dict  # noqa: E402
-from kdray.train.loop import LiveTeacherOutputs, build_generation, make_optimizer, pick_device, prepare, train_epoch  # noqa: E402  # noqa: E402
+from kdray.train.generation import build_generation, make_optimizer
+from kdray.train.loop import LiveTeacherOutputs, train_epoch
+from kdray.train.prepare import prepare
 
 TARBALL = "cifar10-jpeg.tar.gz"
 
@@ -172,8 +176,9 @@ def sync(device: torch.device) -> None:
 def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, per_epoch: int):
     """An in-memory teacher store holding the views of the first ``per_epoch`` samples of each of
     ``epochs`` epochs (what the timed rounds visit): (store, seconds it took, views computed)."""
-    from kdray.data.sources import ViewSpec
-    from kdray.teachers.store import compute_rows, empty_store, view_batch
+    from kdray.data.views import ViewSpec
+    from kdray.teachers.building import compute_rows, view_batch
+    from kdray.teachers.store import empty_store
 
     data = dataclasses.replace(data, train=train)
     prep = prepare(cfg, data=data, teachers=TeacherEnsemble(teacher_models), device=device)

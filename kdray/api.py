@@ -83,7 +83,7 @@ class StudentResult:
         """The MLflow run (``mlflow.entities.Run``), or None when the run was not tracked."""
         if not (self.run_id and self.tracking_uri):
             return None
-        from kdray.tracking.runs import client
+        from kdray.tracking.store import client
 
         return client(self.tracking_uri).get_run(self.run_id)
 
@@ -142,7 +142,7 @@ def tracking_settings(track: bool, tracking_uri: Optional[str], experiment: str,
     """None when tracking is off; else the checked MLflow store, experiment and workdir."""
     if not track:
         return None
-    from kdray.tracking.runs import bounded_http_env, check_store, resolve_uri
+    from kdray.tracking.store import bounded_http_env, check_store, resolve_uri
 
     for key, value in bounded_http_env().items():  # this process's MLflow calls too
         os.environ.setdefault(key, value)
@@ -154,7 +154,7 @@ def tracking_settings(track: bool, tracking_uri: Optional[str], experiment: str,
 def check_readable_store(uri: str) -> None:
     """For commands that only read (best, export --run, load_student): a sqlite store that does
     not exist is an error, not an empty store created on the spot (MLflow would create one)."""
-    from kdray.tracking.runs import check_store
+    from kdray.tracking.store import check_store
 
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
@@ -292,7 +292,8 @@ def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_u
     if not path.is_file():
         if Path(str(source)).suffix or "/" in str(source):
             raise KdrayError(f"{source}: no such student file")
-        from kdray.tracking.runs import download_student, resolve_uri
+        from kdray.tracking.query import download_student
+        from kdray.tracking.store import resolve_uri
 
         tracking_uri = resolve_uri(tracking_uri, resolve_workdir(workdir))
         check_readable_store(tracking_uri)

@@ -21,7 +21,7 @@ from kdray.models import (
     unregister_model,
 )
 from kdray.teachers.ensemble import load_teachers
-from kdray.train.loop import fit
+from kdray.train.fit import fit
 
 QUIET = dict(log=lambda s: None, keep_checkpoints=0)
 

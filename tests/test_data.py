@@ -15,7 +15,11 @@ from datahelpers import CIFAR10_CLASSES, CIFAR_JPEG, extract_cifar_subset, write
 
 import kdray.data.sources as data  # noqa: E402
 from kdray.core.errors import KdrayError  # noqa: E402
-from kdray.data.sources import DATASETS, BatchLoader, DataBundle, Split, augment_batch, load_data, split_indices  # noqa: E402
+from kdray.data.bundle import DataBundle
+from kdray.data.loader import BatchLoader
+from kdray.data.sources import DATASETS, load_data
+from kdray.data.splits import Split, split_indices  # noqa: E402
+from kdray.data.views import augment_batch
 from kdray.train.config import RunConfig  # noqa: E402
 
 

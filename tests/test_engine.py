@@ -9,7 +9,9 @@ from conftest import small_cfg
 from kdray.core.errors import KdrayError
 from kdray.teachers.ensemble import load_teachers
 from kdray.train.checkpoint import safe_load
-from kdray.train.loop import NonFiniteLoss, fit, lr_factor
+from kdray.train.fit import fit
+from kdray.train.generation import lr_factor
+from kdray.train.loop import NonFiniteLoss
 from kdray.train.student_file import rebuild_student
 
 quiet = dict(log=lambda s: None)
@@ -113,7 +115,8 @@ def test_precise_bn_recomputes_statistics_without_changing_training(tmp_path):
     """precise_bn leaves the training trajectory alone (train-mode BatchNorm uses batch statistics)
     and leaves each BatchNorm's running mean at the average of its input's batch means over the
     un-augmented train split under the final weights."""
-    from kdray.data.sources import BatchLoader, load_data
+    from kdray.data.loader import BatchLoader
+    from kdray.data.sources import load_data
 
     cfg = small_cfg(method="ce", epochs=2)
     plain = fit(cfg, checkpoint_root=str(tmp_path / "a"), **quiet)

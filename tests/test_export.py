@@ -8,20 +8,15 @@ import torch
 from conftest import small_cfg
 
 from kdray.core.errors import KdrayError
-from kdray.data.sources import BatchLoader
-from kdray.deploy.export import (
-    export_student,
-    load_exported,
-    load_record,
-    load_state_dict_module,
-    load_test_split,
-    measure_latency_ms,
-    predict,
-    resolve_branch,
-)
+from kdray.data.loader import BatchLoader
+from kdray.deploy.branches import load_record, resolve_branch
+from kdray.deploy.export import export_student, load_exported, load_state_dict_module
+from kdray.deploy.latency import measure_latency_ms
+from kdray.deploy.recheck import load_test_split, predict
 from kdray.models import build_model
+from kdray.models.measure import count_params
 from kdray.train.checkpoint import safe_load, sha256_file
-from kdray.train.loop import count_params, fit
+from kdray.train.fit import fit
 from kdray.train.student_file import rebuild_student
 
 quiet = dict(log=lambda s: None)

@@ -107,7 +107,8 @@ def test_credentials_are_masked_in_what_kdray_logs(tmp_path):
     import mlflow
 
     from kdray.core.values import mask_credentials
-    from kdray.tracking.runs import experiment_id, start_sweep_run
+    from kdray.tracking.store import experiment_id
+    from kdray.tracking.sweeps import start_sweep_run
     from kdray.train.config import RunConfig
 
     assert mask_credentials("postgresql://kd:s3cret@db:5432/optuna") == "postgresql://kd:***@db:5432/optuna"

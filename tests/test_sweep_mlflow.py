@@ -67,7 +67,8 @@ def sweep(mlflow_server, tmp_path_factory):  # noqa: F811
 
 
 def test_experiment_opens_on_a_saved_view_of_the_ranked_trials(sweep):
-    from kdray.tracking.runs import TRIALS_VIEW, VIEW_TAG_PREFIX, ui_path
+    from kdray.tracking.tags import TRIALS_VIEW, VIEW_TAG_PREFIX
+    from kdray.tracking.view import ui_path
 
     tags = sweep["exp"].tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
@@ -141,7 +142,7 @@ def test_parent_run_carries_the_best_trial(sweep):
 
 
 def test_first_screen_shows_the_trials_ranked_with_their_state(sweep):
-    from kdray.tracking.runs import ui_path
+    from kdray.tracking.view import ui_path
 
     names = [sweep["trials"][s].info.run_name for s in ("completed", "pruned", "failed")]
     words = [*names, "completed", "pruned", "failed", "ekd", "val_acc", "test_acc", "params", *SEARCHED, "Models"]
@@ -159,7 +160,7 @@ def test_first_screen_shows_the_trials_ranked_with_their_state(sweep):
 def test_register_champion_leaves_the_run_as_it_was_and_loads_from_raw_digits(sweep, tmp_path):
     from sklearn.datasets import load_digits
 
-    from kdray.data.sources import TEST_FRACTION, split_indices
+    from kdray.data.splits import TEST_FRACTION, split_indices
 
     c, best = sweep["client"], sweep["trials"]["completed"]
     before = c.get_run(best.info.run_id)

@@ -14,9 +14,13 @@ from conftest import small_cfg
 
 from kdray.cli import main
 from kdray.core.errors import KdrayError
-from kdray.data.sources import BatchLoader, Split, ViewSpec, crop_and_flip, load_data
+from kdray.data.loader import BatchLoader
+from kdray.data.sources import load_data
+from kdray.data.splits import Split
+from kdray.data.views import ViewSpec, crop_and_flip
+from kdray.teachers.source import open_teacher_store
 from kdray.teachers.store import META_FILE, STORE_FILE, STORES, StoreCorrupt, list_stores, load
-from kdray.train.loop import fit, open_teacher_store
+from kdray.train.fit import fit
 
 QUIET = dict(log=lambda s: None)
 

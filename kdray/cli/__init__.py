@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
 
 
 def tracking_uri(args) -> str:
-    from kdray.tracking.runs import resolve_uri
+    from kdray.tracking.store import resolve_uri
 
     return resolve_uri(getattr(args, "tracking_uri", None), workdir(args))
 
@@ -140,7 +140,8 @@ def tracking_from_args(args, experiment_default: str = "kdray"):
 
 
 def cmd_best(args) -> int:
-    from kdray.tracking.runs import STATE_TAG, best_runs
+    from kdray.tracking.query import best_runs
+    from kdray.tracking.tags import STATE_TAG
 
     uri = tracking_uri(args)
     check_readable_store(uri)
@@ -192,7 +193,7 @@ def cmd_export(args) -> int:
         except ValueError:
             raise KdrayError(f"--branch {args.branch!r} is not allowed; allowed: best, all or a branch number") from None
     if args.run:
-        from kdray.tracking.runs import download_student
+        from kdray.tracking.query import download_student
 
         uri = tracking_uri(args)
         check_readable_store(uri)
@@ -283,8 +284,8 @@ def store_line(m: dict) -> str:
 
 
 def cmd_teachers_store(args) -> int:
+    from kdray.teachers.source import open_teacher_store
     from kdray.teachers.store import list_stores
-    from kdray.train.loop import open_teacher_store
 
     if args.space:
         from kdray.sweep.run import sweep_store_needs

@@ -93,7 +93,7 @@ def raw_input_of(record: dict) -> RawInput:
 
 def champion_module(record: dict) -> tuple[RawImages, RawInput]:
     """The whole student (EKD: the ensemble, as its accuracy was logged) behind its preprocessing."""
-    from kdray.deploy.export import deploy_module
+    from kdray.deploy.branches import deploy_module
 
     raw = raw_input_of(record)
     return RawImages(deploy_module(record, branch="all"), raw, int(record["image_size"])).eval(), raw
@@ -175,7 +175,7 @@ def log_champion_model(uri: str, run, module: nn.Module, example, name: str, fac
     import mlflow
     from mlflow.models import infer_signature
 
-    from kdray.tracking.runs import client
+    from kdray.tracking.store import client
 
     with torch.no_grad():
         signature = infer_signature(example, module(torch.from_numpy(example)).numpy())
@@ -194,7 +194,7 @@ def register_version(uri: str, model, run, name: str, facts: dict, description: 
     """A new version of registered model ``name`` from ``model``, the alias pointing at it."""
     from mlflow.exceptions import MlflowException
 
-    from kdray.tracking.runs import client
+    from kdray.tracking.store import client
 
     c = client(uri)
     try:
@@ -216,7 +216,7 @@ def register_champion(uri: str, run_id: str, model_name: str, log: Callable[[str
     raw images (:data:`RAW_INPUTS`) with its preprocessing inside, a description and tags. The
     run is read, not written."""
     check_model_name(model_name)
-    from kdray.tracking.runs import download_student, get_run
+    from kdray.tracking.query import download_student, get_run
     from kdray.train.checkpoint import safe_load
 
     run = get_run(uri, run_id)

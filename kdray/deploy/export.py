@@ -28,11 +28,7 @@ This module needs bare torch only (no ray, mlflow or optuna).
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -41,210 +37,30 @@ import torch
 from torch import nn
 
 from kdray.core.errors import KdrayError
-from kdray.train.checkpoint import STUDENT_FORMAT, safe_load, sha256_file
-
-EXPORT_FORMAT = "kdray-export/1"
-_RECORD_KEYS = ("arch", "num_classes", "multi_branch", "branches", "split_stage", "classes", "mean", "std",
-                "image_size", "config", "metrics", "state_dict")
-
-Branch = Union[str, int]
-
-
-class Deployed(nn.Module):
-    """[0, 1] images -> the student's logits, normalising inside exactly like ``BatchLoader``."""
-
-    def __init__(self, net: nn.Module, mean, std):
-        super().__init__()
-        self.net = net
-        mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-        # the same float32 expressions as BatchLoader: (x*255) * scale - shift is then bit-identical
-        # to the loader's uint8 * scale - shift, since (u/255)*255 == u exactly for every uint8 u
-        self.register_buffer("scale", 1.0 / (255.0 * std_t))
-        self.register_buffer("shift", mean_t / std_t)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.mul(255.0).mul(self.scale).sub(self.shift))
-
+from kdray.deploy.branches import (
+    EXPORT_FORMAT,
+    Branch,
+    Deployed,
+    _describe,
+    branch_accuracies,
+    check_record,
+    deploy_module,
+    logged_accuracy,
+    num_branches,
+    parse_branch,
+    resolve_branch,
+)
+from kdray.deploy.folder import _INFO_FILE, _check_out, _write_beside_and_swap
+from kdray.deploy.latency import LATENCY, cpu_latency_ms
+from kdray.deploy.recheck import _recheck_fields, load_test_split
+from kdray.train.checkpoint import safe_load, sha256_file
 
 # ---------------------------------------------------------------------------------------------
 # records and branch choice
 
 
-def check_record(record, where: str = "student record") -> dict:
-    """``record`` if it is a kdray ``student.pt`` dict, else a KdrayError naming what is missing."""
-    if not isinstance(record, dict):
-        raise KdrayError(f"{where}: not a kdray student (expected a dict, got {type(record).__name__})")
-    if record.get("format") not in (None, STUDENT_FORMAT):
-        raise KdrayError(f"{where}: format {record.get('format')!r} is not {STUDENT_FORMAT!r}")
-    missing = [k for k in _RECORD_KEYS if k not in record]
-    if missing:
-        raise KdrayError(f"{where}: not a kdray student (missing {', '.join(missing)})")
-    return record
-
-
-def load_record(path: Union[str, Path]) -> dict:
-    """A ``student.pt`` loaded with ``weights_only=True`` and checked."""
-    return check_record(safe_load(path, "student"), str(path))
-
-
-def num_branches(record: dict) -> int:
-    """Branches a deployer can choose from: B for a multi-branch student, 1 otherwise."""
-    return max(1, int(record.get("branches", 1))) if record.get("multi_branch") else 1
-
-
-def branch_accuracies(record: dict) -> tuple[list[Optional[float]], str]:
-    """Per-branch logged accuracy and the split it came from: ``val`` (so that picking the best
-    branch does not peek at the test split), else ``test``."""
-    m = record.get("metrics", {})
-    n = num_branches(record)
-    for split in ("val", "test"):
-        keys = [f"{split}_acc_b{i}" for i in range(n)]
-        if all(k in m for k in keys):
-            return [float(m[k]) for k in keys], split
-        if n == 1 and f"{split}_acc" in m:  # one branch: evaluate logs no per-branch keys
-            return [float(m[f"{split}_acc"])], split
-    return [None] * n, "none"
-
-
-def parse_branch(branch: Branch) -> Branch:
-    """``"best"``, ``"all"`` or a branch number (CLI strings such as ``"2"`` become ints)."""
-    if isinstance(branch, bool):
-        raise KdrayError(f"branch {branch!r} is not allowed; allowed: best, all or a branch number")
-    if isinstance(branch, int):
-        return branch
-    s = str(branch).strip().lower()
-    if s in ("best", "all"):
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise KdrayError(f"branch {branch!r} is not allowed; allowed: best, all or a branch number") from None
-
-
-def resolve_branch(record: dict, branch: Branch) -> Optional[int]:
-    """``None`` for the whole student (EKD: the ensemble of all branches), else a branch index.
-
-    ``best`` picks the multi-branch student's branch with the highest logged ``val_acc_b{i}``
-    (the test split never chooses; ``test_acc_b{i}`` only when the val ones are missing; ties: the
-    lowest index); for a single
-    student it means the student itself. A single student allows best, all and 0 only.
-    """
-    branch = parse_branch(branch)
-    multi = bool(record.get("multi_branch"))
-    n = num_branches(record)
-    if branch == "all":
-        return None
-    if branch == "best":
-        if not multi:
-            return None
-        accs, split = branch_accuracies(record)
-        if split == "none":
-            raise KdrayError("--branch best: the student has no logged per-branch accuracy "
-                             f"(test_acc_b*/val_acc_b*); choose --branch all or 0..{n - 1}")
-        return max(range(n), key=lambda i: (accs[i], -i))
-    if not 0 <= branch < n:
-        allowed = f"0..{n - 1}" if n > 1 else "0"
-        kind = f"a {n}-branch student" if multi else "a single-branch student"
-        raise KdrayError(f"branch {branch} does not exist in {kind}; allowed: best, all or {allowed}")
-    return branch if multi else None
-
-
-def logged_accuracy(record: dict, branch: Optional[int]) -> Optional[float]:
-    """The accuracy the run logged for what gets exported (ensemble/single: test_acc)."""
-    m = record.get("metrics", {})
-    key = "test_acc" if branch is None or num_branches(record) == 1 else f"test_acc_b{branch}"
-    return float(m[key]) if key in m else None
-
-
-def deploy_module(record: dict, branch: Branch = "all") -> nn.Module:
-    """The deploy module for ``record`` ([0, 1] images -> logits), on CPU in eval mode.
-
-    Built from the student weights only: ``rebuild_student`` loads ``record["state_dict"]``
-    strictly, so a record carrying anything else (say FEED translators) is refused.
-    """
-    from kdray.models import export_module
-    from kdray.train.student_file import rebuild_student
-
-    check_record(record)
-    b = resolve_branch(record, branch)
-    try:
-        student = rebuild_student(record)
-    except RuntimeError as exc:  # load_state_dict(strict=True): missing or unexpected keys
-        first = str(exc).strip().splitlines()[0]
-        raise KdrayError(f"student weights do not fit {record['arch']!r}: {first[:200]}") from None
-    net = export_module(student, b)
-    return Deployed(net, record["mean"], record["std"]).eval()
-
-
-def _describe(record: dict, b: Optional[int]) -> str:
-    if b is not None:
-        return f"branch {b}"
-    return "ensemble" if record.get("multi_branch") and num_branches(record) > 1 else "student"
-
-
 # ---------------------------------------------------------------------------------------------
 # re-check
-
-
-def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
-    """How far the re-checked accuracy may be from the logged one and still ``match``."""
-    if cfg.device == "cpu" and cfg.amp != "bf16" and torch.device(device).type == "cpu":
-        # logged by evaluate() in float32 on CPU: same weights, bit-identical inputs, same batches,
-        # so the predictions are the same; the tolerance only absorbs float rounding of the ratio
-        return 1e-6, "logged in float32 on CPU: identical predictions expected"
-    # logged possibly on a GPU (other kernels) or under bf16 autocast (about 3 significant digits
-    # per logit): an image whose top two logits are that close may flip. Allow one image or 0.2% of
-    # the split, whichever is more (a 1-epoch resnet8 flipped 1 of 800 images between float32 and
-    # bf16); a wrong branch, wrong weights or wrong normalisation moves accuracy by far more.
-    tol = max(1.0 / max(n, 1), 0.002) + 1e-6
-    return tol, (f"logged with amp={cfg.amp!r} on device={cfg.device!r}, re-checked on {device} (GPU or bf16 possible): "
-                 f"up to {tol * n:.0f} image(s) may flip")
-
-
-def load_test_split(record: dict):
-    """``(config, test Split)`` of the record's data: ``load_data(from_dict(record["config"]))``.
-
-    The test split is fixed by the data code (its own split seed), so it is the split the run
-    was tested on. A KdrayError with the reason when the data cannot be loaded or no longer fits.
-    """
-    from kdray.data.sources import load_data
-    from kdray.train.config import from_dict
-
-    try:
-        cfg = from_dict(dict(record["config"]), "the student's config")
-        data = load_data(cfg)
-    except Exception as exc:  # KdrayError, OSError (missing folder), download errors, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KdrayError(f"cannot re-check the accuracy: dataset {record['config'].get('dataset')!r} "
-                         f"could not be loaded ({reason[:200]}); pass recheck=False / --no-recheck to skip") from None
-    if data.classes != list(record["classes"]):
-        raise KdrayError(f"cannot re-check the accuracy: the dataset's classes now differ from the student's "
-                         f"({len(data.classes)} vs {len(record['classes'])})")
-    if data.image_size != int(record["image_size"]):
-        raise KdrayError(f"cannot re-check the accuracy: images load at {data.image_size}px, "
-                         f"the student wants {record['image_size']}px")
-    return cfg, data.test
-
-
-@torch.no_grad()
-def predict(module: nn.Module, x_uint8: torch.Tensor, *, device="cpu", batch: int = 512) -> torch.Tensor:
-    """Predicted classes (CPU int64) of a [0, 1]-input module for uint8 images [N, 3, H, W]."""
-    dev = torch.device(device)
-    preds = [module(x_uint8[i:i + batch].to(dev).float().div(255.0)).argmax(1).cpu()
-             for i in range(0, len(x_uint8), batch)]
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-
-
-def recheck_accuracy(module: nn.Module, record: dict, *, device="cpu", batch: Optional[int] = None,
-                  split=None) -> dict:
-    """Accuracy of ``module`` ([0, 1] images -> logits) on the test split of the record's data,
-    in batches of ``eval_batch_size`` in order, as ``evaluate`` ran it."""
-    cfg, test = split if split is not None else load_test_split(record)
-    correct = int((predict(module, test.x, device=device, batch=int(batch or cfg.eval_batch_size)) == test.y).sum())
-    n = len(test.y)
-    tol, why = _recheck_tolerance(cfg, n, device)
-    return {"acc": correct / max(n, 1), "correct": correct, "n": n, "tolerance": tol, "tolerance_reason": why}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,101 +88,6 @@ def _load_program(path: Path) -> nn.Module:
     if path.suffix == ".pt2":
         return torch.export.load(str(path)).module()
     return torch.jit.load(str(path), map_location="cpu").eval()
-
-
-# The names ``export_student`` writes into its folder: the test for "an earlier kdray export" that
-# ``overwrite`` may replace. Anything else in the folder belongs to someone else.
-_INFO_FILE = "export.json"
-_PAYLOAD_FILES = frozenset({"state_dict.pt", "model.pt2", "model.ts"})
-_ALLOWED_HINT = (f"--overwrite replaces only an earlier kdray export "
-                 f"({_INFO_FILE} plus {', '.join(sorted(_PAYLOAD_FILES))})")
-
-
-def _foreign_entries(folder: Path) -> list[str]:
-    """Names in ``folder`` that an earlier ``export_student`` did not write; [] for an earlier export.
-
-    An export is recognised by its ``export.json`` (this format) and only the payload files that
-    it lists: a folder that merely holds a ``state_dict.pt`` of its own is not an export.
-    """
-    try:
-        info = json.loads((folder / _INFO_FILE).read_text())
-    except (OSError, ValueError):
-        info = None
-    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
-        return [p.name for p in sorted(folder.iterdir())]
-    recorded = info.get("files") if isinstance(info.get("files"), dict) else {}
-    allowed = {_INFO_FILE} | (_PAYLOAD_FILES & set(recorded))
-    # symlinks and folders are never written by export, even under an allowed name
-    return [p.name for p in sorted(folder.iterdir())
-            if p.name not in allowed or p.is_symlink() or not p.is_file()]
-
-
-def _contains(folder: Path, path: Path) -> bool:
-    """Whether ``path`` lies inside ``folder`` (at any depth), symlinks resolved."""
-    try:
-        Path(path).resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def _check_out(out: Path, dest: Path, overwrite: bool, source: Optional[Path]) -> None:
-    """Refuse an ``out`` that export may not fill or replace, before any work is done.
-
-    ``out`` is the folder as the caller named it (for messages), ``dest`` its absolute path.
-    """
-    if dest.exists() and not dest.is_dir():
-        raise KdrayError(f"--out {out} exists and is not a folder")
-    if not dest.is_dir() or not any(dest.iterdir()):
-        return  # a new or empty folder: nothing of anyone's can be lost
-    if not overwrite:
-        raise KdrayError(f"--out {out} exists and is not empty; pass --overwrite or choose another folder")
-    if source is not None and _contains(dest, source):
-        # replacing this folder would delete the very student being exported (and, in a run
-        # folder, its checkpoints): never, whatever the folder looks like
-        raise KdrayError(f"--out {out} contains the student being exported ({source}); "
-                         f"{_ALLOWED_HINT}, never the student's own folder; choose another --out")
-    foreign = _foreign_entries(dest)
-    if foreign:
-        shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise KdrayError(f"--out {out} holds files kdray export did not write ({shown}); "
-                         f"{_ALLOWED_HINT}; choose another --out or empty the folder yourself")
-
-
-def _remove_old_export(old: Path) -> bool:
-    """Delete a set-aside earlier export by name (never ``rmtree``); False if anything else remains."""
-    if old.is_symlink():  # ``out`` was a link: drop the link, leave the folder it pointed to alone
-        old.unlink()
-        return True
-    for name in sorted(_PAYLOAD_FILES | {_INFO_FILE}):
-        (old / name).unlink(missing_ok=True)
-    try:
-        old.rmdir()  # fails, keeping them, if files someone else wrote turned up meanwhile
-    except OSError:
-        return False
-    return True
-
-
-def _move_into_place(tmp: Path, out: Path) -> Optional[Path]:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after.
-
-    The swap is two renames in one folder, so ``out`` is at every moment either the complete old
-    export or the complete new one (or briefly absent), never a mixture. Returns the set-aside
-    folder if it could not be removed completely (it then held more than an earlier export).
-    """
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is None or _remove_old_export(old):
-        return None
-    return old
 
 
 def _export_info(record: dict, module: nn.Module, branch: Branch, b: Optional[int], *, prog_name: str, fmt: str,
@@ -407,20 +128,6 @@ def _export_info(record: dict, module: nn.Module, branch: Branch, b: Optional[in
     }
 
 
-def _recheck_fields(loaded: nn.Module, record: dict, logged: Optional[float], device, split) -> dict:
-    """The re-checked test accuracy of the program as loaded from disk, against the logged one."""
-    t0 = time.perf_counter()
-    res = recheck_accuracy(loaded, record, device=device, split=split)
-    diff = None if logged is None else abs(res["acc"] - logged)
-    return {
-        "test_acc_rechecked": res["acc"], "test_images": res["n"], "test_correct_rechecked": res["correct"],
-        "recheck_device": str(device), "recheck_s": round(time.perf_counter() - t0, 3),
-        "recheck_tolerance": res["tolerance"], "recheck_tolerance_reason": res["tolerance_reason"],
-        "recheck_diff": diff,
-        "matches": None if diff is None else diff <= res["tolerance"],
-    }
-
-
 def _fill_export_folder(folder: Path, record: dict, module: nn.Module, branch: Branch, b: Optional[int], *,
                         device, split, latency: bool, log: Callable[[str], None]) -> dict:
     """Write state dict, program and ``export.json`` into ``folder``; return the info dict."""
@@ -443,27 +150,6 @@ def _fill_export_folder(folder: Path, record: dict, module: nn.Module, branch: B
         info["latency"] = f"{LATENCY}, of the exported {info['branch']}"
     info["files"] = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
     (folder / _INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def _write_beside_and_swap(out: Path, dest: Path, overwrite: bool, source: Optional[Path],
-                           fill: Callable[[Path], dict], log: Callable[[str], None]) -> dict:
-    """Run ``fill`` on a temporary folder beside ``dest``, then swap it in; on failure remove it.
-
-    The folder is checked again just before the swap: exporting and re-checking take a while,
-    and a file someone put into ``dest`` meanwhile must make the swap refuse, not be deleted.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        info = fill(tmp)
-        _check_out(out, dest, overwrite, source)
-        leftover = _move_into_place(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if leftover is not None:
-        log(f"export: warning: kept {leftover}: files other than an earlier export appeared in it during the export")
     return info
 
 
@@ -562,55 +248,3 @@ def load_state_dict_module(out: Union[str, Path]) -> nn.Module:
     module.load_state_dict(safe_load(Path(out) / "state_dict.pt", "exported state dict"))
     return module.eval()
 
-
-def measure_latency_ms(module: nn.Module, image_size: int, *, batch: int = 1, device="cpu", warmup: int = 5,
-                       iters: int = 30) -> float:
-    """Median milliseconds per forward pass of a random [batch, 3, S, S] input (inference mode)."""
-    if iters < 1 or warmup < 0 or batch < 1:
-        raise KdrayError(f"latency: need iters >= 1, warmup >= 0, batch >= 1 (got {iters}, {warmup}, {batch})")
-    dev = torch.device(device)
-    module = module.to(dev)
-    if isinstance(module, nn.Module) and hasattr(module, "eval"):
-        try:
-            module.eval()
-        except NotImplementedError:  # exported-program modules refuse train()/eval()
-            pass
-    x = torch.rand(batch, 3, image_size, image_size, device=dev)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + iters):
-            sync()
-            t0 = time.perf_counter()
-            module(x)
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
-    ms = float(statistics.median(times))
-    if not math.isfinite(ms):
-        raise KdrayError("latency: timing came out non-finite")
-    return ms
-
-
-#: kdray's one latency figure: the MLflow metric ``latency_ms`` of a run (its whole student, the
-#: module whose accuracy the run logged) and ``latency_ms`` of ``kdray export`` (the exported
-#: module: the whole student, or one branch) are both measured this way
-LATENCY = "median ms per forward pass, batch 1, CPU, 1 thread, inference mode (5 warm-up passes, 30 timed)"
-
-
-def cpu_latency_ms(module: nn.Module, image_size: int) -> float:
-    """:data:`LATENCY` of ``module``: one thread, so the figure does not depend on how many cores the
-    machine has or how busy they are with other work."""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        return float(measure_latency_ms(module, image_size, batch=1, device="cpu"))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def student_latency_ms(student_pt: Union[str, Path]) -> float:
-    """:data:`LATENCY` of the deployable whole student in ``student.pt`` (what ``kdray export
-    --branch all`` exports: normalisation, then every branch)."""
-    record = safe_load(student_pt, "student")
-    return cpu_latency_ms(deploy_module(record, "all"), int(record["image_size"]))

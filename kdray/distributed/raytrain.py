@@ -40,7 +40,7 @@ def final_extras(metrics: dict, ckpt_dir: Optional[str]) -> dict:
     student = Path(ckpt_dir) / "student.pt" if ckpt_dir else None
     if not metrics.get("done") or student is None or not student.is_file():
         return {}
-    from kdray.deploy.export import student_latency_ms
+    from kdray.deploy.branches import student_latency_ms
 
     return {"latency_ms": student_latency_ms(student)}
 
@@ -80,9 +80,9 @@ def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet:
     """``fit`` from ``checkpoint`` (Ray's last, or None) with the store behind ``store_ref``; a
     failure is recorded on the run before it propagates."""
     from kdray.core.outcome import failure_reason
-    from kdray.teachers.building import fetch
-    from kdray.tracking.runs import TrackingLost
-    from kdray.train.loop import fit
+    from kdray.teachers.building_ray import fetch
+    from kdray.tracking.store import TrackingLost
+    from kdray.train.fit import fit
 
     root = root or tempfile.mkdtemp(prefix="kdray-ckpt-")
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
@@ -106,8 +106,8 @@ def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None, checkpoi
     import ray.tune
     from ray.util import get_node_ip_address
 
+    from kdray.core.device import pick_device
     from kdray.tracking.runs import RunLogger
-    from kdray.train.loop import pick_device
 
     node_ip = get_node_ip_address()
     tracker = RunLogger(tracking["uri"], tracking["run_id"], teachers=cfg.teachers, node_ip=node_ip) if tracking else None
@@ -273,8 +273,8 @@ def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.
                     tracking: Optional[dict] = None, store=None) -> dict:
     """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint.
     ``store``: a teacher store, handed to the workers through Ray's object store."""
-    from kdray.teachers.building import share
-    from kdray.tracking.runs import bounded_http_env
+    from kdray.teachers.building_ray import share
+    from kdray.tracking.store import bounded_http_env
 
     init_ray(address, env=bounded_http_env())
     from kdray.core.guards import rearm_stop_signals

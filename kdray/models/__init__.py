@@ -9,7 +9,12 @@ from kdray.models.registry import (
     unregister_model,
 )
 from kdray.models.staged import FeatureTap, StagedModel
-from kdray.models.student import MultiBranchStudent, Student, build_student, export_module
+from kdray.models.student import (
+    MultiBranchStudent,
+    Student,
+    build_student,
+    export_module,
+)
 from kdray.models.tv import kdray_to_torchvision, torchvision_to_kdray
 from kdray.models.zoo import available_models, build_model
 

@@ -176,7 +176,9 @@ def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str, log: Calla
     stayed open)."""
     from ray.tune import Callback
 
-    from kdray.tracking.runs import KIND_TAG, STATE_TAG, TRIAL_TAG, client, find_trial_run, finish_run, trial_run_name
+    from kdray.tracking.runs import find_trial_run, finish_run, trial_run_name
+    from kdray.tracking.store import client
+    from kdray.tracking.tags import KIND_TAG, STATE_TAG, TRIAL_TAG
 
     def open_run(trial, create: bool):
         run = find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)

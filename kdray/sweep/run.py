@@ -133,7 +133,7 @@ def trial_env(local: bool) -> dict:
     """Environment for the sweep's Ray processes (handed to init_ray, which sets it through the job's
     runtime_env; Train then propagates these variables to its controllers and workers). A value the
     user exported wins."""
-    from kdray.tracking.runs import BOUNDED_HTTP_ENV
+    from kdray.tracking.store import BOUNDED_HTTP_ENV
 
     env = {**TRIAL_ENV_DEFAULTS, **BOUNDED_HTTP_ENV}
     if local:  # one actor process fewer per trial: nothing pre-empts a node of a local Ray
@@ -339,8 +339,8 @@ def sweep_store_needs(space: Space):
     """What a sweep of ``space`` needs from a teacher store: (a config of its teachers, data and
     precision, the seeds, the loader epochs, whether feature maps); None without teachers."""
     from kdray.distill import get_method
+    from kdray.teachers.source import teacher_view_epochs
     from kdray.train.config import from_dict
-    from kdray.train.loop import teacher_view_epochs
 
     high = {**space.base.to_dict(), **space.corner("high")}
     cfgs = [from_dict({**high, "method": m}, space.path) for m in space.methods() if get_method(m).min_teachers > 0]
@@ -366,8 +366,8 @@ def sweep_teacher_store(space: Space, opts: SweepOptions, log):
     if why:
         log(f"teacher store: off ({why}); the teachers run live in every trial")
         return None, f"off ({why})"
-    from kdray.teachers.building import ray_builder, share
-    from kdray.train.loop import open_teacher_store
+    from kdray.teachers.building_ray import ray_builder, share
+    from kdray.teachers.source import open_teacher_store
 
     store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=opts.teacher_store_dir,
                                budget_gb=opts.teacher_store_budget,
@@ -537,7 +537,11 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     SIGINT / SIGTERM."""
     handles = {} if handles is None else handles
     from kdray.core.console import library_output_to
-    from kdray.core.guards import one_sweep_at_a_time, stop_signals_interrupt, stores_initialising
+    from kdray.core.guards import (
+        one_sweep_at_a_time,
+        stop_signals_interrupt,
+        stores_initialising,
+    )
     from kdray.sweep.report import summarize
     from kdray.sweep.search import prepare_study
 
@@ -567,7 +571,13 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
 
 
 def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
-    from kdray.sweep.report import make_progress_callback, quiet_trial_tracebacks, result_rows, summarize, sweep_timing
+    from kdray.sweep.report import (
+        make_progress_callback,
+        quiet_trial_tracebacks,
+        result_rows,
+        summarize,
+        sweep_timing,
+    )
 
     quiet_trial_tracebacks()
     space, name, options, storage, workdir, log = (sweep[k] for k in
@@ -580,7 +590,8 @@ def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
     if tracking:
         sweep["track"] = _start_tracking(tracking, space, name, storage, workdir, teachers, log, options.resume)
         if sweep["teacher_store"]:
-            from kdray.tracking.runs import STORE_TAG, client
+            from kdray.tracking.store import client
+            from kdray.tracking.tags import STORE_TAG
 
             client(sweep["track"]["uri"]).set_tag(sweep["track"]["parent_run_id"], STORE_TAG, sweep["teacher_store"])
             sweep["track"]["teacher_store"] = sweep["teacher_store"]

@@ -23,9 +23,13 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from kdray._version import __version__
+from kdray.core.device import Precision, pick_device
 from kdray.core.errors import KdrayError, choice_error
-from kdray.data.sources import BatchLoader, DataBundle, load_data
+from kdray.data.bundle import DataBundle
+from kdray.data.loader import BatchLoader
+from kdray.data.sources import load_data
 from kdray.models import StagedModel, Student, build_model
+from kdray.models.measure import count_params, evaluate
 from kdray.models.tv import (
     from_torchvision_state,
     load_strict,
@@ -36,7 +40,6 @@ from kdray.models.tv import (
 )
 from kdray.teachers.ensemble import MANIFEST
 from kdray.train.checkpoint import atomic_save, safe_load, sha256_file
-from kdray.train.loop import Precision, count_params, evaluate, pick_device
 
 LAYOUTS = ("auto", "kdray", "torchvision")
 #: the top-level modules of every StagedModel: a state dict whose keys all start so is kdray's

@@ -16,21 +16,20 @@ and the precision they were computed in.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from kdray.core.errors import KdrayError
-from kdray.data.sources import DataBundle, ViewKeys, ViewSpec, normalisation, to_float
+from kdray.data.bundle import DataBundle
+from kdray.data.views import ViewSpec
 from kdray.distill.base import TeacherInfo
 from kdray.train.checkpoint import atomic_save, sha256_file
 
@@ -186,54 +185,8 @@ def empty_store(key: dict, info: TeacherInfo, n: int, views: ViewSpec, sample: d
     return TeacherStore(key, info, index, logits, fmaps)
 
 
-# ---------------------------------------------------------------------------------------------
-# computing rows
-# ---------------------------------------------------------------------------------------------
-def view_batch(data: DataBundle, views: ViewSpec, codes: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """The normalised float images of pairs ``codes``, exactly as the train loader makes them."""
-    idx, v = codes // views.count, codes % views.count
-    x = data.train.x.index_select(0, idx)
-    if views.augments:
-        x = views.apply(x, v)
-    return to_float(x, *normalisation(data.mean, data.std), channels_last)
-
-
-def compute_rows(source, data: DataBundle, views: ViewSpec, codes: torch.Tensor, channels_last: bool,
-                 batch: int = 256) -> tuple:
-    """Teacher outputs of ``codes`` in batches: (logits [R,K,C], feats per teacher or None)."""
-    logits, feats = [], []
-    for s in range(0, len(codes), batch):
-        out = source(view_batch(data, views, codes[s : s + batch], channels_last).to(source.device))
-        logits.append(out["logits"].transpose(0, 1).cpu())
-        feats.append([f.cpu() for f in out["feats"]])
-    fmaps = [torch.cat(list(fs)) for fs in zip(*feats)] if feats and feats[0] else None
-    return torch.cat(logits), fmaps
-
-
-# ---------------------------------------------------------------------------------------------
-# budget, disk and files
-# ---------------------------------------------------------------------------------------------
-def row_bytes(sample: dict, feats: bool) -> tuple[int, int]:
-    """(bytes of one row's logits, bytes of its feature maps)."""
-    lg = sample["logits"]
-    fb = sum(f[0].numel() * f.element_size() for f in sample["feats"]) if feats else 0
-    return lg.shape[0] * lg.shape[2] * lg.element_size(), fb
-
-
 def _gb(n: float) -> str:
     return f"{n / 1024**3:.2f} GB" if n >= 1024**3 / 100 else f"{n / 1024**2:.1f} MB"
-
-
-def plan_features(rows: int, index_bytes: int, sample: dict, want_feats: bool, budget_gb: float) -> bool:
-    """Whether feature maps are stored; KdrayError when not even the logits fit ``budget_gb``."""
-    lb, fb = row_bytes(sample, want_feats)
-    budget = budget_gb * 1024**3
-    need = rows * lb + index_bytes
-    if need > budget:
-        raise KdrayError(
-            f"teacher store: {rows} views x {lb} bytes of logits = {_gb(need)} exceeds the budget of {budget_gb:g} GB; "
-            "raise --teacher-store-budget or pass --no-teacher-store (teachers run live on every batch)")
-    return want_feats and need + rows * fb <= budget
 
 
 def check_disk(root: Path, nbytes: int) -> None:
@@ -313,150 +266,3 @@ def list_stores(root: Path) -> list[dict]:
     metas = [read_meta(d) for d in sorted(root.iterdir())] if root.is_dir() else []
     return [dict(m, path=str(root / m["digest"])) for m in metas if m and "digest" in m]
 
-
-# ---------------------------------------------------------------------------------------------
-# ensure: open the store of a key and add the rows a run or sweep needs
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class StoreRequest:
-    """What a run or sweep needs: the teacher set, the data, the views of ``seeds`` x ``epochs``."""
-
-    teachers_dir: Path
-    data: DataBundle
-    precision: object
-    seeds: tuple
-    epochs: tuple
-    feats: bool = False
-    budget_gb: float = DEFAULT_BUDGET_GB
-    root: Optional[Path] = None
-
-    @property
-    def views(self) -> ViewSpec:
-        return ViewSpec(self.data.crop_padding, self.data.hflip)
-
-    def folder(self, key: dict) -> Path:
-        return Path(self.root or Path(self.teachers_dir) / STORES) / key_digest(key)
-
-
-Builder = Callable[[torch.Tensor, Callable[[int, int], None]], tuple]
-
-
-def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log=print) -> TeacherStore:
-    """The store for ``req``, with every pair it needs; missing rows computed (by ``build(codes,
-    progress)``, default: ``source`` in this process) and saved. ``source`` is the live ensemble.
-    A store without feature maps is rebuilt with them when a run needs them and the budget allows."""
-    from kdray.teachers.ensemble import read_manifest
-
-    views = req.views
-    key = store_key(read_manifest(req.teachers_dir), req.data, views, req.precision)
-    folder = req.folder(key)
-    store = _load_or_rebuild(folder, log)
-    codes = pair_codes(len(req.data.train.y), views, req.seeds, req.epochs)
-    sample = source(view_batch(req.data, views, codes[:1], req.precision.channels_last).to(source.device))
-    index_bytes = len(req.data.train.y) * views.count * 4
-    if store is not None and store.feats is not None and not req.feats and len(store.missing(codes)):
-        # this run's source computes no feature maps: new rows would have logits only
-        log("teacher store: keeping logits only (this run adds views without computing feature maps)")
-        store.feats = None
-    if store is not None and req.feats and store.feats is None:
-        codes = torch.unique(torch.cat([codes, store.stored_codes()]))
-        if plan_features(len(codes), index_bytes, sample, True, req.budget_gb):
-            log("teacher store: adding feature maps (the store held logits only); recomputing its views")
-            store = None
-    if store is None:
-        feats = plan_features(len(codes), index_bytes, sample, req.feats, req.budget_gb)
-        store = empty_store(key, source.info, len(req.data.train.y), views, sample, feats)
-    if req.feats and store.feats is None:
-        log("teacher store: feature maps do not fit the budget; they are computed online")
-    todo = store.missing(codes)
-    if len(todo) == 0:
-        log(f"teacher store: {folder} covers the run ({store.coverage()}, {_gb(store.nbytes)})")
-        return store
-    if store.feats is not None and not plan_features(store.rows + len(todo), index_bytes, sample, True, req.budget_gb):
-        log("teacher store: feature maps for the added views do not fit the budget; they are computed online")
-        store.feats = None
-    lb, fb = row_bytes(sample, store.feats is not None)
-    check_disk(folder.parent, store.nbytes + len(todo) * (lb + fb))  # before the teachers run, not after
-    log(f"teacher store: computing {len(todo)} views x {source.info.count} teachers into {folder}")
-    t0 = time.perf_counter()
-    progress = _progress_line(len(todo), log)
-    if build is None:
-        logits, feats = compute_rows(source, req.data, views, todo, req.precision.channels_last)
-        progress(len(todo), len(todo))
-    else:
-        logits, feats = build(todo, progress)
-    store.add(todo, logits, feats)
-    build_s = time.perf_counter() - t0
-    try:
-        save(store, folder, build_s)
-    except (PermissionError, OSError) as exc:  # e.g. a read-only teacher set: the store serves this run from memory
-        if getattr(exc, "errno", None) == errno.ENOSPC:  # no space: said (kdray's disk-full line), not hidden
-            raise
-        store.meta = {"digest": key_digest(key), "build_s": round(build_s, 2)}
-        log(f"teacher store: cannot write {folder} ({exc.strerror}); kept in memory for this run only "
-            "(--teacher-store DIR puts stores elsewhere)")
-        return store
-    log(f"teacher store: built in {build_s:.1f} s; {store.coverage()}, {_gb(store.nbytes)}"
-        f"{', feature maps stored' if store.feats is not None else ', logits only'}")
-    return store
-
-
-def _progress_line(total: int, log) -> Callable[[int, int], None]:
-    t0 = time.perf_counter()
-    last = [0.0]
-
-    def progress(done: int, _total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - last[0] < 5:
-            return
-        last[0] = now
-        rate = done / max(now - t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else math.inf
-        log(f"teacher store: {done}/{total} views ({100.0 * done / total:.0f}%), ETA {eta:.0f} s")
-
-    return progress
-
-
-# ---------------------------------------------------------------------------------------------
-# the engine's source of teacher outputs, from a store
-# ---------------------------------------------------------------------------------------------
-class StoredTeacherOutputs:
-    """Teacher outputs looked up by (sample, view); a pair the store lacks is computed by the live
-    ensemble (``live()``, built on first need), so a run is exact whatever the store covers.
-    ``images`` counts the images the teachers ran on in this process."""
-
-    def __init__(self, store: TeacherStore, device, feats: bool, live: Callable[[], object]):
-        if feats and store.feats is None:
-            raise ValueError("a store without feature maps cannot serve a method that needs them")
-        self.store, self.device, self.feats, self._live_factory = store, torch.device(device), feats, live
-        self._live = None
-        self.images = 0
-
-    @property
-    def info(self) -> TeacherInfo:
-        return self.store.info
-
-    def __call__(self, x: torch.Tensor, keys: ViewKeys) -> dict:
-        codes = keys.index.cpu() * self.store.index.shape[1] + keys.view.cpu()
-        rows = self.store.index.view(-1)[codes].long()
-        miss = rows < 0
-        if miss.any():
-            return self._with_live(x, rows, miss)
-        return self._gather(rows)
-
-    def _gather(self, rows: torch.Tensor) -> dict:
-        logits = self.store.logits.index_select(0, rows).transpose(0, 1)
-        feats = [f.index_select(0, rows).to(self.device) for f in self.store.feats] if self.feats else []
-        return {"logits": logits.to(self.device), "feats": feats}
-
-    def _with_live(self, x: torch.Tensor, rows: torch.Tensor, miss: torch.Tensor) -> dict:
-        if self._live is None:
-            self._live = self._live_factory()
-        m = miss.to(x.device)
-        live = self._live(x[m])
-        self.images += int(miss.sum())
-        out = self._gather(rows.clamp(min=0))
-        out["logits"][:, m] = live["logits"].to(out["logits"].dtype)
-        for f, lf in zip(out["feats"], live["feats"]):
-            f[m] = lf.to(f.dtype)
-        return out

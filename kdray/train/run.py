@@ -43,7 +43,8 @@ def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dic
     if not tracking:
         return None
     from kdray.core.guards import stores_initialising
-    from kdray.tracking.runs import experiment_id, start_run, versions
+    from kdray.tracking.runs import start_run, versions
+    from kdray.tracking.store import experiment_id
 
     workdir = tracking.get("workdir")
     with stores_initialising(workdir) if workdir else contextlib.nullcontext():
@@ -60,7 +61,7 @@ def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
     precision of ``device``, the workers' device type), or None."""
     if not root:
         return None
-    from kdray.train.loop import open_teacher_store
+    from kdray.teachers.source import open_teacher_store
 
     return open_teacher_store(cfg, root=None if root == "auto" else root, budget_gb=budget_gb, log=log,
                               device=device)
@@ -69,7 +70,7 @@ def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
 def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path]:
     """In this process; returns the result and the latest checkpoint folder."""
     from kdray.distributed.raytrain import final_extras
-    from kdray.train.loop import fit
+    from kdray.train.fit import fit
 
     reporter, extras = None, {}
     if track:
@@ -104,7 +105,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     ``store_root``: a teacher-store folder (or "auto": the teacher set's) to take the teachers'
     outputs from; None: they run live."""
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
-        from kdray.train.loop import SYNC_BN_NEEDS_CUDA
+        from kdray.train.generation import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
     t0 = time.perf_counter()
@@ -119,7 +120,8 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     out.mkdir(parents=True, exist_ok=True)
     track = _open_run(tracking, cfg, run_name, log)
     if track and store is not None:
-        from kdray.tracking.runs import STORE_TAG, client
+        from kdray.tracking.store import client
+        from kdray.tracking.tags import STORE_TAG
 
         client(track["uri"]).set_tag(track["run_id"], STORE_TAG, store.describe())
     try:

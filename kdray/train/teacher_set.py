@@ -18,7 +18,7 @@ from kdray.models import build_model
 from kdray.teachers.ensemble import MANIFEST
 from kdray.train.checkpoint import atomic_save, sha256_file
 from kdray.train.config import tracked_config
-from kdray.train.loop import fit
+from kdray.train.fit import fit
 
 #: config keys that do not change what a teacher learns (where it runs, how it is evaluated or logged)
 NOT_IN_RECIPE = ("method", "student", "teachers", "checkpoint_dir", "resume", "workers", "device",
@@ -28,7 +28,9 @@ NOT_IN_RECIPE = ("method", "student", "teachers", "checkpoint_dir", "resume", "w
 def recipe(cfg, archs: list[str], count: int) -> dict:
     """Everything that decides the teachers: architectures, count and every training key
     (data, split seed and fractions, augmentation, optimizer, lr, schedule, epochs, seed, ...)."""
-    from kdray.distill import HPARAMS  # CE reads no method hyperparameter: they are not part of it
+    from kdray.distill import (
+        HPARAMS,  # CE reads no method hyperparameter: they are not part of it
+    )
 
     keys = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IN_RECIPE and k not in HPARAMS}
     return {"arch": list(archs), "count": int(count), **keys}
@@ -61,7 +63,8 @@ def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
     kdray-teachers, apart from the students' sweeps); None when tracking is off."""
     if not tracking:
         return None
-    from kdray.tracking.runs import RunLogger, experiment_id, start_run, versions
+    from kdray.tracking.runs import RunLogger, start_run, versions
+    from kdray.tracking.store import experiment_id
 
     exp_id = experiment_id(tracking["uri"], tracking.get("experiment") or TEACHER_EXPERIMENT,
                               tracking.get("workdir"))

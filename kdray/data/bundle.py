@@ -1,0 +1,83 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kdray.data.splits import Split
+
+DEFAULT_IMAGE_SIZE = 32
+
+
+@dataclass
+class DataBundle:
+    """A loaded dataset: three splits, class names, train-split statistics and augmentation defaults."""
+
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    mean: tuple[float, float, float]  # per channel, [0,1] pixel units, from the train split
+    std: tuple[float, float, float]
+    image_size: int
+    crop_padding: int
+    hflip: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _resize_batch(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize uint8 [N,3,H,W] to [N,3,size,size] with antialiased bilinear (no-op when equal)."""
+    if x.shape[-2:] == (size, size):
+        return x.contiguous()
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, x.shape[0], chunk):
+        part = F.interpolate(x[i : i + chunk].float(), size=(size, size), mode="bilinear",
+                             antialias=True, align_corners=False)
+        out[i : i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _fit_image(img: torch.Tensor, size: int) -> torch.Tensor:
+    """One uint8 [3,H,W] image to [3,size,size]: shorter side to ``size``, then centre crop."""
+    h, w = img.shape[-2:]
+    if (h, w) == (size, size):
+        return img
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    out = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    out = out[:, top : top + size, left : left + size]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _channel_stats(x: torch.Tensor):
+    """Per-channel mean and std of uint8 [N,3,H,W] in [0,1] units (exact, via histograms)."""
+    if x.shape[0] == 0:
+        return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    values = torch.arange(256, dtype=torch.float64)
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        hist = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        m = float((hist * values).sum() / hist.sum())
+        var = float((hist * (values - m).square()).sum() / hist.sum())
+        mean.append(m / 255)
+        std.append(max(math.sqrt(var), 1e-3 * 255) / 255)
+    return tuple(mean), tuple(std)
+
+
+def _log(msg: str) -> None:
+    print(f"kdray.data: {msg}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,113 @@
+"""TODO"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kdray.data.splits import _seed
+
+
+def default_crop_padding(image_size: int) -> int:
+    """Random-crop padding used when the config leaves it unset: 4 px at 32 px."""
+    return max(0, round(image_size / 8))
+
+
+def crop_and_flip(x: torch.Tensor, crop_padding: int, dy: torch.Tensor, dx: torch.Tensor,
+                  flip: Optional[torch.Tensor]) -> torch.Tensor:
+    """Window (dy, dx) of each zero-padded uint8 image, mirrored where ``flip``: one gather over the
+    whole batch on ``x``'s device. Returns a new contiguous [B,C,H,W] tensor."""
+    p = int(crop_padding)
+    b, c, h, w = x.shape
+    dev = x.device
+    if p > 0:
+        x = F.pad(x, (p, p, p, p))
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if flip is not None:
+        cols = torch.where(flip.to(dev)[:, None], cols.flip(1), cols)
+    rows = dy.to(dev)[:, None] + torch.arange(h, device=dev)
+    cols = dx.to(dev)[:, None] + cols
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(c, device=dev)[None, :, None, None]
+    return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def augment_batch(
+    x: torch.Tensor, crop_padding: int, hflip: bool, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Random crop (zero padding ``crop_padding``) and random horizontal flip of a uint8 batch,
+    offsets and flips drawn from ``generator`` (``x`` itself when both augmentations are off)."""
+    p = int(crop_padding)
+    if p <= 0 and not hflip:
+        return x
+    b = x.shape[0]
+    gdev = generator.device if generator is not None else x.device
+    dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev)
+    dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev)
+    flip = (torch.rand(b, generator=generator, device=gdev) < 0.5) if hflip else None
+    return crop_and_flip(x, p, dy, dx, flip)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The finite set of training views: every crop offset of a ``crop_padding``-padded image, each
+    mirrored or not (``(2p+1)^2 x 2`` views; 162 at p = 4). View ``v`` is ``flip = v % 2`` (with
+    flips), then row offset and column offset of the remaining index."""
+
+    crop_padding: int
+    hflip: bool
+
+    @property
+    def count(self) -> int:
+        return (2 * self.crop_padding + 1) ** 2 * (2 if self.hflip else 1)
+
+    @property
+    def augments(self) -> bool:
+        return self.count > 1
+
+    def to_dict(self) -> dict:
+        return {"crop_padding": self.crop_padding, "hflip": self.hflip}
+
+    def view_ids(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """The view of each sample ``index`` in ``epoch``: a pure function of (seed, epoch, sample
+        index), independent of batch size, rank, worker count and shuffle order, so a teacher's
+        output for it can be recomputed or looked up anywhere."""
+        x = index.to(torch.int64) + _seed("view", seed, epoch) % (1 << 31)
+        for _ in range(2):  # a 32-bit integer mixer; products stay below 2^62, no int64 overflow
+            x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+        x = (x >> 16) ^ x
+        return x % self.count
+
+    def apply(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """The uint8 batch ``x`` (sample b seen as view ``views[b]``)."""
+        if not self.augments:
+            return x
+        flip = None
+        if self.hflip:
+            flip, views = views % 2 == 1, views // 2
+        side = 2 * self.crop_padding + 1
+        return crop_and_flip(x, self.crop_padding, views // side, views % side, flip)
+
+
+def normalisation(mean, std, device="cpu") -> tuple:
+    """(scale, shift) turning uint8 pixels into normalised floats: ``x * scale - shift``."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std_t), mean_t / std_t
+
+
+def to_float(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A uint8 batch as the normalised float32 batch every model of a run sees."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=fmt).float().mul_(scale).sub_(shift)
+
+
+@dataclass(frozen=True)
+class ViewKeys:
+    """Which sample of the train split (``index``) each row of a batch is, seen as which view."""
+
+    index: torch.Tensor
+    view: torch.Tensor

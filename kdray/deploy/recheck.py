@@ -1,0 +1,85 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdray.core.errors import KdrayError
+
+
+def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
+    """How far the re-checked accuracy may be from the logged one and still ``match``."""
+    if cfg.device == "cpu" and cfg.amp != "bf16" and torch.device(device).type == "cpu":
+        # logged by evaluate() in float32 on CPU: same weights, bit-identical inputs, same batches,
+        # so the predictions are the same; the tolerance only absorbs float rounding of the ratio
+        return 1e-6, "logged in float32 on CPU: identical predictions expected"
+    # logged possibly on a GPU (other kernels) or under bf16 autocast (about 3 significant digits
+    # per logit): an image whose top two logits are that close may flip. Allow one image or 0.2% of
+    # the split, whichever is more (a 1-epoch resnet8 flipped 1 of 800 images between float32 and
+    # bf16); a wrong branch, wrong weights or wrong normalisation moves accuracy by far more.
+    tol = max(1.0 / max(n, 1), 0.002) + 1e-6
+    return tol, (f"logged with amp={cfg.amp!r} on device={cfg.device!r}, re-checked on {device} (GPU or bf16 possible): "
+                 f"up to {tol * n:.0f} image(s) may flip")
+
+
+def load_test_split(record: dict):
+    """``(config, test Split)`` of the record's data: ``load_data(from_dict(record["config"]))``.
+
+    The test split is fixed by the data code (its own split seed), so it is the split the run
+    was tested on. A KdrayError with the reason when the data cannot be loaded or no longer fits.
+    """
+    from kdray.data.sources import load_data
+    from kdray.train.config import from_dict
+
+    try:
+        cfg = from_dict(dict(record["config"]), "the student's config")
+        data = load_data(cfg)
+    except Exception as exc:  # KdrayError, OSError (missing folder), download errors, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KdrayError(f"cannot re-check the accuracy: dataset {record['config'].get('dataset')!r} "
+                         f"could not be loaded ({reason[:200]}); pass recheck=False / --no-recheck to skip") from None
+    if data.classes != list(record["classes"]):
+        raise KdrayError(f"cannot re-check the accuracy: the dataset's classes now differ from the student's "
+                         f"({len(data.classes)} vs {len(record['classes'])})")
+    if data.image_size != int(record["image_size"]):
+        raise KdrayError(f"cannot re-check the accuracy: images load at {data.image_size}px, "
+                         f"the student wants {record['image_size']}px")
+    return cfg, data.test
+
+
+@torch.no_grad()
+def predict(module: nn.Module, x_uint8: torch.Tensor, *, device="cpu", batch: int = 512) -> torch.Tensor:
+    """Predicted classes (CPU int64) of a [0, 1]-input module for uint8 images [N, 3, H, W]."""
+    dev = torch.device(device)
+    preds = [module(x_uint8[i:i + batch].to(dev).float().div(255.0)).argmax(1).cpu()
+             for i in range(0, len(x_uint8), batch)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def recheck_accuracy(module: nn.Module, record: dict, *, device="cpu", batch: Optional[int] = None,
+                  split=None) -> dict:
+    """Accuracy of ``module`` ([0, 1] images -> logits) on the test split of the record's data,
+    in batches of ``eval_batch_size`` in order, as ``evaluate`` ran it."""
+    cfg, test = split if split is not None else load_test_split(record)
+    correct = int((predict(module, test.x, device=device, batch=int(batch or cfg.eval_batch_size)) == test.y).sum())
+    n = len(test.y)
+    tol, why = _recheck_tolerance(cfg, n, device)
+    return {"acc": correct / max(n, 1), "correct": correct, "n": n, "tolerance": tol, "tolerance_reason": why}
+
+
+def _recheck_fields(loaded: nn.Module, record: dict, logged: Optional[float], device, split) -> dict:
+    """The re-checked test accuracy of the program as loaded from disk, against the logged one."""
+    t0 = time.perf_counter()
+    res = recheck_accuracy(loaded, record, device=device, split=split)
+    diff = None if logged is None else abs(res["acc"] - logged)
+    return {
+        "test_acc_rechecked": res["acc"], "test_images": res["n"], "test_correct_rechecked": res["correct"],
+        "recheck_device": str(device), "recheck_s": round(time.perf_counter() - t0, 3),
+        "recheck_tolerance": res["tolerance"], "recheck_tolerance_reason": res["tolerance_reason"],
+        "recheck_diff": diff,
+        "matches": None if diff is None else diff <= res["tolerance"],
+    }
