@@ -260,7 +260,8 @@ def sweep(space, *, samples: Optional[int] = None, concurrency: int = 1, workers
     the same keys as a space file. Returns the trials, the best one, the Optuna study and Tune's
     result grid. ``seed``: the TPE sampler's (default: the space's ``seed``, else a random one per
     sweep; a resumed sweep keeps its first seed)."""
-    from kdray.sweep.run import SweepOptions, run_sweep
+    from kdray.sweep.options import SweepOptions
+    from kdray.sweep.run import run_sweep
 
     workdir = resolve_workdir(workdir)
     options = SweepOptions(samples=samples, concurrency=concurrency, workers=workers,

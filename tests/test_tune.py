@@ -532,8 +532,8 @@ def test_sfeed_sweep_trains_every_generation_and_is_complete(tmp_path, capsys, l
 def test_teacher_recipes_that_differ_only_in_lr_or_seed_get_different_folders(tmp_path, change):
     """Teachers a sweep trains are found again by their whole recipe (inherited from `base`), so
     two spaces that differ in lr or seed never share the first one's teachers; the same recipe reuses them."""
-    from kdray.sweep.run import teachers_for
     from kdray.sweep.space import load_space
+    from kdray.sweep.teachers import teachers_for
 
     teach = "teachers: {arch: [resnet8], count: 1, epochs: 1}\n"
     a = write_space(tmp_path, "a", teach, method="kd", epochs=1)

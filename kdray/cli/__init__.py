@@ -288,8 +288,8 @@ def cmd_teachers_store(args) -> int:
     from kdray.teachers.store import list_stores
 
     if args.space:
-        from kdray.sweep.run import sweep_store_needs
         from kdray.sweep.space import load_space
+        from kdray.sweep.teachers import sweep_store_needs
 
         space = load_space(args.space)
         space.base = space.base.replace(teachers=str(args.dir))

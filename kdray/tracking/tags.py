@@ -51,3 +51,7 @@ MLFLOW_STATUS = {"failed": "FAILED", "interrupted": "KILLED", "pruned": "KILLED"
 
 
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+#: tags on a trial's MLflow run naming its Optuna trial (the trial holds the run id: ``mlflow_run_id``)
+OPTUNA_TRIAL_TAG, OPTUNA_STUDY_TAG = "optuna.trial_number", "optuna.study_name"

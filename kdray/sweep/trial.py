@@ -1,0 +1,97 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from kdray.sweep.options import SweepOptions
+from kdray.sweep.space import Space
+
+TRIAL_ENV_DEFAULTS = {
+    # Train's controller polls its workers (start-up, each report, the end) every 2 s by default:
+    # every epoch report and the end of every trial waited up to 2 s for it.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # print() in a worker went both to the console and through Train's logger: every line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def trial_env(local: bool) -> dict:
+    """Environment for the sweep's Ray processes (handed to init_ray, which sets it through the job's
+    runtime_env; Train then propagates these variables to its controllers and workers). A value the
+    user exported wins."""
+    from kdray.tracking.store import BOUNDED_HTTP_ENV
+
+    env = {**TRIAL_ENV_DEFAULTS, **BOUNDED_HTTP_ENV}
+    if local:  # one actor process fewer per trial: nothing pre-empts a node of a local Ray
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, trial_track: Optional[dict],
+               store_ref=None):
+    """The Tune function of one trial: its config validated once, a child MLflow run, then the
+    engine: in this process for a 1-worker trial, else a TorchTrainer of W workers. ``store_ref``:
+    the sweep's teacher store in Ray's object store (or None: teachers run live)."""
+    from kdray.distributed.raytrain import method_payload
+
+    methods = method_payload()
+
+    def trial(config: dict) -> None:
+        import ray
+
+        from kdray.distributed.raytrain import register_payload
+
+        register_payload(methods)  # methods and architectures defined outside kdray travel by value
+        cfg = space.trial_config(config)
+        context = ray.tune.get_context()
+        run = _start_trial_run(trial_track, cfg, context)
+        if opts.in_trial:
+            from kdray.distributed.raytrain import fit_in_tune_trial
+
+            fit_in_tune_trial(cfg, tracking=run, store_ref=store_ref,
+                              checkpoint_root=str(Path(storage_path) / name / "kdray-checkpoints" / context.get_trial_id()))
+            return
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from kdray.distributed.raytrain import make_trainer
+
+        trainer = make_trainer(cfg, workers=opts.workers, gpus_per_worker=opts.gpus_per_worker,
+                               cpus_per_worker=opts.cpus_per_worker, storage_path=storage_path,
+                               name=f"{name}-{context.get_trial_name()}", max_failures=opts.max_failures,
+                               callbacks=[TuneReportCallback()], tracking=run, quiet=True, methods=methods,
+                               store_ref=store_ref)
+        trainer.fit()
+
+    return trial
+
+
+def ray_trial_retried() -> bool:
+    """Whether this trial was started before (Tune hands it a checkpoint to resume from)."""
+    import ray.tune
+
+    return ray.tune.get_checkpoint() is not None
+
+
+def _start_trial_run(trial_track: Optional[dict], cfg, context) -> Optional[dict]:
+    """The trial's child run, created on the trial's node (over HTTP on a cluster)."""
+    if not trial_track:
+        return None
+    from kdray.tracking import runs as tr
+
+    uri = trial_track["uri"]
+    retried = ray_trial_retried()
+    if retried:  # Tune started this trial again from its checkpoint: it goes on in the same run
+        earlier = tr.find_trial_run(uri, trial_track["experiment_id"], trial_track["parent_run_id"], context.get_trial_id())
+        if earlier is not None:
+            return {"uri": uri, "run_id": earlier.info.run_id}
+    from kdray.train.config import tracked_config
+
+    run_id = tr.start_run(uri, trial_track["experiment_id"], run_name=tr.trial_run_name(cfg.method, context.get_trial_id()),
+                          cfg=cfg, kind="trial", params=tracked_config(cfg), parent_run_id=trial_track["parent_run_id"],
+                          teacher_archs=trial_track.get("teacher_archs"), workdir=trial_track.get("workdir"),
+                          extra_tags={tr.TRIAL_TAG: context.get_trial_id(),
+                                      **({tr.STORE_TAG: trial_track["teacher_store"]} if trial_track.get("teacher_store") else {})})
+    return {"uri": uri, "run_id": run_id}
