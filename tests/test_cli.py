@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdray.cli import build_parser, main
+from kdray.cli import main
+from kdray.cli.parser import build_parser
 
 FAST = ["--dataset", "fake", "--image-size", "16", "--epochs", "1", "--device", "cpu"]
 

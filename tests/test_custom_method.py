@@ -9,9 +9,10 @@ import json
 import optuna
 import pytest
 import torch.nn.functional as F
-
 from conftest import sweep_in_process
-from kdray.cli import build_parser, main
+
+from kdray.cli import main
+from kdray.cli.parser import build_parser
 from kdray.distill import HParam, Method, get_method, register, unregister
 from kdray.distill.losses import kd_kl, soften
 

@@ -19,7 +19,7 @@ CLUSTER_SUFFIXES = (".yaml", ".sh", ".md")
 
 def shipped_dir(kind: str) -> Path:
     """The folder holding the shipped ``kind`` (SPACES or CLUSTERS): package data, else the checkout's."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the kdray package
     for folder in (here / kind, here.parent / kind):
         if folder.is_dir():
             return folder

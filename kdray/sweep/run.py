@@ -19,7 +19,12 @@ from typing import Callable, Optional
 from kdray.core.guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
 from kdray.core.values import mask_credentials
 from kdray.sweep.options import SweepOptions, fit_concurrency
-from kdray.sweep.records import _finish_tracking, _start_tracking, make_run_linker, record_sweep_seed
+from kdray.sweep.records import (
+    _finish_tracking,
+    _start_tracking,
+    make_run_linker,
+    record_sweep_seed,
+)
 from kdray.sweep.seeds import SweepSeed, sweep_seed
 from kdray.sweep.space import Space, load_space
 from kdray.sweep.teachers import sweep_teacher_store, teachers_for

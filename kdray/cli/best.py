@@ -1,0 +1,53 @@
+"""TODO"""
+
+from __future__ import annotations
+
+from kdray.api import check_readable_store
+from kdray.cli.common import (
+    emit_json,
+    log,
+    tracking_uri,
+)
+from kdray.core.errors import KdrayError
+from kdray.core.values import mask_credentials
+
+
+def cmd_best(args) -> int:
+    from kdray.tracking.query import best_runs
+    from kdray.tracking.tags import STATE_TAG
+
+    uri = tracking_uri(args)
+    check_readable_store(uri)
+    if args.top < 1:
+        raise KdrayError(f"--top {args.top} is out of range; allowed: >= 1")
+    runs, metric, mode = best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
+                                      max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=args.top)
+    rows = []
+    for r in runs:
+        m, t = r.data.metrics, r.data.tags
+        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "method": t.get("kdray.method"),
+                     "state": t.get(STATE_TAG), metric: m.get(metric), "test_acc": m.get("test_acc"),
+                     "test_acc_best_branch": m.get("test_acc_best_branch"), "params": m.get("params"),
+                     "latency_ms": m.get("latency_ms"), "parent_run_id": t.get("mlflow.parentRunId")})
+    out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows,
+           "tracking_uri": mask_credentials(uri)}
+    if args.register:
+        from kdray.deploy.champion import register_champion
+
+        out["registered"] = register_champion(uri, rows[0]["run_id"], args.register, log=log)
+    if args.json:
+        emit_json(out, sort_keys=True, default=str)
+        return 0
+    def fmt(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    print(f"top {len(rows)} of experiment {args.experiment!r} by {metric} ({mode}):")
+    print(f"  {'#':>2}  {'run id':32}  {'name':24}  {'method':7}  {metric:>10}  {'test_acc':>8}  {'params':>9}  {'latency_ms':>10}")
+    for i, r in enumerate(rows, 1):
+        print(f"  {i:>2}  {r['run_id']:32}  {str(r['run_name'])[:24]:24}  {str(r['method']):7}  {fmt(r[metric]):>10}  "
+              f"{fmt(r['test_acc']):>8}  {fmt(r['params'], 0):>9}  {fmt(r['latency_ms'], 3):>10}")
+    if args.register:
+        reg = out["registered"]
+        print(f"registered {reg['model_uri']} (version {reg['version']}, run {reg['run_id']}); "
+              f"load it with mlflow.pytorch.load_model({reg['model_uri']!r})")
+    return 0
