@@ -115,8 +115,8 @@ def teacher_diagnostics(args, tdir: Path) -> dict:
         return json.loads(cached.read_text())
     import torch
 
-    from kdray.train.config import RunConfig
-    from kdray.train.prepare import prepare
+    from kdray.training.config import RunConfig
+    from kdray.training.prepare import prepare
 
     cfg = RunConfig().replace(dataset="imagefolder", data_dir=str(args.data_dir), train_fraction=1.0,
                               method="avg_kd", teachers=str(tdir), device="cpu")

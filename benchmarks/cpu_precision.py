@@ -67,10 +67,10 @@ from kdray.data.sources import load_data  # noqa: E402
 from kdray.distill import METHODS, get_method  # noqa: E402
 from kdray.models import build_model  # noqa: E402
 from kdray.teachers.ensemble import TeacherEnsemble  # noqa: E402
-from kdray.train.config import from_dict  # noqa: E402
-from kdray.train.fit import fit
-from kdray.train.generation import make_optimizer  # noqa: E402
-from kdray.train.teacher_set import train_teachers  # noqa: E402
+from kdray.training.config import from_dict  # noqa: E402
+from kdray.training.fit import fit
+from kdray.training.generation import make_optimizer  # noqa: E402
+from kdray.training.teacher_set import train_teachers  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -67,10 +67,10 @@ from kdray.data.splits import Split  # noqa: E402
 from kdray.distill import METHODS, Generation, check_teacher_count, get_method  # noqa: E402
 from kdray.models import build_model, build_student  # noqa: E402
 from kdray.teachers.ensemble import TeacherEnsemble  # noqa: E402
-from kdray.train.config import from_dict  # noqa: E402
-from kdray.train.generation import build_generation, make_optimizer
-from kdray.train.loop import LiveTeacherOutputs, train_epoch
-from kdray.train.prepare import prepare
+from kdray.training.config import from_dict  # noqa: E402
+from kdray.training.generation import build_generation, make_optimizer
+from kdray.training.loop import LiveTeacherOutputs, train_epoch
+from kdray.training.prepare import prepare
 
 TARBALL = "cifar10-jpeg.tar.gz"
 

@@ -63,7 +63,7 @@ class StudentResult:
 
     @property
     def config(self):
-        from kdray.train.config import from_dict
+        from kdray.training.config import from_dict
 
         return from_dict(self.record["config"], "student record")
 
@@ -74,7 +74,7 @@ class StudentResult:
     def branch(self, index: int):
         """One branch of a multi-branch (EKD) student as an images -> logits model."""
         from kdray.models import export_module
-        from kdray.train.student_file import rebuild_student
+        from kdray.training.student_file import rebuild_student
 
         return export_module(rebuild_student(self.record), branch=index).eval()
 
@@ -170,7 +170,7 @@ def check_readable_store(uri: str) -> None:
 def make_config(config=None, **overrides):
     """A validated RunConfig from a RunConfig, a dict of config keys or a YAML file, plus overrides
     (None values ignored)."""
-    from kdray.train.config import RunConfig, from_dict, load_config
+    from kdray.training.config import RunConfig, from_dict, load_config
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if config is None or isinstance(config, (str, Path)):
@@ -200,7 +200,7 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     the teachers' outputs from a teacher store. Returns the student, its metrics and MLflow run."""
     from kdray.core.console import library_output_to
     from kdray.distill import get_method
-    from kdray.train.run import run_training
+    from kdray.training.run import run_training
 
     cfg = make_config(config, **overrides)
     if get_method(cfg.method).min_teachers > 0 and not cfg.teachers:
@@ -260,8 +260,8 @@ def sweep(space, *, samples: Optional[int] = None, concurrency: int = 1, workers
     the same keys as a space file. Returns the trials, the best one, the Optuna study and Tune's
     result grid. ``seed``: the TPE sampler's (default: the space's ``seed``, else a random one per
     sweep; a resumed sweep keeps its first seed)."""
-    from kdray.sweep.options import SweepOptions
-    from kdray.sweep.run import run_sweep
+    from kdray.tune.options import SweepOptions
+    from kdray.tune.run import run_sweep
 
     workdir = resolve_workdir(workdir)
     options = SweepOptions(samples=samples, concurrency=concurrency, workers=workers,
@@ -286,8 +286,8 @@ def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_u
     """A trained student from a ``student.pt`` file or from an MLflow run id (its
     ``student/student.pt`` artifact, from ``tracking_uri`` or the workdir's store)."""
     from kdray.models import export_module
-    from kdray.train.checkpoint import safe_load
-    from kdray.train.student_file import rebuild_student
+    from kdray.training.checkpoint import safe_load
+    from kdray.training.student_file import rebuild_student
 
     path = Path(source).expanduser()
     if not path.is_file():

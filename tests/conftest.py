@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kdray.core.procexit import exit_after_atexit
-from kdray.train.config import RunConfig
+from kdray.training.config import RunConfig
 
 # This process starts and stops Ray many times (module fixtures, ray.cluster_utils.Cluster, in-process
 # `kdray tune`); Ray's native client threads outlive ray.shutdown() and once crashed the interpreter's
@@ -89,7 +89,7 @@ def sweep_in_process(workdir: Path, capsys, space_yaml: str, name: str) -> list[
 @pytest.fixture(scope="session")
 def fake_teachers(tmp_path_factory):
     """Two tiny trained teachers on the fake dataset (different archs)."""
-    from kdray.train.teacher_set import train_teachers
+    from kdray.training.teacher_set import train_teachers
 
     out = tmp_path_factory.mktemp("teachers")
     train_teachers(small_cfg(epochs=2), ["resnet8", "resnet14"], 2, out, log=lambda s: None)

@@ -43,7 +43,7 @@ def test_train_from_a_dict_returns_student_metrics_and_mlflow_run(tmp_path, fake
 
 
 def test_train_untracked_with_overrides_and_a_run_config(tmp_path):
-    from kdray.train.config import RunConfig
+    from kdray.training.config import RunConfig
 
     run = kdray.train(RunConfig().replace(**CFG), method="ce", epochs=1, track=False, out=tmp_path / "run",
                       log=lambda s: None)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import small_cfg
 
-import kdray.train.loop as engine
+import kdray.training.loop as engine
 
 ROOT = Path(__file__).resolve().parents[1]
 

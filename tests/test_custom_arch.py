@@ -21,7 +21,7 @@ from kdray.models import (
     unregister_model,
 )
 from kdray.teachers.ensemble import load_teachers
-from kdray.train.fit import fit
+from kdray.training.fit import fit
 
 QUIET = dict(log=lambda s: None, keep_checkpoints=0)
 
@@ -87,7 +87,7 @@ def test_trains_as_an_ekd_multi_branch_student(tiny, tmp_path, fake_teachers):
 
 
 def test_trains_as_a_teacher_and_teaches(tiny, tmp_path):
-    from kdray.train.teacher_set import train_teachers
+    from kdray.training.teacher_set import train_teachers
 
     out = tmp_path / "teachers"
     manifest = train_teachers(small_cfg(epochs=1), [tiny], 1, out, log=lambda s: None)

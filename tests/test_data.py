@@ -20,7 +20,7 @@ from kdray.data.loader import BatchLoader
 from kdray.data.sources import DATASETS, load_data
 from kdray.data.splits import Split, split_indices  # noqa: E402
 from kdray.data.views import augment_batch
-from kdray.train.config import RunConfig  # noqa: E402
+from kdray.training.config import RunConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

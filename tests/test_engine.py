@@ -8,11 +8,11 @@ from conftest import small_cfg
 
 from kdray.core.errors import KdrayError
 from kdray.teachers.ensemble import load_teachers
-from kdray.train.checkpoint import safe_load
-from kdray.train.fit import fit
-from kdray.train.generation import lr_factor
-from kdray.train.loop import NonFiniteLoss
-from kdray.train.student_file import rebuild_student
+from kdray.training.checkpoint import safe_load
+from kdray.training.fit import fit
+from kdray.training.generation import lr_factor
+from kdray.training.loop import NonFiniteLoss
+from kdray.training.student_file import rebuild_student
 
 quiet = dict(log=lambda s: None)
 
@@ -141,7 +141,7 @@ def test_precise_bn_recomputes_statistics_without_changing_training(tmp_path):
 def test_teachers_train_continues_after_interruption(tmp_path):
     """An interrupted ``train_teachers`` keeps the finished teacher, resumes the one in training
     from its last epoch, and ends with the same weights as an uninterrupted run."""
-    from kdray.train.teacher_set import train_teachers
+    from kdray.training.teacher_set import train_teachers
 
     cfg = small_cfg(epochs=2)
     whole = train_teachers(cfg, ["resnet8", "resnet14"], 2, tmp_path / "whole", log=lambda s: None)

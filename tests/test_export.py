@@ -15,9 +15,9 @@ from kdray.deploy.latency import measure_latency_ms
 from kdray.deploy.recheck import load_test_split, predict
 from kdray.models import build_model
 from kdray.models.measure import count_params
-from kdray.train.checkpoint import safe_load, sha256_file
-from kdray.train.fit import fit
-from kdray.train.student_file import rebuild_student
+from kdray.training.checkpoint import safe_load, sha256_file
+from kdray.training.fit import fit
+from kdray.training.student_file import rebuild_student
 
 quiet = dict(log=lambda s: None)
 
@@ -169,7 +169,7 @@ def test_latency_positive_finite(ce_record):
 
 def test_cli_exports_whole_ensemble(ekd_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.train.checkpoint import atomic_save
+    from kdray.training.checkpoint import atomic_save
 
     path = atomic_save(ekd_record, tmp_path / "student.pt")
     code = main(["export", "--student", str(path), "--branch", "all", "--out", str(tmp_path / "o"), "--json"])
@@ -198,7 +198,7 @@ def _cli_error(capsys):
 
 def test_cli_overwrite_replaces_an_earlier_export(ce_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.train.checkpoint import atomic_save
+    from kdray.training.checkpoint import atomic_save
 
     path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
     out = tmp_path / "o"
@@ -216,7 +216,7 @@ def test_cli_overwrite_replaces_an_earlier_export(ce_record, tmp_path, capsys):
 
 def test_cli_overwrite_refuses_foreign_files(ce_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.train.checkpoint import atomic_save
+    from kdray.training.checkpoint import atomic_save
 
     path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
     mine = tmp_path / "mine"
@@ -248,7 +248,7 @@ def test_cli_overwrite_refuses_foreign_files(ce_record, tmp_path, capsys):
 
 def test_cli_overwrite_refuses_the_students_own_folder(ce_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.train.checkpoint import atomic_save
+    from kdray.training.checkpoint import atomic_save
 
     run = tmp_path / "run"
     path = atomic_save(ce_record, run / "epoch_0001" / "student.pt")

@@ -63,7 +63,7 @@ def test_malicious_teacher_is_refused_before_anything_is_created(tmp_path, capsy
     that never suggests weights_only=False; the refused run leaves no run folder and no MLflow run."""
     import torch
 
-    from kdray.train.checkpoint import sha256_file
+    from kdray.training.checkpoint import sha256_file
 
     teachers = tmp_path / "teachers"
     shutil.copytree(fake_teachers, teachers)
@@ -109,7 +109,7 @@ def test_credentials_are_masked_in_what_kdray_logs(tmp_path):
     from kdray.core.values import mask_credentials
     from kdray.tracking.store import experiment_id
     from kdray.tracking.sweeps import start_sweep_run
-    from kdray.train.config import RunConfig
+    from kdray.training.config import RunConfig
 
     assert mask_credentials("postgresql://kd:s3cret@db:5432/optuna") == "postgresql://kd:***@db:5432/optuna"
     assert mask_credentials("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
@@ -352,7 +352,7 @@ def test_full_disk_is_one_line_naming_the_path_and_leaves_no_corrupt_file(small_
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert err[-1].startswith("kdray: error: no space left on the device writing " + str(small_tmpfs)), err[-1]
     assert "Traceback" not in proc.stderr
-    from kdray.train.checkpoint import safe_load
+    from kdray.training.checkpoint import safe_load
 
     for f in small_tmpfs.rglob("*.pt"):
         safe_load(f)  # anything kdray left there loads: no half-written checkpoint

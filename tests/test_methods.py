@@ -21,7 +21,7 @@ from kdray.distill.feed import FEED
 from kdray.distill.kd import KD
 from kdray.distill.losses import kd_kl, soften
 from kdray.distill.sfeed import SFEED
-from kdray.train.config import RunConfig
+from kdray.training.config import RunConfig
 
 ALL = {"ce", "kd", "avg_kd", "ekd", "feed", "sfeed"}
 

@@ -150,7 +150,7 @@ def test_resumed_sweep_keeps_its_seed_without_replaying_its_first_trials(tmp_pat
 
 def test_seed_out_of_range_is_refused_before_anything_starts(tmp_path):
     from kdray.core.errors import KdrayError
-    from kdray.sweep.space import load_space
+    from kdray.tune.space import load_space
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(ONE_TRIAL + f"seed: {2**32}\n")

@@ -8,7 +8,7 @@ import errno
 
 from kdray.core.errors import KdrayError
 from kdray.core.outcome import disk_full_line, failure_reason, is_done, trial_state
-from kdray.train.loop import NonFiniteLoss
+from kdray.training.loop import NonFiniteLoss
 
 
 def test_state_from_the_epoch_counters_not_tunes_done_flag():

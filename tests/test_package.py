@@ -109,7 +109,7 @@ def test_installed_wheel_runs_a_sweep_by_space_name_from_cli_and_api(installed, 
 
 
 def test_spaces_resolve_by_name_and_path(tmp_path, capsys, monkeypatch):
-    from kdray.sweep.space import load_space
+    from kdray.tune.space import load_space
 
     assert load_space("quick").name == "quick" and load_space("quick.yaml").name == "quick"
     own = tmp_path / "quick"  # a file of the same name wins: a path is a path

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from kdray.core.errors import KdrayError
-from kdray.sweep.space import load_space
+from kdray.tune.space import load_space
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 

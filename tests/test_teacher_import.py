@@ -13,7 +13,7 @@ import torchvision.models as tvm
 from kdray.cli import main
 from kdray.models import build_model, kdray_to_torchvision, torchvision_to_kdray
 from kdray.teachers.ensemble import load_teachers, read_manifest
-from kdray.train.checkpoint import sha256_file
+from kdray.training.checkpoint import sha256_file
 
 DATA = ["--dataset", "fake", "--image-size", "16", "--device", "cpu"]
 

@@ -20,7 +20,7 @@ from kdray.data.splits import Split
 from kdray.data.views import ViewSpec, crop_and_flip
 from kdray.teachers.source import open_teacher_store
 from kdray.teachers.store import META_FILE, STORE_FILE, STORES, StoreCorrupt, list_stores, load
-from kdray.train.fit import fit
+from kdray.training.fit import fit
 
 QUIET = dict(log=lambda s: None)
 

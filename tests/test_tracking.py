@@ -108,8 +108,8 @@ def test_register_champion_leaves_the_run_alone_and_takes_raw_images(capsys, tra
     import torch
 
     from kdray.data.sources import load_data
-    from kdray.train.checkpoint import safe_load
-    from kdray.train.config import from_dict
+    from kdray.training.checkpoint import safe_load
+    from kdray.training.config import from_dict
 
     c = mlflow.MlflowClient(tracked["uri"])
     run_id = tracked["runs"]["ekd"]["run_id"]

@@ -81,8 +81,8 @@ def test_asha_stopped_trial_is_pruned_in_optuna_study(tmp_path):
     ignores its partial score), a trial that ran every epoch as COMPLETE, an errored one as FAIL."""
     from optuna.samplers import TPESampler
 
-    from kdray.sweep.search import make_searcher_class
-    from kdray.sweep.space import load_space
+    from kdray.tune.search import make_searcher_class
+    from kdray.tune.space import load_space
 
     space = load_space(write_space(tmp_path, "p", "params:\n  lr: {type: float, low: 0.01, high: 0.1}\n"))
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -532,8 +532,8 @@ def test_sfeed_sweep_trains_every_generation_and_is_complete(tmp_path, capsys, l
 def test_teacher_recipes_that_differ_only_in_lr_or_seed_get_different_folders(tmp_path, change):
     """Teachers a sweep trains are found again by their whole recipe (inherited from `base`), so
     two spaces that differ in lr or seed never share the first one's teachers; the same recipe reuses them."""
-    from kdray.sweep.space import load_space
-    from kdray.sweep.teachers import teachers_for
+    from kdray.tune.space import load_space
+    from kdray.tune.teachers import teachers_for
 
     teach = "teachers: {arch: [resnet8], count: 1, epochs: 1}\n"
     a = write_space(tmp_path, "a", teach, method="kd", epochs=1)

@@ -88,7 +88,7 @@ def method_keys() -> tuple:
 
 
 def build_config(args, keys, extra=None):
-    from kdray.train.config import load_config
+    from kdray.training.config import load_config
 
     overrides = collect(args, keys)
     overrides.update(parse_set(getattr(args, "set", None)))

@@ -15,7 +15,7 @@ from kdray.core.errors import KdrayError
 
 def cmd_export(args) -> int:
     from kdray.deploy.export import export_student
-    from kdray.train.checkpoint import safe_load
+    from kdray.training.checkpoint import safe_load
 
     if bool(args.run) == bool(args.student):
         raise KdrayError("give exactly one of --run RUN_ID (an MLflow run) or --student PATH (a student.pt)")

@@ -27,7 +27,7 @@ def teacher_origin(t: dict) -> str:
 
 def cmd_teachers_train(args) -> int:
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS)
-    from kdray.train.teacher_set import train_teachers
+    from kdray.training.teacher_set import train_teachers
 
     out = Path(args.out) if args.out else workdir(args) / "teachers" / cfg.dataset
     tracking = tracking_from_args(args, "kdray-teachers")
@@ -91,8 +91,8 @@ def cmd_teachers_store(args) -> int:
     from kdray.teachers.store import list_stores
 
     if args.space:
-        from kdray.sweep.space import load_space
-        from kdray.sweep.teachers import sweep_store_needs
+        from kdray.tune.space import load_space
+        from kdray.tune.teachers import sweep_store_needs
 
         space = load_space(args.space)
         space.base = space.base.replace(teachers=str(args.dir))

@@ -10,7 +10,7 @@ from torch import nn
 
 from kdray.core.errors import KdrayError
 from kdray.deploy.latency import cpu_latency_ms
-from kdray.train.checkpoint import STUDENT_FORMAT, safe_load
+from kdray.training.checkpoint import STUDENT_FORMAT, safe_load
 
 EXPORT_FORMAT = "kdray-export/1"
 
@@ -132,7 +132,7 @@ def deploy_module(record: dict, branch: Branch = "all") -> nn.Module:
     strictly, so a record carrying anything else (say FEED translators) is refused.
     """
     from kdray.models import export_module
-    from kdray.train.student_file import rebuild_student
+    from kdray.training.student_file import rebuild_student
 
     check_record(record)
     b = resolve_branch(record, branch)

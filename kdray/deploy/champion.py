@@ -217,7 +217,7 @@ def register_champion(uri: str, run_id: str, model_name: str, log: Callable[[str
     run is read, not written."""
     check_model_name(model_name)
     from kdray.tracking.query import download_student, get_run
-    from kdray.train.checkpoint import safe_load
+    from kdray.training.checkpoint import safe_load
 
     run = get_run(uri, run_id)
     record = safe_load(download_student(uri, run_id), "student")

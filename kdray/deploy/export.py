@@ -53,7 +53,7 @@ from kdray.deploy.branches import (
 from kdray.deploy.folder import _INFO_FILE, _check_out, _write_beside_and_swap
 from kdray.deploy.latency import LATENCY, cpu_latency_ms
 from kdray.deploy.recheck import _recheck_fields, load_test_split
-from kdray.train.checkpoint import safe_load, sha256_file
+from kdray.training.checkpoint import safe_load, sha256_file
 
 # ---------------------------------------------------------------------------------------------
 # records and branch choice

@@ -33,7 +33,7 @@ def load_test_split(record: dict):
     was tested on. A KdrayError with the reason when the data cannot be loaded or no longer fits.
     """
     from kdray.data.sources import load_data
-    from kdray.train.config import from_dict
+    from kdray.training.config import from_dict
 
     try:
         cfg = from_dict(dict(record["config"]), "the student's config")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdray.core.errors import KdrayError
-from kdray.train.config import from_dict
+from kdray.training.config import from_dict
 
 # A trial's driver (the Tune function that fits a TorchTrainer) mostly waits: it asks for no CPU, so
 # C trials of W one-CPU workers fit on C*W CPUs (at 0.01 CPU each, 2 trials x 1 worker needed 2.02 of
@@ -82,7 +82,7 @@ def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet:
     from kdray.core.outcome import failure_reason
     from kdray.teachers.building_ray import fetch
     from kdray.tracking.store import TrackingLost
-    from kdray.train.fit import fit
+    from kdray.training.fit import fit
 
     root = root or tempfile.mkdtemp(prefix="kdray-ckpt-")
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:

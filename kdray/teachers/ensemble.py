@@ -18,7 +18,7 @@ from torch import nn
 from kdray.core.errors import KdrayError
 from kdray.distill.base import TeacherInfo
 from kdray.models import StagedModel, build_model
-from kdray.train.checkpoint import safe_load, sha256_file
+from kdray.training.checkpoint import safe_load, sha256_file
 
 MANIFEST = "manifest.json"
 

@@ -39,7 +39,7 @@ from kdray.models.tv import (
     wrap_torchvision,
 )
 from kdray.teachers.ensemble import MANIFEST
-from kdray.train.checkpoint import atomic_save, safe_load, sha256_file
+from kdray.training.checkpoint import atomic_save, safe_load, sha256_file
 
 LAYOUTS = ("auto", "kdray", "torchvision")
 #: the top-level modules of every StagedModel: a state dict whose keys all start so is kdray's

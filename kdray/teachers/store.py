@@ -31,7 +31,7 @@ from kdray.core.errors import KdrayError
 from kdray.data.bundle import DataBundle
 from kdray.data.views import ViewSpec
 from kdray.distill.base import TeacherInfo
-from kdray.train.checkpoint import atomic_save, sha256_file
+from kdray.training.checkpoint import atomic_save, sha256_file
 
 STORE_FILE, META_FILE, STORES = "store.pt", "meta.json", "stores"
 DEFAULT_BUDGET_GB = 4.0

@@ -21,7 +21,7 @@ from torch import nn
 from kdray.core.device import _all_reduce
 from kdray.core.errors import KdrayError
 from kdray.data.loader import BatchLoader
-from kdray.train.generation import StepParts
+from kdray.training.generation import StepParts
 
 
 class NonFiniteLoss(KdrayError):

@@ -18,17 +18,12 @@ from typing import Callable, Optional
 
 from kdray.core.guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
 from kdray.core.values import mask_credentials
-from kdray.sweep.options import SweepOptions, fit_concurrency
-from kdray.sweep.records import (
-    _finish_tracking,
-    _start_tracking,
-    make_run_linker,
-    record_sweep_seed,
-)
-from kdray.sweep.seeds import SweepSeed, sweep_seed
-from kdray.sweep.space import Space, load_space
-from kdray.sweep.teachers import sweep_teacher_store, teachers_for
-from kdray.sweep.trial import make_trial, trial_env
+from kdray.tune.options import SweepOptions, fit_concurrency
+from kdray.tune.records import _finish_tracking, _start_tracking, make_run_linker, record_sweep_seed
+from kdray.tune.seeds import SweepSeed, sweep_seed
+from kdray.tune.space import Space, load_space
+from kdray.tune.teachers import sweep_teacher_store, teachers_for
+from kdray.tune.trial import make_trial, trial_env
 
 
 def make_scheduler(space: Space):
@@ -49,7 +44,7 @@ def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=No
     """TPE seeded by ``seed``; ``link_run``: see :func:`make_run_linker`."""
     from optuna.samplers import TPESampler
 
-    from kdray.sweep.search import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
+    from kdray.tune.search import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
 
     names, modes = [m for m, _ in space.metrics], [d for _, d in space.metrics]
     multi = space.multi_objective
@@ -124,8 +119,8 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
         stop_signals_interrupt,
         stores_initialising,
     )
-    from kdray.sweep.report import summarize
-    from kdray.sweep.search import prepare_study
+    from kdray.tune.report import summarize
+    from kdray.tune.search import prepare_study
 
     space = load_space(space_file)  # validated before anything starts
     options.check()
@@ -153,13 +148,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
 
 
 def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
-    from kdray.sweep.report import (
-        make_progress_callback,
-        quiet_trial_tracebacks,
-        result_rows,
-        summarize,
-        sweep_timing,
-    )
+    from kdray.tune.report import make_progress_callback, quiet_trial_tracebacks, result_rows, summarize, sweep_timing
 
     quiet_trial_tracebacks()
     space, name, options, storage, workdir, log = (sweep[k] for k in
@@ -207,7 +196,7 @@ def _record_interruption(sweep: dict, exc: Interrupted) -> Interrupted:
     """Stop the trials (Ray down), then record them as interrupted in Optuna and MLflow."""
     import ray
 
-    from kdray.sweep.search import close_interrupted_trials
+    from kdray.tune.search import close_interrupted_trials
 
     sweep["log"](f"{exc.signal_name}: stopping the sweep's trials")
     if ray.is_initialized():
@@ -227,7 +216,7 @@ def _record_interruption(sweep: dict, exc: Interrupted) -> Interrupted:
 def _requeue_lost_tracking(rows: list, storage, name: str, log) -> None:
     """Trials that failed because the tracking server went away did not fail on their own: they
     are marked interrupted and queued again, so --resume runs them once the server is back."""
-    from kdray.sweep.search import requeue_trials
+    from kdray.tune.search import requeue_trials
 
     lost = [r["trial"] for r in rows if (r["error"] or "").startswith("TrackingLost")]
     if lost:

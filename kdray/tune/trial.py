@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from kdray.sweep.options import SweepOptions
-from kdray.sweep.space import Space
+from kdray.tune.options import SweepOptions
+from kdray.tune.space import Space
 
 TRIAL_ENV_DEFAULTS = {
     # Train's controller polls its workers (start-up, each report, the end) every 2 s by default:
@@ -87,7 +87,7 @@ def _start_trial_run(trial_track: Optional[dict], cfg, context) -> Optional[dict
         earlier = tr.find_trial_run(uri, trial_track["experiment_id"], trial_track["parent_run_id"], context.get_trial_id())
         if earlier is not None:
             return {"uri": uri, "run_id": earlier.info.run_id}
-    from kdray.train.config import tracked_config
+    from kdray.training.config import tracked_config
 
     run_id = tr.start_run(uri, trial_track["experiment_id"], run_name=tr.trial_run_name(cfg.method, context.get_trial_id()),
                           cfg=cfg, kind="trial", params=tracked_config(cfg), parent_run_id=trial_track["parent_run_id"],

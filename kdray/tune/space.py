@@ -31,14 +31,7 @@ from typing import Any, Optional
 from kdray.core.errors import KdrayError
 from kdray.core.shipped import resolve_space
 from kdray.distill import HPARAMS, METHODS, get_method
-from kdray.train.config import (
-    RunConfig,
-    coerce,
-    from_dict,
-    is_key,
-    load_yaml,
-    unknown_key_error,
-)
+from kdray.training.config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
 
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
             "per_branch", "scheduler", "samples", "seed")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from kdray.models import build_student
-from kdray.train.checkpoint import STUDENT_FORMAT
+from kdray.training.checkpoint import STUDENT_FORMAT
 
 
 def student_record(student: nn.Module, cfg, data, metrics: dict, *, multi_branch: bool) -> dict:

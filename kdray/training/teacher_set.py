@@ -16,9 +16,9 @@ from kdray._version import __version__
 from kdray.core.errors import KdrayError
 from kdray.models import build_model
 from kdray.teachers.ensemble import MANIFEST
-from kdray.train.checkpoint import atomic_save, sha256_file
-from kdray.train.config import tracked_config
-from kdray.train.fit import fit
+from kdray.training.checkpoint import atomic_save, sha256_file
+from kdray.training.config import tracked_config
+from kdray.training.fit import fit
 
 #: config keys that do not change what a teacher learns (where it runs, how it is evaluated or logged)
 NOT_IN_RECIPE = ("method", "student", "teachers", "checkpoint_dir", "resume", "workers", "device",

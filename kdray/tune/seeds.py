@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from kdray.sweep.options import SEED_LIMIT, SweepOptions
-from kdray.sweep.space import Space
+from kdray.tune.options import SEED_LIMIT, SweepOptions
+from kdray.tune.space import Space
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ def sweep_seed(options: SweepOptions, space: Space, storage, name: str, log: Cal
     differently unless told otherwise. A resumed sweep keeps the seed its study recorded."""
     import secrets
 
-    from kdray.sweep.search import recorded_seed, trial_count
+    from kdray.tune.search import recorded_seed, trial_count
 
     kept = recorded_seed(storage, name) if options.resume else None
     if kept is not None:

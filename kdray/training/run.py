@@ -12,8 +12,8 @@ from typing import Optional
 from kdray.core.errors import KdrayError
 from kdray.core.guards import Interrupted
 from kdray.core.values import mask_credentials
-from kdray.train.checkpoint import latest_checkpoint, safe_load
-from kdray.train.config import tracked_config
+from kdray.training.checkpoint import latest_checkpoint, safe_load
+from kdray.training.config import tracked_config
 
 
 def teacher_archs(teachers: Optional[str]) -> Optional[list]:
@@ -70,7 +70,7 @@ def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
 def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path]:
     """In this process; returns the result and the latest checkpoint folder."""
     from kdray.distributed.raytrain import final_extras
-    from kdray.train.fit import fit
+    from kdray.training.fit import fit
 
     reporter, extras = None, {}
     if track:
@@ -105,7 +105,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
     ``store_root``: a teacher-store folder (or "auto": the teacher set's) to take the teachers'
     outputs from; None: they run live."""
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
-        from kdray.train.generation import SYNC_BN_NEEDS_CUDA
+        from kdray.training.generation import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ from kdray.distill import Generation, Method, get_method
 from kdray.models import build_student
 from kdray.teachers.ensemble import LiveTeacherOutputs, TeacherEnsemble
 from kdray.teachers.source import StoredTeacherOutputs
-from kdray.train.prepare import Prepared
+from kdray.training.prepare import Prepared
 
 TeacherOutputs = Callable[..., dict]  # (x, view keys) -> {"logits": [K,N,C], "feats": [...]}
 

@@ -19,16 +19,11 @@ from kdray.teachers.ensemble import TeacherEnsemble
 from kdray.teachers.store import (
     TeacherStore,
 )
-from kdray.train.checkpoint import latest_checkpoint, load_training_state, save_epoch
-from kdray.train.generation import (
-    StepParts,
-    _distributed,
-    build_generation,
-    describe_source,
-)
-from kdray.train.loop import recompute_bn_stats, reduce_epoch, train_epoch
-from kdray.train.prepare import Prepared, prepare
-from kdray.train.student_file import student_record
+from kdray.training.checkpoint import latest_checkpoint, load_training_state, save_epoch
+from kdray.training.generation import StepParts, _distributed, build_generation, describe_source
+from kdray.training.loop import recompute_bn_stats, reduce_epoch, train_epoch
+from kdray.training.prepare import Prepared, prepare
+from kdray.training.student_file import student_record
 
 Reporter = Callable[[dict, Optional[str]], None]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from kdray.sweep.options import SweepOptions
-from kdray.sweep.space import Space
+from kdray.tune.options import SweepOptions
+from kdray.tune.space import Space
 
 
 def teachers_for(space: Space, workdir: Path, log: Callable[[str], None],
@@ -17,7 +17,7 @@ def teachers_for(space: Space, workdir: Path, log: Callable[[str], None],
 
     if space.base.teachers or all(get_method(m).min_teachers == 0 for m in space.methods()):
         return space.base.teachers
-    from kdray.train.teacher_set import ensure_teachers
+    from kdray.training.teacher_set import ensure_teachers
 
     spec = space.teachers
     archs = spec.get("arch", ["resnet20"])
@@ -50,7 +50,7 @@ def sweep_store_needs(space: Space):
     precision, the seeds, the loader epochs, whether feature maps); None without teachers."""
     from kdray.distill import get_method
     from kdray.teachers.source import teacher_view_epochs
-    from kdray.train.config import from_dict
+    from kdray.training.config import from_dict
 
     high = {**space.base.to_dict(), **space.corner("high")}
     cfgs = [from_dict({**high, "method": m}, space.path) for m in space.methods() if get_method(m).min_teachers > 0]

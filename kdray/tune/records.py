@@ -7,9 +7,9 @@ from typing import Callable, Optional
 
 from kdray.core.errors import KdrayError
 from kdray.core.values import mask_credentials
-from kdray.sweep.seeds import SweepSeed
-from kdray.sweep.space import Space
 from kdray.tracking.tags import OPTUNA_STUDY_TAG, OPTUNA_TRIAL_TAG
+from kdray.tune.seeds import SweepSeed
+from kdray.tune.space import Space
 
 
 def make_run_linker(track: Optional[dict], study_name: str, log: Callable[[str], None]):
@@ -56,9 +56,9 @@ def _start_tracking(tracking: dict, space: Space, name: str, storage, workdir: P
     """The sweep's parent run, and the driver-side callback that records each trial's state."""
     import ray
 
-    from kdray.sweep.report import make_tracking_callback
     from kdray.tracking import runs as tr
-    from kdray.train.run import teacher_archs
+    from kdray.training.run import teacher_archs
+    from kdray.tune.report import make_tracking_callback
 
     uri = tracking["uri"]
     ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}

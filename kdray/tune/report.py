@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from kdray.core.guards import stop_requested
 from kdray.core.outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
-from kdray.sweep.search import earlier_best, study_counts
+from kdray.tune.search import earlier_best, study_counts
 
 
 def trial_error(trial) -> Optional[BaseException]:
