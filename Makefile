@@ -9,7 +9,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 WORKDIR ?= kdray-work
 PYTEST_ARGS ?= -m "not cluster"
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# pyflakes, pycodestyle errors, import order and 120-character lines ([tool.ruff] in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kdray tests benchmarks
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache

@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_table import ENV, kdray_exe, mean_std, pct, run_json  # noqa: E402
-from step_throughput import cifar10_jpeg_dir  # noqa: E402
+from digits_table import ENV, kdray_exe, mean_std, pct, run_json
+from step_throughput import cifar10_jpeg_dir
 
 BASELINES = ("ce", "kd", "avg_kd")
 
@@ -261,10 +261,22 @@ def tune_space(args, tdir: Path, fraction: float, K: int) -> Path:
     import yaml
 
     space = {
-        "name": f"cifar-ekd-f{fraction}", "metric": "val_acc", "mode": "max", "samples": args.tune_samples,
-        "base": {"dataset": "imagefolder", "data_dir": str(args.data_dir), "train_fraction": fraction,
-                 "method": "ekd", "student": args.student, "epochs": fraction_epochs(args, fraction), "teachers": str(tdir),
-                 "seed": args.seeds[0], "device": args.device, "mean_branch_losses": False},
+        "name": f"cifar-ekd-f{fraction}",
+        "metric": "val_acc",
+        "mode": "max",
+        "samples": args.tune_samples,
+        "base": {
+            "dataset": "imagefolder",
+            "data_dir": str(args.data_dir),
+            "train_fraction": fraction,
+            "method": "ekd",
+            "student": args.student,
+            "epochs": fraction_epochs(args, fraction),
+            "teachers": str(tdir),
+            "seed": args.seeds[0],
+            "device": args.device,
+            "mean_branch_losses": False,
+        },
         "params": {**TUNED_PARAMS, "branches": {"type": "int", "low": 1, "high": max(K, 4)}},
         "scheduler": {"grace_period": max(1, fraction_epochs(args, fraction) // 4), "reduction_factor": 2},
         "seed": 0,
@@ -394,12 +406,17 @@ def print_table(args, manifest: dict, summary: dict) -> None:
             print("| " + " | ".join([r["row"], *row_cells(r)]) + " |")
         if fr.get("tuned"):
             t = fr["tuned"]
-            print(f"\n{t['row']}: the best of a {args.tune_samples}-trial sweep (val acc {t['sweep_best_val_acc']:.4f}): "
-                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["best_config"].items())
-                  + "; re-trained with every seed.")
+            print(
+                f"\n{t['row']}: the best of a {args.tune_samples}-trial sweep (val acc {t['sweep_best_val_acc']:.4f}): "
+                + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["best_config"].items())
+                + "; re-trained with every seed."
+            )
         v = fr.get("verdict") or {}
         if v:
-            print("\n| method | against | gap pts | seed spread pts | s.e. of gap pts | beats it by more than the spread |")
+            print(
+                "\n| method | against | gap pts | seed spread pts | s.e. of gap pts "
+                "| beats it by more than the spread |"
+            )
             print("|---|---|---|---|---|---|")
             for c in v["methods"] + ([v["tuned_vs_default"]] if "tuned_vs_default" in v else []):
                 print_comparison(c)
@@ -471,7 +488,9 @@ def main(argv=None) -> int:
     if not args.seeds:
         p.error("--seeds: give at least one seed")
     if not 0 <= args.steps_of <= 1:
-        p.error(f"--steps-of {args.steps_of:g}: allowed is a train fraction in (0, 1], or 0 for the same epochs everywhere")
+        p.error(
+            f"--steps-of {args.steps_of:g}: allowed is a train fraction in (0, 1], or 0 for the same epochs everywhere"
+        )
     if args.tune_samples and args.extra:
         p.error("--extra applies to the table's runs only, not to the tuned sweep's trials: "
                 "use it with --tune-samples 0")
@@ -490,11 +509,20 @@ def main(argv=None) -> int:
 
     manifest = train_teachers(args, work / "teachers")
     diagnostics = teacher_diagnostics(args, work / "teachers")
-    summary = {"teacher_diagnostics": diagnostics, "dataset": "cifar10-jpeg", "student": args.student, "epochs": args.epochs,
-               "steps_of": args.steps_of, "seeds": args.seeds,
-               "extra": args.extra, "teacher_epochs": args.teacher_epochs,
-               "teachers": [{k: t[k] for k in ("arch", "seed", "epochs", "val_acc", "test_acc")}
-                            for t in manifest["teachers"]], "fractions": []}
+    summary = {
+        "teacher_diagnostics": diagnostics,
+        "dataset": "cifar10-jpeg",
+        "student": args.student,
+        "epochs": args.epochs,
+        "steps_of": args.steps_of,
+        "seeds": args.seeds,
+        "extra": args.extra,
+        "teacher_epochs": args.teacher_epochs,
+        "teachers": [
+            {k: t[k] for k in ("arch", "seed", "epochs", "val_acc", "test_acc")} for t in manifest["teachers"]
+        ],
+        "fractions": [],
+    }
     for fraction in fractions:
         fr = run_fraction(args, work / "teachers", manifest, fraction)
         if args.tune_samples and fraction in args.tune_fractions:
@@ -502,9 +530,16 @@ def main(argv=None) -> int:
             fr["results"][tuned["row"]] = tuned["runs"]
             fr["tuned"] = {k: v for k, v in tuned.items() if k != "runs"}
         rows = table_rows(fr, args.seeds)
-        summary["fractions"].append({"fraction": fraction, "epochs": fraction_epochs(args, fraction),
-                                     "ekd_best_branches": fr["ekd_best_branches"],
-                                     "rows": rows, "verdict": verdict(rows, len(manifest["teachers"])), "tuned": fr.get("tuned")})
+        summary["fractions"].append(
+            {
+                "fraction": fraction,
+                "epochs": fraction_epochs(args, fraction),
+                "ekd_best_branches": fr["ekd_best_branches"],
+                "rows": rows,
+                "verdict": verdict(rows, len(manifest["teachers"])),
+                "tuned": fr.get("tuned"),
+            }
+        )
     summary["wall_s"] = round(time.time() - t_start, 1)
     (work / "table.json").write_text(json.dumps(summary, indent=1))
     if args.json:

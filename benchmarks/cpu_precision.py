@@ -8,7 +8,7 @@ Four settings are timed, each against fp32 NCHW (the reference) measured in the 
 * bf16 NCHW          -- ``torch.autocast("cpu", dtype=torch.bfloat16)``, contiguous
 * bf16 channels_last -- both
 
-The autocast context is kdray's own (:class:`kdray.engine.Precision`), so the settings are the ones
+The autocast context is kdray's own (:class:`kdray.core.device.Precision`), so the settings are the ones
 ``amp`` and ``channels_last`` select in a run. Three workloads, all on random data (speed does not
 depend on trained weights, and random inputs keep data loading out of the timing):
 
@@ -26,7 +26,7 @@ reported. The script also prints what ``Precision.for_config`` picks here (``amp
 ``channels_last`` unset) and whether the CPU computes bf16 natively (``cpu_has_native_bf16``).
 
 ``--parity`` adds an accuracy check: the same student and config (``digits``, ``--parity-method``,
-``--parity-epochs``) trained through ``kdray.engine.fit`` for each of ``--seeds``, once with
+``--parity-epochs``) trained through ``kdray.training.fit`` for each of ``--seeds``, once with
 ``amp: off, channels_last: false`` and once with ``amp: bf16, channels_last: true``; test accuracy
 per seed, mean +- sample std per setting and the difference of the means. A method that needs
 teachers gets ``--parity-teachers``, or teachers trained here once in fp32 and shared by both sides.
@@ -58,19 +58,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 from kdray.core.device import Precision, cpu_has_native_bf16
-from kdray.core.errors import KdrayError  # noqa: E402
-from kdray.data.sources import load_data  # noqa: E402
-from kdray.distill import METHODS, get_method  # noqa: E402
-from kdray.models import build_model  # noqa: E402
-from kdray.teachers.ensemble import TeacherEnsemble  # noqa: E402
-from kdray.training.config import from_dict  # noqa: E402
+from kdray.core.errors import KdrayError
+from kdray.data.sources import load_data
+from kdray.distill import METHODS, get_method
+from kdray.models import build_model
+from kdray.teachers.ensemble import TeacherEnsemble
+from kdray.training.config import from_dict
 from kdray.training.fit import fit
-from kdray.training.generation import make_optimizer  # noqa: E402
-from kdray.training.teacher_set import train_teachers  # noqa: E402
+from kdray.training.generation import make_optimizer
+from kdray.training.teacher_set import train_teachers
 
 CPU = torch.device("cpu")
 

@@ -215,8 +215,11 @@ def main(argv=None) -> int:
                       f"({', '.join(pct(v) for v in r['best_branch_per_seed'].values())})")
         print(f"| {name} | {pct(r['mean'])} ± {pct(r['std'])} | {per} | {branch} |")
     if verdict:
-        print(f"\nekd - ce = {pct(verdict['ekd_minus_ce'])} pts; seed spread (max std) = {pct(verdict['seed_spread'])} pts; "
-              f"ekd beats ce by more than the spread: {'yes' if verdict['ekd_beats_ce'] else 'NO'}")
+        print(
+            f"\nekd - ce = {pct(verdict['ekd_minus_ce'])} pts; "
+            f"seed spread (max std) = {pct(verdict['seed_spread'])} pts; "
+            f"ekd beats ce by more than the spread: {'yes' if verdict['ekd_beats_ce'] else 'NO'}"
+        )
     print(f"wall time {wall:.0f}s (including cached runs' reuse); results in {work / 'table.json'}")
     return 0
 

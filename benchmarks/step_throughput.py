@@ -6,7 +6,7 @@ method, optimizer) on the same uint8 training split with the same batch size and
 ``--warmup`` steps per side are run first and left out of the timing (on a GPU the clock is read
 only after ``torch.cuda.synchronize``).
 
-kdray side -- the engine's own ``train_epoch`` (the function ``engine.fit`` runs), over slices of
+kdray side -- the step loop's own ``train_epoch`` (the function ``kdray.training.fit`` runs), over slices of
 one epoch: the split held on the device in a :class:`BatchLoader` (batch-tensor
 crop/flip/normalise), the :class:`TeacherEnsemble` (inference mode), then ``TrainModule(student,
 method)`` forward/backward/optimizer step, with the engine's autocast (bf16 on GPU when ``amp`` is
@@ -57,19 +57,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from kdray.core.device import pick_device  # noqa: E402  # noqa: E402
-from kdray.core.errors import KdrayError  # noqa: E402
+from kdray.core.device import pick_device
+from kdray.core.errors import KdrayError
 from kdray.data.sources import DATASETS, load_data
-from kdray.data.splits import Split  # noqa: E402
-from kdray.distill import METHODS, Generation, check_teacher_count, get_method  # noqa: E402
-from kdray.models import build_model, build_student  # noqa: E402
-from kdray.teachers.ensemble import TeacherEnsemble  # noqa: E402
-from kdray.training.config import from_dict  # noqa: E402
+from kdray.data.splits import Split
+from kdray.distill import METHODS, Generation, check_teacher_count, get_method
+from kdray.models import build_model, build_student
+from kdray.teachers.ensemble import LiveTeacherOutputs, TeacherEnsemble
+from kdray.training.config import from_dict
 from kdray.training.generation import build_generation, make_optimizer
-from kdray.training.loop import LiveTeacherOutputs, train_epoch
+from kdray.training.loop import train_epoch
 from kdray.training.prepare import prepare
 
 TARBALL = "cifar10-jpeg.tar.gz"
@@ -199,10 +199,10 @@ def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, pe
 
 
 class KdraySide:
-    """kdray's training step, called through the engine itself: ``engine.prepare`` (device,
+    """kdray's training step, called through the engine itself: ``kdray.training.prepare`` (device,
     autocast / channels_last policy, the frozen :class:`TeacherEnsemble` or a teacher store, the
-    on-device :class:`BatchLoader`), ``engine.build_generation`` (student, method, optimizer) and
-    ``engine.train_epoch`` over a slice of one epoch's batches -- the same function ``fit`` runs."""
+    on-device :class:`BatchLoader`), ``kdray.training.generation.build_generation`` (student, method, optimizer) and
+    ``kdray.training.loop.train_epoch`` over a slice of one epoch's batches -- the same function ``fit`` runs."""
 
     def __init__(self, cfg, data, train: Split, teacher_models, device, store=None):
         teachers = TeacherEnsemble(teacher_models) if teacher_models else None
@@ -409,7 +409,9 @@ def main(argv=None) -> int:
     ratio = kd_ips / ref_ips
     store_ips = statistics.median(rates["kdray+store"]) if "kdray+store" in rates else None
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    dev_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    )
     result = {
         "device": str(device), "device_name": dev_name,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

@@ -127,30 +127,10 @@ class SweepResult:
         mlflow.set_tracking_uri(self.tracking_uri)
         return mlflow.search_runs(experiment_names=[self.experiment])
 
-    def best_student(self) -> Optional[StudentResult]:
-        best = self.best or {}
-        path = best.get("student_path")
-        if not path or not Path(path).is_file():
-            return None
-        return load_student(path, run_id=best.get("mlflow_run_id"), tracking_uri=self.tracking_uri)
-
 
 # --------------------------------------------------------------------------------------------
 # tracking
 # --------------------------------------------------------------------------------------------
-def tracking_settings(track: bool, tracking_uri: Optional[str], experiment: str, workdir: Path) -> Optional[dict]:
-    """None when tracking is off; else the checked MLflow store, experiment and workdir."""
-    if not track:
-        return None
-    from kdray.tracking.store import bounded_http_env, check_store, resolve_uri
-
-    for key, value in bounded_http_env().items():  # this process's MLflow calls too
-        os.environ.setdefault(key, value)
-    uri = resolve_uri(tracking_uri, workdir)
-    check_store(uri)  # before any training starts
-    return {"uri": uri, "experiment": experiment, "workdir": str(Path(workdir).resolve())}
-
-
 def check_readable_store(uri: str) -> None:
     """For commands that only read (best, export --run, load_student): a sqlite store that does
     not exist is an error, not an empty store created on the spot (MLflow would create one)."""
@@ -200,6 +180,8 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     the teachers' outputs from a teacher store. Returns the student, its metrics and MLflow run."""
     from kdray.core.console import library_output_to
     from kdray.distill import get_method
+    from kdray.distributed.raytrain import final_extras, fit_distributed
+    from kdray.tracking.state import tracking_settings
     from kdray.training.run import run_training
 
     cfg = make_config(config, **overrides)
@@ -218,12 +200,13 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
         result = run_training(cfg, out=folder, run_name=name, tracking=tracking, log=log, address=address,
                               gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                               max_failures=max_failures, store_root=teacher_store,
-                              store_budget=teacher_store_budget)
+                              store_budget=teacher_store_budget, final_extras=final_extras,
+                              fit_distributed=fit_distributed)
     loaded = load_student(result["student_path"])
     loaded.record["metrics"] = {**loaded.record.get("metrics", {}),
                                 **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}
     loaded.run_id = result.get("run_id")
-    loaded.tracking_uri = tracking["uri"] if tracking else None
+    loaded.tracking_uri = tracking.uri if tracking else None
     return loaded
 
 
@@ -238,44 +221,36 @@ def space_file(space, workdir: Path) -> str:
         return str(space)
     import yaml
 
+    from kdray.core.io import atomic_write
+
     text = yaml.safe_dump(space, sort_keys=False)
     name = str(space.get("name") or "space")
     folder = Path(workdir) / "spaces"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
     if not path.is_file():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
     return str(path)
 
 
-def sweep(space, *, samples: Optional[int] = None, concurrency: int = 1, workers: int = 1,
-          gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, experiment: Optional[str] = None,
-          address: Optional[str] = None, resume: bool = False, optuna_storage: Optional[str] = None,
-          max_failures: int = 0, teacher_store: bool = True, teacher_store_dir: Optional[str] = None,
-          teacher_store_budget: float = 4.0, workdir: str | Path | None = None, track: bool = True,
-          tracking_uri: Optional[str] = None, seed: Optional[int] = None, log: Log = _stderr) -> SweepResult:
+def sweep(space, *, workdir: str | Path | None = None, track: bool = True, tracking_uri: Optional[str] = None,
+          log: Log = _stderr, **options) -> SweepResult:
     """Run a sweep of ``space``: a YAML file, a shipped space's name (``"quick"``) or a dict with
-    the same keys as a space file. Returns the trials, the best one, the Optuna study and Tune's
-    result grid. ``seed``: the TPE sampler's (default: the space's ``seed``, else a random one per
-    sweep; a resumed sweep keeps its first seed)."""
+    the same keys as a space file. ``options``: the fields of :class:`kdray.tune.options.SweepOptions`,
+    one per ``kdray tune`` flag (``samples=8``, ``concurrency=2``, ``workers``, ``experiment``,
+    ``resume=True``, ``seed``: the TPE sampler's, default the space's ``seed``, else a random one per
+    sweep; a resumed sweep keeps its first seed; ...); an unknown one is an error naming them.
+    Returns the trials, the best one, the Optuna study and Tune's result grid."""
+    from kdray.tracking.state import tracking_settings
     from kdray.tune.options import SweepOptions
     from kdray.tune.run import run_sweep
 
+    opts = SweepOptions.from_keywords(options, others=("workdir", "track", "tracking_uri", "log"))
     workdir = resolve_workdir(workdir)
-    options = SweepOptions(samples=samples, concurrency=concurrency, workers=workers,
-                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, experiment=experiment,
-                           address=address, resume=resume, optuna_storage=optuna_storage,
-                           max_failures=max_failures, teacher_store=teacher_store,
-                           teacher_store_dir=teacher_store_dir, teacher_store_budget=teacher_store_budget,
-                           seed=seed)
-    tracking = tracking_settings(track, tracking_uri, "kdray", workdir)
-    handles: dict = {}
-    summary = run_sweep(space_file(space, workdir), workdir=workdir, options=options, log=log, tracking=tracking,
-                        handles=handles)
-    return SweepResult(summary=summary, result_grid=handles.get("result_grid"), storage=handles.get("storage"),
-                       tracking_uri=tracking["uri"] if tracking else None)
+    tracking = tracking_settings(track, tracking_uri, None, workdir)  # the experiment: the sweep's name
+    done = run_sweep(space_file(space, workdir), workdir=workdir, options=opts, log=log, tracking=tracking)
+    return SweepResult(summary=done.summary, result_grid=done.result_grid, storage=done.storage,
+                       tracking_uri=tracking.uri if tracking else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +260,8 @@ def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_u
                  workdir: str | Path | None = None) -> StudentResult:
     """A trained student from a ``student.pt`` file or from an MLflow run id (its
     ``student/student.pt`` artifact, from ``tracking_uri`` or the workdir's store)."""
+    from kdray.core.io import safe_load
     from kdray.models import export_module
-    from kdray.training.checkpoint import safe_load
     from kdray.training.student_file import rebuild_student
 
     path = Path(source).expanduser()
@@ -301,5 +276,5 @@ def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_u
         run_id = str(source)
         path = download_student(tracking_uri, run_id)
     record = safe_load(path, "student")
-    return StudentResult(student=export_module(rebuild_student(record)).eval(), record=record, student_path=str(path), run_id=run_id,
-                         tracking_uri=tracking_uri)
+    return StudentResult(student=export_module(rebuild_student(record)).eval(), record=record, student_path=str(path),
+                         run_id=run_id, tracking_uri=tracking_uri)

@@ -94,3 +94,35 @@ def fake_teachers(tmp_path_factory):
     out = tmp_path_factory.mktemp("teachers")
     train_teachers(small_cfg(epochs=2), ["resnet8", "resnet14"], 2, out, log=lambda s: None)
     return out
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    """``kdray`` in this process: (exit code, stdout, stderr)."""
+    from kdray.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one ``kdray: error:`` line of ``err`` (asserts there is exactly one)."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("kdray: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs, as on CI) shared by the single-node tests of a module; its GCS address."""
+    import ray
+
+    from kdray.distributed.raytrain import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(None)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+

@@ -74,3 +74,38 @@ def test_import_kdray_stays_light():
     code = "import sys, kdray; print(sorted(m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_sweep_takes_exactly_the_sweep_options_and_names_them_on_a_typo(tmp_path):
+    with pytest.raises(KdrayError, match=r"unknown sweep option 'sample'; allowed: samples, concurrency, .*, "
+                                         r"teacher_store_budget, workdir, track, tracking_uri, log"):
+        kdray.sweep("quick", sample=3, workdir=tmp_path, track=False, log=lambda s: None)
+    assert not (tmp_path / "spaces").exists()  # refused before anything is written
+
+
+def test_each_sweep_option_is_one_tune_flag_with_its_default():
+    """SweepOptions declares every `kdray tune` option once: the parser's flags and defaults come from it."""
+    from kdray.cli.parser import build_parser
+    from kdray.tune.options import SweepOptions
+
+    args = build_parser().parse_args(["tune", "--space", "quick"])
+    assert SweepOptions(**{n: getattr(args, n) for n in SweepOptions.names()}) == SweepOptions()
+    args = build_parser().parse_args(["tune", "--space", "quick", "--no-teacher-store", "--teacher-store", "D",
+                                      "--samples", "3", "--gpus-per-worker", "0.5", "--resume"])
+    picked = SweepOptions(**{n: getattr(args, n) for n in SweepOptions.names()})
+    assert picked == SweepOptions(teacher_store=False, teacher_store_dir="D", samples=3, gpus_per_worker=0.5,
+                                  resume=True)
+
+
+def test_tracking_states_are_frozen_and_pickle():
+    """They cross stages and processes (a trial's tracking state goes to Ray's trial processes)."""
+    import dataclasses
+    import pickle
+
+    from kdray.tracking.state import RunHandle, SweepTracking, TrackingSettings
+
+    for value in (TrackingSettings("sqlite:///m.db", "e", "/w"), RunHandle("http://h:5000", "r1", "3"),
+                  SweepTracking("http://h:5000", "3", "p1", teacher_archs=("resnet20",), teacher_store="off")):
+        assert pickle.loads(pickle.dumps(value)) == value
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            value.uri = "elsewhere"

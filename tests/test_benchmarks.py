@@ -12,27 +12,29 @@ from types import SimpleNamespace
 import pytest
 from conftest import small_cfg
 
-import kdray.training.loop as engine
+import kdray.training.fit as fit_module
+import kdray.training.loop as loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fit_trains_each_epoch_through_train_epoch(tmp_path, monkeypatch):
     calls = []
-    real = engine.train_epoch
+    real = loop.train_epoch
 
     def counting(parts, batches):
         calls.append(parts)
         return real(parts, batches)
 
-    monkeypatch.setattr(engine, "train_epoch", counting)
-    engine.fit(small_cfg(method="ce", epochs=2), checkpoint_root=str(tmp_path), log=lambda s: None)
+    monkeypatch.setattr(fit_module, "train_epoch", counting)  # fit calls the step loop's train_epoch
+    fit_module.fit(small_cfg(method="ce", epochs=2), checkpoint_root=str(tmp_path), log=lambda s: None)
     assert len(calls) == 2
 
 
 def test_step_throughput_benchmark_runs_on_the_engine(tmp_path):
     text = (ROOT / "benchmarks" / "step_throughput.py").read_text()
-    assert "engine.train_epoch(" in text and "verbatim" not in text
+    assert "from kdray.training.loop import train_epoch" in text and " train_epoch(" in text
+    assert "verbatim" not in text
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--dataset", "fake", "--method", "kd",
          "--teachers", "resnet8", "--teachers-count", "1", "--student", "resnet8", "--batch-size", "32",
@@ -52,11 +54,39 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     tree = tmp_path / "tree"
     write_tree(tree / "train", per_class=12)
     write_tree(tree / "test", per_class=4, seed=1)
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "cifar_table.py"), "--workdir", str(tmp_path / "w"),
-           "--data-dir", str(tree), "--teacher-arch", "resnet8,resnet14", "--teachers", "2", "--teacher-epochs", "1",
-           "--epochs", "1", "--steps-of", "0.5", "--fractions", "0.5", "--seeds", "0,1", "--ekd-branches", "1", "--tune-samples", "2",
-           "--tune-fractions", "0.5", "--tune-concurrency", "1",
-           "--device", "cpu", "--json"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "cifar_table.py"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--data-dir",
+        str(tree),
+        "--teacher-arch",
+        "resnet8,resnet14",
+        "--teachers",
+        "2",
+        "--teacher-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--steps-of",
+        "0.5",
+        "--fractions",
+        "0.5",
+        "--seeds",
+        "0,1",
+        "--ekd-branches",
+        "1",
+        "--tune-samples",
+        "2",
+        "--tune-fractions",
+        "0.5",
+        "--tune-concurrency",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     table = json.loads(first.stdout)
@@ -70,7 +100,9 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     assert {c["row"] for c in v["methods"]} == {r for r in rows if r.startswith(("ekd", "feed"))}
     tuned_vs_default = v["tuned_vs_default"]
     assert tuned_vs_default["against"] == "ekd-B2" and tuned_vs_default["row"].startswith("ekd-tuned-")
-    assert tuned_vs_default["gap"] == pytest.approx(by_name[tuned_vs_default["row"]]["mean"] - by_name["ekd-B2"]["mean"])
+    assert tuned_vs_default["gap"] == pytest.approx(
+        by_name[tuned_vs_default["row"]]["mean"] - by_name["ekd-B2"]["mean"]
+    )
     assert sum(r.startswith("kd-t") for r in rows) == 2 and any(r.startswith("kd, best teacher") for r in rows)
     assert fr["ekd_best_branches"] in (1, 2) and set(fr["tuned"]["best_config"]) >= {"temperature", "branches"}
     assert all(len(r["per_seed"]) == 2 for r in fr["rows"])
@@ -90,7 +122,9 @@ def test_cifar_table_runs_end_to_end_and_resumes(tmp_path):
     other = subprocess.run([*cmd[:cmd.index("--epochs")], "--epochs", "2", *cmd[cmd.index("--epochs") + 2:]],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert other.returncode != 0 and "was made with other settings (1 -> 2)" in other.stderr, other.stderr[-2000:]
-    teachers = subprocess.run([*cmd, "--teacher-epochs", "2"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    teachers = subprocess.run(
+        [*cmd, "--teacher-epochs", "2"], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert teachers.returncode != 0 and "holds teachers (arch, epochs) [('resnet8', 1), ('resnet14', 1)]" in \
         teachers.stderr, teachers.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "w" / "runs").iterdir()) == runs  # nothing removed

@@ -7,23 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import error_line, run_cli
 
 from kdray.cli import main
 from kdray.cli.parser import build_parser
 
 FAST = ["--dataset", "fake", "--image-size", "16", "--epochs", "1", "--device", "cpu"]
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.startswith("kdray: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_every_option_has_help():
@@ -44,7 +33,10 @@ def test_every_option_has_help():
         (["train", "--method", "bogus", *FAST], "unknown method 'bogus'; allowed: avg_kd, ce, ekd, feed, kd, sfeed"),
         (["train", "--method", "ce", "--student", "resnet9000", *FAST], "unknown model 'resnet9000'"),
         (["train", "--method", "ce", *FAST, "--dataset", "mnist"], "unknown dataset 'mnist'"),
-        (["train", "--method", "ce", *FAST, "--set", "temprature=3"], "unknown key 'temprature' (did you mean 'temperature'?)"),
+        (
+            ["train", "--method", "ce", *FAST, "--set", "temprature=3"],
+            "unknown key 'temprature' (did you mean 'temperature'?)",
+        ),
         (["train", "--method", "ce", *FAST, "--branches", "12"], "branches=12 is out of range; allowed: 1..8"),
         (["train", "--method", "kd", *FAST], "needs teachers"),
     ],

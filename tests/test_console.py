@@ -63,7 +63,7 @@ def test_train_shows_startup_eta_and_next_steps(tmp_path, capsys):
     assert re.search(r"^ready in [\d.]+s: \d+ train / \d+ val / \d+ test images, 10 classes; cpu", err, re.M)
     epochs = [ln for ln in err.splitlines() if ln.startswith("epoch ")]
     assert len(epochs) == 3 and all(" ETA " in ln for ln in epochs[:2]) and " ETA " not in epochs[2]
-    run_id = re.search(r"MLflow run (\w{32}): `kdray export --run \1 --out DIR`", out).group(1)
+    assert re.search(r"MLflow run (\w{32}): `kdray export --run \1 --out DIR`", out)
     assert "kdray best --experiment console" in out
 
 

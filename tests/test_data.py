@@ -13,13 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datahelpers import CIFAR10_CLASSES, CIFAR_JPEG, extract_cifar_subset, write_image, write_tree  # noqa: E402
 
-import kdray.data.sources as data  # noqa: E402
+import kdray.data.imagefolder as imagefolder  # noqa: E402
 from kdray.core.errors import KdrayError  # noqa: E402
 from kdray.data.bundle import DataBundle
 from kdray.data.loader import BatchLoader
 from kdray.data.sources import DATASETS, load_data
 from kdray.data.splits import Split, split_indices  # noqa: E402
-from kdray.data.views import augment_batch
+from kdray.data.views import crop_and_flip
 from kdray.training.config import RunConfig  # noqa: E402
 
 
@@ -135,36 +135,35 @@ def _ramp(b=64, h=8, w=8):
     return base.expand(b, -1, -1, -1).contiguous()
 
 
-def test_augment_noop_and_shapes():
-    x = _ramp()
-    assert torch.equal(augment_batch(x, 0, False, None), x)
-    out = augment_batch(x, 2, True, torch.Generator().manual_seed(0))
+def test_crop_and_flip_noop_and_shapes():
+    x, b = _ramp(), 64
+    zero = torch.zeros(b, dtype=torch.long)
+    assert torch.equal(crop_and_flip(x, 0, zero, zero, None), x)
+    g = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(0, 5, (b,), generator=g), torch.randint(0, 5, (b,), generator=g)
+    out = crop_and_flip(x, 2, dy, dx, torch.rand(b, generator=g) < 0.5)
     assert out.shape == x.shape and out.dtype == torch.uint8 and out.is_contiguous()
 
 
-def test_augment_crop_is_zero_padded_window():
-    x, p = _ramp(), 2
-    out = augment_batch(x, p, False, torch.Generator().manual_seed(1))
+def test_crop_is_zero_padded_window():
+    x, p = _ramp(b=25), 2
+    offsets = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)]
+    dy, dx = (torch.tensor(v) for v in zip(*offsets))
+    out = crop_and_flip(x, p, dy, dx, None)
     canvas = torch.zeros(3, 8 + 2 * p, 8 + 2 * p, dtype=torch.uint8)
     canvas[:, p:-p, p:-p] = x[0]
-    windows = {(dy, dx): canvas[:, dy : dy + 8, dx : dx + 8] for dy in range(2 * p + 1) for dx in range(2 * p + 1)}
-    seen = set()
-    for img in out:
-        match = [k for k, w in windows.items() if torch.equal(img, w)]
-        assert match, "every output is a window of the zero-padded image"
-        seen.add(match[0])
-    assert len(seen) > 5 and any(k != (p, p) for k in seen)  # crops actually shift
+    for img, (oy, ox) in zip(out, offsets):
+        assert torch.equal(img, canvas[:, oy : oy + 8, ox : ox + 8]), "each output is its window of the padded image"
     assert (out == 0).any()  # padding shows up as zeros
-    assert torch.equal(out, augment_batch(x, p, False, torch.Generator().manual_seed(1)))
-    assert not torch.equal(out, augment_batch(x, p, False, torch.Generator().manual_seed(2)))
+    assert torch.equal(out[offsets.index((p, p))], x[0])  # the centre window is the image
 
 
-def test_augment_flip_mirrors():
+def test_flip_mirrors():
     x = _ramp()
-    out = augment_batch(x, 0, True, torch.Generator().manual_seed(0))
-    same = torch.tensor([torch.equal(o, x[0]) for o in out])
-    flipped = torch.tensor([torch.equal(o, x[0].flip(-1)) for o in out])
-    assert torch.all(same | flipped) and same.any() and flipped.any()
+    flip = torch.arange(64) % 2 == 1
+    zero = torch.zeros(64, dtype=torch.long)
+    out = crop_and_flip(x, 0, zero, zero, flip)
+    assert all(torch.equal(o, x[0].flip(-1) if f else x[0]) for o, f in zip(out, flip))
 
 
 # --------------------------------------------------------------------------------------------- batch loader
@@ -245,7 +244,7 @@ def test_imagefolder_single_tree_and_cache(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data, "_decode_files", boom)
+    monkeypatch.setattr(imagefolder, "_decode_files", boom)
     again = load_data(_cfg(root))
     assert torch.equal(again.train.x, b.train.x) and torch.equal(again.test.y, b.test.y)
 
@@ -253,7 +252,7 @@ def test_imagefolder_single_tree_and_cache(tmp_path, monkeypatch):
     monkeypatch.undo()
     rebuilt = load_data(_cfg(root))
     assert torch.equal(rebuilt.train.x, b.train.x)
-    monkeypatch.setattr(data, "_decode_files", boom)
+    monkeypatch.setattr(imagefolder, "_decode_files", boom)
     load_data(_cfg(root))  # the rebuilt cache is valid again
     assert not list((root / ".kdray-cache").glob("*.tmp"))
 
@@ -272,7 +271,7 @@ def test_imagefolder_cache_falls_back_to_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     first = load_data(_cfg(root))
     assert len(list((tmp_path / "home" / ".cache" / "kdray" / "imagefolder").glob("imagefolder-*.pt"))) == 1
-    monkeypatch.setattr(data, "_decode_files", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(imagefolder, "_decode_files", lambda *a, **k: pytest.fail("decoded again"))
     assert torch.equal(load_data(_cfg(root)).train.x, first.train.x)
 
 

@@ -7,8 +7,8 @@ import torch
 from conftest import small_cfg
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import safe_load
 from kdray.teachers.ensemble import load_teachers
-from kdray.training.checkpoint import safe_load
 from kdray.training.fit import fit
 from kdray.training.generation import lr_factor
 from kdray.training.loop import NonFiniteLoss

@@ -8,14 +8,14 @@ import torch
 from conftest import small_cfg
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import safe_load, sha256_file
 from kdray.data.loader import BatchLoader
-from kdray.deploy.branches import load_record, resolve_branch
+from kdray.deploy.branches import resolve_branch
 from kdray.deploy.export import export_student, load_exported, load_state_dict_module
 from kdray.deploy.latency import measure_latency_ms
 from kdray.deploy.recheck import load_test_split, predict
 from kdray.models import build_model
 from kdray.models.measure import count_params
-from kdray.training.checkpoint import safe_load, sha256_file
 from kdray.training.fit import fit
 from kdray.training.student_file import rebuild_student
 
@@ -26,7 +26,7 @@ def _train(tmp_path_factory, name, **kw):
     root = tmp_path_factory.mktemp(name)
     cfg = small_cfg(epochs=1, **kw)
     fit(cfg, checkpoint_root=str(root), **quiet)
-    return load_record(root / "epoch_0001" / "student.pt")
+    return safe_load(root / "epoch_0001" / "student.pt", "student")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,9 @@ def test_ekd_best_branch(tmp_path, ekd_record):
 
 
 def test_branch_choice_errors(tmp_path, ekd_record, ce_record):
-    with pytest.raises(KdrayError, match=r"branch 7 does not exist in a 3-branch student; allowed: best, all or 0\.\.2"):
+    with pytest.raises(
+        KdrayError, match=r"branch 7 does not exist in a 3-branch student; allowed: best, all or 0\.\.2"
+    ):
         export_student(ekd_record, branch=7, out=tmp_path / "x", **quiet)
     assert not (tmp_path / "x").exists()
     test_only = dict(ekd_record, metrics={k: v for k, v in ekd_record["metrics"].items() if not k.startswith("val_")})
@@ -169,7 +171,7 @@ def test_latency_positive_finite(ce_record):
 
 def test_cli_exports_whole_ensemble(ekd_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.training.checkpoint import atomic_save
+    from kdray.core.io import atomic_save
 
     path = atomic_save(ekd_record, tmp_path / "student.pt")
     code = main(["export", "--student", str(path), "--branch", "all", "--out", str(tmp_path / "o"), "--json"])
@@ -198,7 +200,7 @@ def _cli_error(capsys):
 
 def test_cli_overwrite_replaces_an_earlier_export(ce_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.training.checkpoint import atomic_save
+    from kdray.core.io import atomic_save
 
     path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
     out = tmp_path / "o"
@@ -216,7 +218,7 @@ def test_cli_overwrite_replaces_an_earlier_export(ce_record, tmp_path, capsys):
 
 def test_cli_overwrite_refuses_foreign_files(ce_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.training.checkpoint import atomic_save
+    from kdray.core.io import atomic_save
 
     path = atomic_save(ce_record, tmp_path / "run" / "student.pt")
     mine = tmp_path / "mine"
@@ -248,7 +250,7 @@ def test_cli_overwrite_refuses_foreign_files(ce_record, tmp_path, capsys):
 
 def test_cli_overwrite_refuses_the_students_own_folder(ce_record, tmp_path, capsys):
     from kdray.cli import main
-    from kdray.training.checkpoint import atomic_save
+    from kdray.core.io import atomic_save
 
     run = tmp_path / "run"
     path = atomic_save(ce_record, run / "epoch_0001" / "student.pt")

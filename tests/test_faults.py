@@ -63,7 +63,7 @@ def test_malicious_teacher_is_refused_before_anything_is_created(tmp_path, capsy
     that never suggests weights_only=False; the refused run leaves no run folder and no MLflow run."""
     import torch
 
-    from kdray.training.checkpoint import sha256_file
+    from kdray.core.io import sha256_file
 
     teachers = tmp_path / "teachers"
     shutil.copytree(fake_teachers, teachers)
@@ -102,8 +102,6 @@ def test_train_out_on_an_earlier_run_is_refused_without_resume(tmp_path, capsys)
 
 def test_credentials_are_masked_in_what_kdray_logs(tmp_path):
     """A storage URL with a password goes into no tag, param or line (real sqlite MLflow store)."""
-    from types import SimpleNamespace
-
     import mlflow
 
     from kdray.core.values import mask_credentials
@@ -115,11 +113,11 @@ def test_credentials_are_masked_in_what_kdray_logs(tmp_path):
     assert mask_credentials("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
     space_file = tmp_path / "s.yaml"
     space_file.write_text("name: s\n")
-    space = SimpleNamespace(path=str(space_file), metrics=[("val_acc", "max")], samples=1, base=RunConfig())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp = experiment_id(uri, "masked", tmp_path)
-    run_id = start_sweep_run(uri, exp, name="masked", space=space, study_name="masked",
-                                storage_url="postgresql://kd:s3cret@db:5432/optuna", teachers=None)
+    run_id = start_sweep_run(uri, exp, name="masked", space_path=str(space_file), base=RunConfig().to_dict(),
+                             metrics=[("val_acc", "max")], samples=1,
+                             storage_url="postgresql://kd:s3cret@db:5432/optuna", teachers=None)
     run = mlflow.MlflowClient(uri).get_run(run_id)
     text = json.dumps([run.data.tags, run.data.params])
     assert "s3cret" not in text and "postgresql://kd:***@db:5432/optuna" in text
@@ -130,7 +128,7 @@ def test_a_second_sweep_of_the_same_experiment_is_refused(tmp_path, capsys):
     first one's study is untouched (no trial marked interrupted under it)."""
     work = tmp_path / "w"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom kdray.guards import one_sweep_at_a_time\n"
+        "import sys, time\nfrom kdray.core.guards import one_sweep_at_a_time\n"
         f"with one_sweep_at_a_time({str(work)!r}, 'busy'):\n    print('locked', flush=True)\n    time.sleep(120)\n")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -337,7 +335,9 @@ def small_tmpfs(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
     yield mnt
@@ -352,7 +352,7 @@ def test_full_disk_is_one_line_naming_the_path_and_leaves_no_corrupt_file(small_
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert err[-1].startswith("kdray: error: no space left on the device writing " + str(small_tmpfs)), err[-1]
     assert "Traceback" not in proc.stderr
-    from kdray.training.checkpoint import safe_load
+    from kdray.core.io import safe_load
 
     for f in small_tmpfs.rglob("*.pt"):
         safe_load(f)  # anything kdray left there loads: no half-written checkpoint
@@ -365,7 +365,7 @@ def test_drivers_starting_together_create_the_stores_once(tmp_path):
     work = tmp_path / "w"
     code = (
         "import sys, optuna\nfrom pathlib import Path\nfrom kdray import tracking as tr\n"
-        "from kdray.guards import stores_initialising\n"
+        "from kdray.core.guards import stores_initialising\n"
         f"work = Path({str(work)!r})\n"
         "with stores_initialising(work):\n"
         "    optuna.storages.RDBStorage(f'sqlite:///{work / \"optuna.db\"}')\n"

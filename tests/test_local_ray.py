@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from kdray.core.errors import KdrayError
-from kdray.distributed import local_ray
+from kdray.distributed import local_ray, watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
-WATCHDOG = [sys.executable, "-I", "-S", local_ray.__file__, "watch"]
+WATCHDOG = [sys.executable, "-I", "-S", watchdog.__file__, "watch"]
 SWEEP_BOUND_S = 20  # driver gone -> every process of its Ray gone (watchdog: ~3 s TERM + ~3 s KILL)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -39,7 +39,7 @@ def _mark_of(pid: int):
             env = f.read().split(b"\0")
     except OSError:
         return None
-    prefix = f"{local_ray.MARK_VAR}=".encode()
+    prefix = f"{watchdog.MARK_VAR}=".encode()
     return next((e[len(prefix):].decode() for e in env if e.startswith(prefix)), None)
 
 
@@ -59,7 +59,7 @@ def _name(pid: int) -> str:
 def session_processes(driver_pid: int) -> tuple:
     """(pid -> start time of the driver's descendants and of every process carrying the same
     session mark, the session tokens found)."""
-    procs = local_ray._all_processes()
+    procs = watchdog.all_processes()
     found = {driver_pid: None}
     while True:
         more = {p for p, (ppid, _) in procs.items() if ppid in found and p not in found}
@@ -74,7 +74,7 @@ def session_processes(driver_pid: int) -> tuple:
 
 def watchdogs_of(tokens) -> dict:
     out = {}
-    for pid, (_, start) in local_ray._all_processes().items():
+    for pid, (_, start) in watchdog.all_processes().items():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
@@ -86,7 +86,7 @@ def watchdogs_of(tokens) -> dict:
 
 
 def alive(procs: dict) -> dict:
-    return {p: s for p, s in procs.items() if local_ray._start_time(p) == s}
+    return {p: s for p, s in procs.items() if watchdog.start_time(p) == s}
 
 
 def wait_gone(procs: dict, timeout: float, also=lambda: {}) -> dict:
@@ -102,7 +102,7 @@ def wait_gone(procs: dict, timeout: float, also=lambda: {}) -> dict:
 def kill_all(procs: dict) -> None:
     """Last-resort cleanup of what a failed test left: only the processes it recorded."""
     for pid, start in alive(procs).items():
-        local_ray._signal(pid, start, signal.SIGKILL)
+        watchdog.signal_process(pid, start, signal.SIGKILL)
 
 
 def read_line(proc, timeout: float, needle: str) -> str:
@@ -125,7 +125,7 @@ def sleeper(env=None, ignore_term=False, child=False):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         kid = 0
         if {child}:
-            env = {{k: v for k, v in os.environ.items() if k != {local_ray.MARK_VAR!r}}}
+            env = {{k: v for k, v in os.environ.items() if k != {watchdog.MARK_VAR!r}}}
             kid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env).pid
         print(kid, flush=True)
         time.sleep(120)
@@ -136,7 +136,7 @@ def sleeper(env=None, ignore_term=False, child=False):
 
 
 def target(pid: int) -> str:
-    return f"{pid}:{local_ray._start_time(pid)}"
+    return f"{pid}:{watchdog.start_time(pid)}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,10 +174,10 @@ def test_init_ray_local_is_loopback_marked_and_watched_address_is_not(monkeypatc
     seen, watched, shut = [], [], []
 
     def fake_init(**kw):
-        seen.append((kw, ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(local_ray.MARK_VAR)))
+        seen.append((kw, ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(watchdog.MARK_VAR)))
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv(local_ray.MARK_VAR, raising=False)
+    monkeypatch.delenv(watchdog.MARK_VAR, raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(ray, "shutdown", lambda: shut.append(1))
@@ -189,7 +189,7 @@ def test_init_ray_local_is_loopback_marked_and_watched_address_is_not(monkeypatc
     kw, flag, mark = seen[-1]
     assert kw["_node_ip_address"] == local_ray.loopback_ip() and kw["dashboard_host"] == "127.0.0.1"
     assert flag is False and mark and watched[-1][1] == mark
-    assert ray_constants.ENABLE_RAY_CLUSTER == cluster_flag and local_ray.MARK_VAR not in os.environ
+    assert ray_constants.ENABLE_RAY_CLUSTER == cluster_flag and watchdog.MARK_VAR not in os.environ
 
     init_ray("192.0.2.9:6379")
     kw, flag, mark = seen[-1]
@@ -208,24 +208,38 @@ def test_init_ray_local_is_loopback_marked_and_watched_address_is_not(monkeypatc
     assert shut and len(watched) == 1
 
 
+def test_watchdog_runs_as_a_bare_file_without_kdray(tmp_path):
+    """start_watchdog runs watchdog.py by its path with ``-I -S``: no site-packages, no kdray on
+    the path; it must import the standard library only."""
+    import ast
+
+    tree = ast.parse(Path(watchdog.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    assert local_ray.MARK_VAR == watchdog.MARK_VAR
+    out = subprocess.run(WATCHDOG + ["--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--target" in out.stdout, out.stderr
+
+
 @linux_only
 def test_watchdog_ends_its_session_when_the_driver_dies(tmp_path):
     """Driver SIGKILLed: the watchdog ends a marked process, one that ignores SIGTERM, a recorded
     member and the unmarked child that member started; a bystander (no mark, or a recorded pid
     whose start time no longer matches: a recycled pid) lives on."""
     token = "t" + os.urandom(6).hex()
-    marked_env = dict(os.environ, **{local_ray.MARK_VAR: token})
+    marked_env = dict(os.environ, **{watchdog.MARK_VAR: token})
     started = []
     try:
         driver, _ = sleeper()
         marked, _ = sleeper(env=marked_env)
         stubborn, _ = sleeper(env=marked_env, ignore_term=True)
         member, member_kid = sleeper(child=True)
-        other_token, _ = sleeper(env=dict(os.environ, **{local_ray.MARK_VAR: token + "x"}))
+        other_token, _ = sleeper(env=dict(os.environ, **{watchdog.MARK_VAR: token + "x"}))
         bystander, _ = sleeper()
         started = [driver, marked, stubborn, member, other_token, bystander]
-        kid = {member_kid: local_ray._start_time(member_kid)}
-        recycled = f"{bystander.pid}:{local_ray._start_time(bystander.pid) - 1}"
+        kid = {member_kid: watchdog.start_time(member_kid)}
+        recycled = f"{bystander.pid}:{watchdog.start_time(bystander.pid) - 1}"
         log = tmp_path / "watchdog.log"
         rc = subprocess.run(WATCHDOG + ["--token", token, "--log", str(log), "--target", target(driver.pid),
                                         "--member", target(member.pid), "--member", recycled],
@@ -256,7 +270,7 @@ def test_watchdog_spares_a_living_driver_when_its_ray_stops(tmp_path):
     ray.shutdown(): the watchdog ends the rest of the session, never the driver, even if the driver
     carried the mark, and leaves."""
     token = "t" + os.urandom(6).hex()
-    marked_env = dict(os.environ, **{local_ray.MARK_VAR: token})
+    marked_env = dict(os.environ, **{watchdog.MARK_VAR: token})
     started = []
     try:
         driver, _ = sleeper(env=marked_env)
@@ -291,7 +305,7 @@ DRIVER = textwrap.dedent("""
 
     import ray
 
-    from kdray.scale import init_ray
+    from kdray.distributed.raytrain import init_ray
 
     init_ray(None)
 
@@ -304,7 +318,7 @@ DRIVER = textwrap.dedent("""
     ray.get(echo.ping.remote())
     # a second driver joins through the loopback address (as `kdray tune --address` does)
     joined = subprocess.run([sys.executable, "-c", (
-        "import ray; from kdray.scale import init_ray; init_ray(%r); "
+        "import ray; from kdray.distributed.raytrain import init_ray; init_ray(%r); "
         "print(ray.get(ray.remote(lambda: 7).remote()))") % ray.get_runtime_context().gcs_address],
         capture_output=True, text=True, timeout=180)
     print("READY", ray.get_runtime_context().gcs_address, joined.stdout.strip() or joined.stderr[-2000:],
@@ -352,7 +366,7 @@ def test_killed_driver_leaves_no_ray_process(tmp_path):
 
 
 def session_processes_by_token(tokens) -> dict:
-    return {p: s for p, (_, s) in local_ray._all_processes().items() if _mark_of(p) in tokens}
+    return {p: s for p, (_, s) in watchdog.all_processes().items() if _mark_of(p) in tokens}
 
 
 TINY_SPACE = """name: ports
@@ -376,7 +390,7 @@ def test_local_sweep_listens_on_loopback_only(tmp_path):
     space = tmp_path / "ports.yaml"
     space.write_text(TINY_SPACE)
     err = open(tmp_path / "tune.err", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "--workdir", str(tmp_path / "w"), "tune",
+    proc = subprocess.Popen([sys.executable, "-m", "kdray", "--workdir", str(tmp_path / "w"), "tune",
                              # 2 workers: a TorchTrainer, its workers and torch's rendezvous store
                              # (a 1-worker trial trains in Tune's trial process)
                              "--no-track", "--space", str(space), "--workers", "2"], cwd=ROOT, start_new_session=True,
@@ -386,7 +400,7 @@ def test_local_sweep_listens_on_loopback_only(tmp_path):
         deadline = time.monotonic() + 420
         while proc.poll() is None and time.monotonic() < deadline:
             procs, found = session_processes(proc.pid)
-            procs[proc.pid] = local_ray._start_time(proc.pid)
+            procs[proc.pid] = watchdog.start_time(proc.pid)
             tokens |= found
             seen.update({p: s for p, s in procs.items() if s is not None})
             try:

@@ -85,7 +85,8 @@ def test_kd_kl_asymmetric_three_classes():
 
 
 def test_kd_kl_has_t_squared_factor():
-    # T = 2: teacher logits [2, 0, 0] -> p = [e, 1, 1] / (e + 2); student logits [0, 2, 4] -> q = [1, e, e^2] / (1 + e + e^2)
+    # T = 2: teacher logits [2, 0, 0] -> p = [e, 1, 1] / (e + 2);
+    #        student logits [0, 2, 4] -> q = [1, e, e^2] / (1 + e + e^2)
     e = math.e
     p = [e / (e + 2), 1 / (e + 2), 1 / (e + 2)]
     zq = 1 + e + e * e

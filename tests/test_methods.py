@@ -585,3 +585,39 @@ def test_sfeed_is_parallel_feed_per_generation():
     _, terms = m(y, {"logits": z, "feats": [x_s]}, {"logits": t, "feats": t_feats})
     assert len(m.translators) == 1
     assert terms["feed"].item() == pytest.approx(3.0 * ref_feed_sum(m, x_s, t_feats), rel=1e-4)
+
+
+def test_generation_numbers_its_view_epochs_and_seeds_apart():
+    assert [Generation(g).view_epoch(e) for g in (0, 2) for e in (0, 3)] == [0, 3, 2000, 2003]
+    assert [Generation(g).seed(7) for g in (0, 1, 2)] == [7, 1007, 2007]
+
+
+def test_the_run_trains_on_the_view_epochs_the_teacher_store_holds(monkeypatch, tmp_path, fake_teachers):
+    """The store is keyed by teacher_view_epochs; fit draws each epoch's views by set_epoch. Both take
+    the numbers from Generation.view_epoch: every epoch the ensemble teaches in is one the store holds,
+    in generations after the first too."""
+    from conftest import small_cfg
+
+    from kdray.data.loader import BatchLoader
+    from kdray.distill import unregister
+    from kdray.teachers.source import teacher_view_epochs
+    from kdray.training.fit import fit
+
+    @register
+    class TwoTaught(KD):  # generations 0 and 1 taught by the ensemble, 2 by generation 1's student
+        name = "test_two_taught"
+
+        @classmethod
+        def generations(cls, cfg):
+            return [Generation(0), Generation(1), Generation(2, "previous")]
+
+    seen = []
+    set_epoch = BatchLoader.set_epoch
+    monkeypatch.setattr(BatchLoader, "set_epoch", lambda self, e: (seen.append(e), set_epoch(self, e)))
+    try:
+        cfg = small_cfg(method="test_two_taught", epochs=2, teachers=str(fake_teachers))
+        fit(cfg, checkpoint_root=str(tmp_path), log=lambda s: None)
+        assert seen[:4] == list(teacher_view_epochs(cfg)) == [0, 1, 1000, 1001]
+        assert seen[4:] == [2000, 2001]  # taught by the previous student: not the store's
+    finally:
+        unregister("test_two_taught")

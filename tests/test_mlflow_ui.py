@@ -12,14 +12,9 @@ import socket
 import time
 
 import pytest
+from mlflow_support import _cmdline, artifacts_dir, check_experiment_page, start_mlflow_server
 
-from mlflow_support import (  # noqa: F401  (mlflow_server is a fixture)
-    _cmdline,
-    artifacts_dir,
-    check_experiment_page,
-    mlflow_server,
-    start_mlflow_server,
-)
+pytest_plugins = ["mlflow_support"]  # the mlflow_server fixture
 
 pytestmark = pytest.mark.mlflow_server
 

@@ -1,4 +1,4 @@
-"""Tests for kdray.models: builds, errors, feature taps, multi-branch students, export."""
+"""Tests for kdray.models: builds, errors, multi-branch students, export."""
 
 import copy
 
@@ -8,7 +8,6 @@ from torch import nn
 
 from kdray.core.errors import KdrayError
 from kdray.models import (
-    FeatureTap,
     MultiBranchStudent,
     StagedModel,
     Student,
@@ -95,28 +94,6 @@ def test_bad_names(name, fragment):
 def test_bad_num_classes(nc):
     with pytest.raises(KdrayError, match="num_classes"):
         build_model("resnet8", nc)
-
-
-def test_feature_tap(x):
-    m = build_model("resnet8", 10)
-    names = ["stages.0", "stages.2.0.conv1", "head.1"]
-    with FeatureTap(m, names) as tap:
-        logits, feats = m.forward_features(x)
-        assert tap.outputs["stages.0"].shape == (2, 16, 32, 32)
-        assert torch.equal(tap.outputs["stages.0"], feats[0])
-        assert tap.outputs["stages.2.0.conv1"].shape == (2, 64, 8, 8)
-        assert tap.outputs["head.1"].shape == (2, 64)
-    tap.clear()
-    m(x)
-    assert tap.outputs == {}  # hooks removed on exit
-
-
-def test_feature_tap_bad_name():
-    m = build_model("resnet32", 10)
-    with pytest.raises(KdrayError) as e:
-        FeatureTap(m, ["stages.0", "stages.9"])
-    msg = str(e.value)
-    assert "'stages.9'" in msg and "valid names: stem, stem.0" in msg and msg.endswith(", ...")
 
 
 def test_multi_branch_outputs(x):

@@ -37,19 +37,6 @@ ONE_TRIAL = ("metric: val_acc\nmode: max\nsamples: 1\n" + BASE % 1 +
              "  weight_decay: {type: float, low: 0.0001, high: 0.001, log: true}\n")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from kdray.distributed.raytrain import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(None)
-    yield
-    ray.shutdown()
-
-
 def stores(work: Path):
     return (optuna.storages.RDBStorage(f"sqlite:///{work / 'optuna.db'}"),
             mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}"))
@@ -58,7 +45,9 @@ def stores(work: Path):
 def sweep_run(client, name: str, session: int = 0):
     """The MLflow sweep run of ``name``'s ``session``-th session."""
     exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'sweep'", order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.`kdray.kind` = 'sweep'", order_by=["attributes.start_time ASC"]
+    )
     return runs[session]
 
 

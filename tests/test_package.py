@@ -99,7 +99,8 @@ def test_installed_wheel_runs_a_sweep_by_space_name_from_cli_and_api(installed, 
         "r = kdray.sweep('smoke', samples=1, experiment='api', workdir='w')\n"
         "s = kdray.load_student(r.best['student_path'])\n"
         "print(json.dumps({'n': len(r.trials), 'grid': len(r.result_grid), 'study': r.study.study_name,\n"
-        "    'complete': len(r.study.trials), 'best': r.best['metrics']['val_acc'], 'run': r.best.get('mlflow_run_id'),\n"
+        "    'complete': len(r.study.trials), 'best': r.best['metrics']['val_acc'],\n"
+        "    'run': r.best.get('mlflow_run_id'),\n"
         "    'arch': s.record['arch'], 'runs': len(r.mlflow_runs)}))\n"
     )
     api = run([str(py), "-c", script], cwd=tmp_path, env=env)

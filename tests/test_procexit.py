@@ -1,4 +1,4 @@
-"""kdray.procexit: a process leaves with its own exit code after every atexit handler, skipping the
+"""kdray.core.procexit: a process leaves with its own exit code after every atexit handler, skipping the
 interpreter teardown that Ray's leftover native threads can crash."""
 
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 SCRIPT = """
 import atexit, os, sys
-from kdray.procexit import exit_after_atexit
+from kdray.core.procexit import exit_after_atexit
 set_code = exit_after_atexit() if {use} else None
 
 class CrashesInTeardown:  # stands in for a native object whose teardown faults

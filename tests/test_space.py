@@ -25,7 +25,10 @@ def test_shipped_set_is_complete():
     "text, needle",
     [
         ("params: {temperature: {type: float, low: 1, high: [}\n", "malformed YAML"),
-        ("params:\n  temprature: {type: float, low: 1, high: 10}\n", "unknown key 'temprature' (did you mean 'temperature'?)"),
+        (
+            "params:\n  temprature: {type: float, low: 1, high: 10}\n",
+            "unknown key 'temprature' (did you mean 'temperature'?)",
+        ),
         ("params:\n  temperature: {type: float, low: 10, high: 1}\n", "params.temperature: low 10 > high 1"),
         ("params:\n  lr: {type: float, low: 0, high: 1, log: true}\n", "log range needs low > 0"),
         ("params:\n  lr: {type: beta, low: 0, high: 1}\n", "type 'beta' is not allowed"),

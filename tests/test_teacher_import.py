@@ -9,25 +9,15 @@ import json
 import pytest
 import torch
 import torchvision.models as tvm
+from conftest import error_line, run_cli
 
-from kdray.cli import main
-from kdray.models import build_model, kdray_to_torchvision, torchvision_to_kdray
-from kdray.teachers.ensemble import load_teachers, read_manifest
-from kdray.training.checkpoint import sha256_file
+from kdray.core.io import sha256_file
+from kdray.models import build_model
+from kdray.models.tv import from_torchvision_state
+from kdray.teachers.ensemble import load_teachers
+from kdray.teachers.manifest import read_manifest
 
 DATA = ["--dataset", "fake", "--image-size", "16", "--device", "cpu"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("kdray: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def nothing_written(tmp_path, out) -> bool:
@@ -184,15 +174,18 @@ def test_weights_of_another_model_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "regnet_y_400mf"])
-def test_torchvision_keys_convert_both_ways(name):
+def test_torchvision_keys_load_into_kdrays_wrapper(name):
+    """What the import does with a torchvision-layout file: the wrapper holds the same weights under
+    kdray's keys (loadable into build_model's model) and computes the same logits."""
     torch.manual_seed(0)
-    tv_state = tvm.get_model(name, num_classes=7).state_dict()
-    kd_state = torchvision_to_kdray(name, tv_state, 7)
+    tv_model = tvm.get_model(name, num_classes=7).eval()
+    wrapped = from_torchvision_state(name, tv_model.state_dict(), 7).eval()
+    kd_state = wrapped.state_dict()
     assert all(k.startswith(("stem.", "stages.", "head.")) for k in kd_state)
-    model = build_model(name, 7)
-    model.load_state_dict(kd_state)  # strict
-    back = kdray_to_torchvision(model)
-    assert back.keys() == tv_state.keys() and all(torch.equal(back[k], tv_state[k]) for k in tv_state)
+    build_model(name, 7).load_state_dict(kd_state)  # strict
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), tv_model(x), atol=1e-6)
 
 
 def _assert_same_weights(a, b) -> None:

@@ -5,24 +5,13 @@ import json
 import socket
 
 import pytest
+from conftest import error_line, run_cli
 
 from kdray.cli import main
 
 mlflow = pytest.importorskip("mlflow")
 
 FAST = ["--dataset", "fake", "--image-size", "16", "--device", "cpu", "--batch-size", "64"]
-
-
-def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("kdray: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def closed_port() -> int:
@@ -107,8 +96,8 @@ def test_best_table_ranks_by_metric(capsys, tracked):
 def test_register_champion_leaves_the_run_alone_and_takes_raw_images(capsys, tracked, tmp_path, monkeypatch):
     import torch
 
+    from kdray.core.io import safe_load
     from kdray.data.sources import load_data
-    from kdray.training.checkpoint import safe_load
     from kdray.training.config import from_dict
 
     c = mlflow.MlflowClient(tracked["uri"])

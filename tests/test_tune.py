@@ -59,20 +59,6 @@ def states(trials) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (2 CPUs, as on CI) shared by the single-node tests of this module."""
-    import ray
-
-    from kdray.distributed.raytrain import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(None)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 # ------------------------------------------------------------------------------------------------
 # no Ray cluster needed
 # ------------------------------------------------------------------------------------------------

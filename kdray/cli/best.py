@@ -1,4 +1,4 @@
-"""TODO"""
+"""`kdray best`: rank an experiment's runs by a metric and register the winner."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def cmd_best(args) -> int:
         return "-" if v is None else f"{v:.{digits}f}"
 
     print(f"top {len(rows)} of experiment {args.experiment!r} by {metric} ({mode}):")
-    print(f"  {'#':>2}  {'run id':32}  {'name':24}  {'method':7}  {metric:>10}  {'test_acc':>8}  {'params':>9}  {'latency_ms':>10}")
+    print(f"  {'#':>2}  {'run id':32}  {'name':24}  {'method':7}  {metric:>10}  {'test_acc':>8}  {'params':>9}  "
+          f"{'latency_ms':>10}")
     for i, r in enumerate(rows, 1):
         print(f"  {i:>2}  {r['run_id']:32}  {str(r['run_name'])[:24]:24}  {str(r['method']):7}  {fmt(r[metric]):>10}  "
               f"{fmt(r['test_acc']):>8}  {fmt(r['params'], 0):>9}  {fmt(r['latency_ms'], 3):>10}")

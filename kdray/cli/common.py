@@ -1,4 +1,5 @@
-"""TODO"""
+"""What the commands share: the working directory, the log, the option groups of train and
+teachers, their config, tracking settings from the flags, and the one JSON line of --json."""
 
 from __future__ import annotations
 
@@ -39,12 +40,16 @@ def parse_set(items) -> dict:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits (embedded default), cifar10, cifar100, imagefolder, fake")
-    g.add_argument("--data-dir", help="where the dataset lives (cifar: download root; imagefolder: the class-per-folder tree)")
+    g.add_argument("--data-dir",
+                   help="where the dataset lives (cifar: download root; imagefolder: the class-per-folder tree)")
     g.add_argument("--no-download", dest="download", action="store_const", const=False,
                    help="never download (cifar); fail with a message if the files are missing")
-    g.add_argument("--train-fraction", type=float, help="stratified fraction of the training split to use (0-1], for limited-data runs")
-    g.add_argument("--val-fraction", type=float, help="fraction of the training split held out for validation (default 0.1)")
-    g.add_argument("--data-seed", type=int, help="seed of the validation split and the train-fraction subset (default 0)")
+    g.add_argument("--train-fraction", type=float,
+                   help="stratified fraction of the training split to use (0-1], for limited-data runs")
+    g.add_argument("--val-fraction", type=float,
+                   help="fraction of the training split held out for validation (default 0.1)")
+    g.add_argument("--data-seed", type=int,
+                   help="seed of the validation split and the train-fraction subset (default 0)")
     g.add_argument("--image-size", type=int, help="resize images once to this size (default 32)")
 
 
@@ -104,7 +109,7 @@ def tracking_uri(args) -> str:
 
 def tracking_from_args(args, experiment_default: str = "kdray"):
     """None with --no-track; else the checked store, experiment and workdir for MLflow."""
-    from kdray.api import tracking_settings
+    from kdray.tracking.state import tracking_settings
 
     return tracking_settings(not getattr(args, "no_track", False), getattr(args, "tracking_uri", None),
                              getattr(args, "experiment", None) or experiment_default, workdir(args))

@@ -1,4 +1,4 @@
-"""TODO"""
+"""`kdray export`: write a trained student (from an MLflow run or a file) for deployment."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from kdray.core.errors import KdrayError
 
 
 def cmd_export(args) -> int:
+    from kdray.core.io import safe_load
     from kdray.deploy.export import export_student
-    from kdray.training.checkpoint import safe_load
 
     if bool(args.run) == bool(args.student):
         raise KdrayError("give exactly one of --run RUN_ID (an MLflow run) or --student PATH (a student.pt)")
@@ -24,7 +24,8 @@ def cmd_export(args) -> int:
         try:
             branch = int(branch)
         except ValueError:
-            raise KdrayError(f"--branch {args.branch!r} is not allowed; allowed: best, all or a branch number") from None
+            raise KdrayError(f"--branch {args.branch!r} is not allowed; "
+                             "allowed: best, all or a branch number") from None
     if args.run:
         from kdray.tracking.query import download_student
 

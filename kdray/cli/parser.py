@@ -1,4 +1,4 @@
-"""TODO"""
+"""The `kdray` argument parser: every command, its flags and their help."""
 
 from __future__ import annotations
 
@@ -39,25 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     # train ----------------------------------------------------------------------------------
-    t = sub.add_parser("train", help="distil one student (one run)", description="Train one student with a distillation method; one progress line per epoch, a summary at the end.")
+    t = sub.add_parser("train", help="distil one student (one run)",
+                       description="Train one student with a distillation method; one progress line per epoch, a "
+                       "summary at the end.")
     m = t.add_argument_group("method")
     from kdray.distill import METHODS
 
     m.add_argument("--method", help=f"{', '.join(sorted(METHODS))} (default ekd)")
-    m.add_argument("--student", help="student architecture, e.g. resnet8 (default), resnet8x4, wrn_16_2, mobilenet_v3_small")
+    m.add_argument("--student",
+                   help="student architecture, e.g. resnet8 (default), resnet8x4, wrn_16_2, mobilenet_v3_small")
     m.add_argument("--teachers", help="teacher directory written by `kdray teachers train`")
     add_hparam_args(m)
     m.add_argument("--workers", type=int, help="Ray Train DDP workers (default 1: in this process)")
-    m.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker when --workers > 1 (default 0)")
+    m.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per Ray Train worker when --workers > 1 (default 0)")
     m.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Ray Train worker (default 1)")
     m.add_argument("--address", help="Ray cluster address for --workers > 1 (default: a local Ray)")
     m.add_argument("--max-failures", type=int, default=0,
-                   help="with --workers > 1: worker failures the run survives, resuming from its last checkpoint (default 0)")
+                   help="with --workers > 1: worker failures the run survives, resuming from its last checkpoint "
+                   "(default 0)")
     m.add_argument("--teacher-store", metavar="DIR|auto",
                    help="take the teachers' outputs from a teacher store in DIR (auto: the teacher set's stores/), "
                    "computing the views it lacks once (default: teachers run live on every batch)")
     m.add_argument("--teacher-store-budget", type=float, default=4.0, metavar="GB",
-                   help="memory / disk a teacher store may take (default 4); feature maps beyond it are computed online")
+                   help="memory / disk a teacher store may take (default 4); feature maps beyond it are computed "
+                   "online")
     add_data_args(t)
     add_optim_args(t)
     o = t.add_argument_group("output")
@@ -75,27 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a trial of W > 1 workers is a Ray Train run with W DDP workers; Optuna's TPE proposes, ASHA "
                         "stops weak trials early (recorded as PRUNED).")
     tu.add_argument("--space", required=True, help="search space YAML, e.g. search_spaces/quick.yaml")
-    tu.add_argument("--samples", type=int, help="number of trials (default: the space's `samples`)")
-    tu.add_argument("--concurrency", type=int, default=1, help="trials running at once (default 1)")
-    tu.add_argument("--workers", type=int, default=1, help="DDP workers per trial (default 1: the trial trains in its own process; W > 1: a Ray Train TorchTrainer)")
-    tu.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker; fractions let small trials share a GPU (default 0)")
-    tu.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
-    tu.add_argument("--experiment", help="sweep / Optuna study / MLflow experiment name (default: the space's name)")
-    tu.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    tu.add_argument("--resume", action="store_true", help="continue the sweep's Optuna study; interrupted trials run again")
-    tu.add_argument("--optuna-storage", help="Optuna storage URL (default sqlite:///WORKDIR/optuna.db)")
-    tu.add_argument("--max-failures", type=int, default=0, help="worker failures a trial survives, resuming from its last checkpoint (default 0)")
-    tu.add_argument("--seed", type=int, help="seed of Optuna's sampler, to repeat a sweep's proposals (default: the space's "
-                    "`seed`, else a random one, printed and recorded in the study and the MLflow sweep run; "
-                    "--resume keeps the study's)")
-    tu.add_argument("--no-teacher-store", dest="teacher_store_on", action="store_false",
-                    help="run the teachers live in every trial instead of sharing their outputs from a teacher store")
-    tu.add_argument("--teacher-store", metavar="DIR", help="where teacher stores live (default: the teacher set's stores/)")
-    tu.add_argument("--teacher-store-budget", type=float, default=4.0, metavar="GB",
-                    help="memory / disk the sweep's teacher store may take (default 4); feature maps beyond it are computed online")
+    add_sweep_options(tu)
     tu.add_argument("--json", action="store_true", help="print the sweep's result (trials, best, Pareto front) as JSON")
-    tu.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///WORKDIR/mlflow.db); "
-                    "an `mlflow server` when trials run on several hosts")
+    tu.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                    "sqlite:///WORKDIR/mlflow.db); an `mlflow server` when trials run on several hosts")
     tu.add_argument("--no-track", action="store_true", help="do not log the sweep to MLflow")
     tu.set_defaults(func=cmd_tune)
 
@@ -122,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with its accuracy re-checked on the test split.")
     x.add_argument("--run", help="MLflow run id whose student/student.pt to export")
     x.add_argument("--student", help="or a local student.pt (from `kdray train`)")
-    x.add_argument("--branch", default="best", help="best (default: the best single branch), all (the whole ensemble) or N")
+    x.add_argument("--branch", default="best",
+                   help="best (default: the best single branch), all (the whole ensemble) or N")
     x.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an earlier kdray export in --out (refused for a folder holding anything else)")
@@ -164,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train, import or inspect teacher ensembles.")
     tsub = te.add_subparsers(dest="teachers_command", metavar="ACTION")
     tt = tsub.add_parser("train", help="train K teachers and write weights + manifest",
-                         description="Train K teachers (architectures cycled, seeds SEED..SEED+K-1) and write their weights and a manifest with arch, dataset, classes, accuracy, seed and sha256.")
-    tt.add_argument("--arch", action="append", help="teacher architecture (repeatable; cycled over --count), default resnet20")
+                         description="Train K teachers (architectures cycled, seeds SEED..SEED+K-1) and write their "
+                         "weights and a manifest with arch, dataset, classes, accuracy, seed and sha256.")
+    tt.add_argument("--arch", action="append",
+                    help="teacher architecture (repeatable; cycled over --count), default resnet20")
     tt.add_argument("--count", type=int, default=3, help="number of teachers K (default 3)")
     tt.add_argument("--out", help="output directory (default WORKDIR/teachers/DATASET)")
     tt.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
@@ -173,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_optim_args(tt)
     add_tracking_args(tt, default_experiment="kdray-teachers")
     tt.set_defaults(func=cmd_teachers_train)
-    st = tsub.add_parser("store", help="build (or extend) a teacher store: the teachers' outputs for the views runs will see",
+    st = tsub.add_parser("store",
+                         help="build (or extend) a teacher store: the teachers' outputs for the views runs will see",
                          description="Compute the teachers' outputs for every training view a sweep of --space (or a "
                          "run of the given method, data and epochs) will see, once, into a verified store that sweeps "
                          "and `kdray train --teacher-store` read instead of running the teachers.")
@@ -181,13 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--space", help="build what a sweep of this search space needs (its seeds, epochs, methods)")
     st.add_argument("--method", help="otherwise: the method a run will train (default ekd)")
     st.add_argument("--store", metavar="DIR", help="where stores live (default DIR/stores)")
-    st.add_argument("--budget", type=float, default=4.0, metavar="GB", help="memory / disk the store may take (default 4)")
+    st.add_argument("--budget", type=float, default=4.0, metavar="GB",
+                    help="memory / disk the store may take (default 4)")
     st.add_argument("--json", action="store_true", help="print the store's record as JSON")
     add_hparam_args(st)
     add_data_args(st)
     add_optim_args(st)
     st.set_defaults(func=cmd_teachers_store)
-    ts = tsub.add_parser("show", help="verify and list a teacher directory and its stores", description="Verify checksums and weights of a teacher directory and list its teachers and teacher stores (key, size, coverage).")
+    ts = tsub.add_parser("show", help="verify and list a teacher directory and its stores",
+                         description="Verify checksums and weights of a teacher directory and list its teachers and "
+                         "teacher stores (key, size, coverage).")
     ts.add_argument("dir", help="teacher directory")
     ts.add_argument("--json", action="store_true", help="print the manifest as JSON")
     ts.set_defaults(func=cmd_teachers_show)
@@ -200,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="state-dict file: a plain state dict or a checkpoint holding one under 'state_dict' or "
                     "'model' ('module.' prefixes are removed)")
     ti.add_argument("--arch", action="append", required=True,
-                    help="architecture (repeatable): one for all sources, or one per source in order (files, then --weights)")
+                    help="architecture (repeatable): one for all sources, or one per source in order (files, then "
+                    "--weights)")
     ti.add_argument("--weights", action="append", metavar="NAME",
                     help="torchvision weights as one more teacher (repeatable), e.g. ResNet18_Weights.IMAGENET1K_V1 or "
                     "DEFAULT; read from the torch hub cache, downloaded if missing; a classifier whose classes differ "
@@ -215,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     te.set_defaults(func=lambda a: (te.print_help(), 2)[1])
     accept_global_options_anywhere(p)
     return p
+
+
+def add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of :class:`~kdray.tune.options.SweepOptions`, in its order: the name,
+    help and default from the field's declaration, the type from its annotation (a bool is a
+    switch that flips its default); the parsed value lands under the field's name."""
+    import dataclasses
+    import typing
+
+    from kdray.tune.options import SweepOptions
+
+    hints = typing.get_type_hints(SweepOptions)
+    for f in dataclasses.fields(SweepOptions):
+        meta = f.metadata
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        extra = ({"action": "store_false" if f.default else "store_true"} if kind is bool else
+                 {"type": kind, **({"metavar": meta["metavar"]} if meta.get("metavar") else {})})
+        parser.add_argument(flag, dest=f.name, default=f.default, help=meta["help"], **extra)
 
 
 def accept_global_options_anywhere(parser: argparse.ArgumentParser) -> None:

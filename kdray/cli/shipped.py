@@ -1,4 +1,4 @@
-"""TODO"""
+"""`kdray spaces` and `kdray clusters`: list, show and copy the files kdray ships."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO"""
+"""`kdray teachers train | show | import | store`: teacher sets and their stores."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def cmd_teachers_train(args) -> int:
 
 
 def cmd_teachers_show(args) -> int:
-    from kdray.teachers.ensemble import load_teachers, read_manifest
+    from kdray.teachers.ensemble import load_teachers
+    from kdray.teachers.manifest import read_manifest
     from kdray.teachers.store import STORES, list_stores
 
     manifest = read_manifest(args.dir)
@@ -51,13 +52,15 @@ def cmd_teachers_show(args) -> int:
     if args.json:
         emit_json({**manifest, "stores": stores}, sort_keys=True)
         return 0
-    print(f"{args.dir}: {len(manifest['teachers'])} teachers on {manifest['dataset']} ({len(manifest['classes'])} classes), all verified")
+    print(f"{args.dir}: {len(manifest['teachers'])} teachers on {manifest['dataset']} "
+          f"({len(manifest['classes'])} classes), all verified")
     for t in manifest["teachers"]:
         print(f"  {t['file']}: {teacher_origin(t)} test acc {t['test_acc']:.4f}")
     for m in stores:
         print(store_line(m))
     if not stores:
-        print(f"  no teacher store yet (`kdray teachers store {args.dir} --space FILE` builds one; sweeps build theirs)")
+        print(f"  no teacher store yet (`kdray teachers store {args.dir} --space FILE` builds one; "
+              "sweeps build theirs)")
     return 0
 
 
@@ -83,7 +86,8 @@ def store_line(m: dict) -> str:
     return (f"  store {m['digest']}: {k['dataset']} {k['image_size']}px train split {k['train'][:12]}, views crop "
             f"{views['crop_padding']} flip {views['hflip']}, {'bf16' if k['precision']['bf16'] else 'fp32'}; "
             f"{m['rows']}/{m['views']} views ({100.0 * m['rows'] / max(m['views'], 1):.1f}%), "
-            f"{'logits + feature maps' if m['feats'] else 'logits'}, {m['bytes'] / 1024**2:.1f} MB, built in {m['build_s']} s")
+            f"{'logits + feature maps' if m['feats'] else 'logits'}, {m['bytes'] / 1024**2:.1f} MB, "
+            f"built in {m['build_s']} s")
 
 
 def cmd_teachers_store(args) -> int:

@@ -1,4 +1,4 @@
-"""TODO"""
+"""`kdray train`: distil one student and print its result."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def cmd_train(args) -> int:
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys())
     with stop_signals_interrupt():
         run = train(cfg, out=args.out, name=args.name, resume=args.resume, workdir=workdir(args),
-                    track=not args.no_track, tracking_uri=getattr(args, "tracking_uri", None), experiment=args.experiment or "kdray",
+                    track=not args.no_track, tracking_uri=getattr(args, "tracking_uri", None),
+                    experiment=args.experiment or "kdray",
                     teacher_store=args.teacher_store, teacher_store_budget=args.teacher_store_budget,
                     address=args.address, gpus_per_worker=args.gpus_per_worker,
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, log=log)

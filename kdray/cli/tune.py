@@ -1,4 +1,4 @@
-"""TODO"""
+"""`kdray tune`: run a sweep and print its trials, best trial, Pareto front and timing."""
 
 from __future__ import annotations
 
@@ -14,15 +14,11 @@ from kdray.cli.common import (
 
 def cmd_tune(args) -> int:
     from kdray.api import sweep
+    from kdray.tune.options import SweepOptions
 
-    result = sweep(args.space, samples=args.samples, concurrency=args.concurrency, workers=args.workers,
-                   gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                   experiment=args.experiment, address=args.address, resume=args.resume,
-                   optuna_storage=args.optuna_storage, max_failures=args.max_failures,
-                   teacher_store=args.teacher_store_on, teacher_store_dir=args.teacher_store,
-                   teacher_store_budget=args.teacher_store_budget, workdir=workdir(args),
-                   track=not args.no_track, tracking_uri=getattr(args, "tracking_uri", None), seed=args.seed,
-                   log=log).summary
+    options = {name: getattr(args, name) for name in SweepOptions.names()}  # one flag per option
+    result = sweep(args.space, workdir=workdir(args), track=not args.no_track,
+                   tracking_uri=getattr(args, "tracking_uri", None), log=log, **options).summary
     if args.json:
         emit_json(result, sort_keys=True, default=str)
         return _all_failed(result)
@@ -40,11 +36,13 @@ def cmd_tune(args) -> int:
         print(f"best trial {b['metrics'].get('trial_id')}: {metric}={b['metrics'].get(metric):.4f} "
               f"params={json.dumps(params, default=str)}")
         where = " (from an earlier session of this sweep)" if b.get("earlier_session") else ""
-        print("  metrics: " + " ".join(f"{k}={b['metrics'][k]:.4f}" for k in ("val_acc", "test_acc", "val_loss")
-                                          if isinstance(b["metrics"].get(k), float)) + f" epochs={b['metrics'].get('epoch')}{where}")
+        scores = " ".join(f"{k}={b['metrics'][k]:.4f}" for k in ("val_acc", "test_acc", "val_loss")
+                          if isinstance(b["metrics"].get(k), float))
+        print(f"  metrics: {scores} epochs={b['metrics'].get('epoch')}{where}")
         print(f"  student: {b.get('student_path') or b['metrics'].get('checkpoint_path', '?')}")
         if b.get("mlflow_run_id"):
-            print(f"  MLflow run {b['mlflow_run_id']}: `kdray best --experiment {result['experiment']} --register NAME` "
+            print(f"  MLflow run {b['mlflow_run_id']}: "
+                  f"`kdray best --experiment {result['experiment']} --register NAME` "
                   f"registers the winner; `kdray export --run {b['mlflow_run_id']} --out DIR` exports it")
     if "pareto_front" in result:
         print("Pareto front (" + ", ".join(f"{m} {d}" for m, d in result["metrics"]) + "):")

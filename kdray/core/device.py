@@ -1,4 +1,5 @@
-"""TODO"""
+"""Where a run computes: the device picked from the config, its precision (bf16 autocast and
+memory format), and the rank, world size and sum across DDP processes (one process: itself)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ def pick_device(cfg) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's DDP rank and the world size; (0, 1) outside DDP."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the DDP processes, in place (``t`` itself outside DDP)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t

@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 from typing import Iterator, Optional
 
-COMPLETED, PRUNED, FAILED, INTERRUPTED = "completed", "pruned", "failed", "interrupted"
+from kdray.core.io import first_line
+
+COMPLETED, PRUNED, FAILED = "completed", "pruned", "failed"
 REASON_MAX = 400
 
 
@@ -70,18 +72,14 @@ def root_cause(exc: BaseException) -> BaseException:
     return own[-1] if own else chain[-1]
 
 
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
-
-
 def failure_reason(exc: BaseException) -> str:
     """One line: the innermost cause's type and the first line of its message."""
     cause = root_cause(exc)
     name = type(cause).__name__
     if name.startswith("RayTaskError(") and name.endswith(")"):  # Ray's subclass named after the cause
         name = name[len("RayTaskError("):-1]
-    message = _first_line(getattr(cause, "_error_message", None) or str(cause))
+    text = getattr(cause, "_error_message", None) or str(cause)
+    message = first_line(text) if str(text).strip() else ""
     return (f"{name}: {message}" if message else name)[:REASON_MAX]
 
 

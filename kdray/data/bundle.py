@@ -1,4 +1,6 @@
-"""TODO"""
+"""A loaded dataset (:class:`DataBundle`: three splits, classes, statistics, augmentation defaults)
+and the image arithmetic every source shares: resizing a batch, fitting one image, per-channel
+statistics; and the data stage's progress line on stderr."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ class DataBundle:
         return len(self.classes)
 
 
-def _resize_batch(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+def resize_batch(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     """Resize uint8 [N,3,H,W] to [N,3,size,size] with antialiased bilinear (no-op when equal)."""
     if x.shape[-2:] == (size, size):
         return x.contiguous()
@@ -46,7 +48,7 @@ def _resize_batch(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor
     return out
 
 
-def _fit_image(img: torch.Tensor, size: int) -> torch.Tensor:
+def fit_image(img: torch.Tensor, size: int) -> torch.Tensor:
     """One uint8 [3,H,W] image to [3,size,size]: shorter side to ``size``, then centre crop."""
     h, w = img.shape[-2:]
     if (h, w) == (size, size):
@@ -59,7 +61,7 @@ def _fit_image(img: torch.Tensor, size: int) -> torch.Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _channel_stats(x: torch.Tensor):
+def channel_stats(x: torch.Tensor):
     """Per-channel mean and std of uint8 [N,3,H,W] in [0,1] units (exact, via histograms)."""
     if x.shape[0] == 0:
         return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -74,10 +76,6 @@ def _channel_stats(x: torch.Tensor):
     return tuple(mean), tuple(std)
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """One progress line of the data stage on stderr."""
     print(f"kdray.data: {msg}", file=sys.stderr, flush=True)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,11 +1,12 @@
-"""TODO"""
+"""The ``imagefolder`` source: a class-per-folder image tree (or its train/ and test/ halves)
+decoded once into uint8 tensors at one size, and cached beside the tree (or in ~/.cache) under a
+key of every file's path, size and mtime, so a changed tree is decoded again."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Optional
 import torch
 
 from kdray.core.errors import KdrayError
-from kdray.data.bundle import _fit_image, _log, _one_line
+from kdray.core.io import atomic_write, first_line
+from kdray.data.bundle import fit_image, log
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -95,7 +97,7 @@ def _decode_one(path: str, raw: bytes, tv) -> torch.Tensor:
             arr = np.array(im.convert("RGB"))
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     except Exception as exc:
-        raise KdrayError(f"imagefolder: cannot decode image {path} ({_one_line(exc)})") from None
+        raise KdrayError(f"imagefolder: cannot decode image {path} ({first_line(exc, 200)})") from None
 
 
 def _read_files(paths: list[str]) -> list[bytes]:
@@ -131,7 +133,7 @@ def _decode_chunk(paths: list[str], size: int, tv) -> list[torch.Tensor]:
     """Read and decode a chunk of files to uint8 [3,size,size] each (JPEGs batched where possible)."""
     raws = _read_files(paths)
     imgs = _decode_jpeg_batch(paths, raws, tv)
-    return [_fit_image(_decode_one(path, raw, tv) if img is None else img, size)
+    return [fit_image(_decode_one(path, raw, tv) if img is None else img, size)
             for path, raw, img in zip(paths, raws, imgs)]
 
 
@@ -148,7 +150,7 @@ def _decode_files(paths: list[str], size: int, chunk: int = 2048) -> torch.Tenso
             torch.stack(_decode_chunk(part, size, tv), out=out[start : start + len(part)])
             done = start + len(part)
             if n >= 5000 and (done >= next_report or done == n):
-                _log(f"decoded {done}/{n} images ({time.perf_counter() - t0:.1f}s)")
+                log(f"decoded {done}/{n} images ({time.perf_counter() - t0:.1f}s)")
                 next_report = done + 5000
     return out
 
@@ -190,36 +192,10 @@ def _read_cache(root: Path, name: str, parts, size):
             obj = torch.load(f, map_location="cpu", weights_only=True)
             if _valid_cache(obj, parts, size):
                 return obj
-            _log(f"ignoring stale or malformed cache {f}; rebuilding")
+            log(f"ignoring stale or malformed cache {f}; rebuilding")
         except Exception as exc:
-            _log(f"ignoring unreadable cache {f} ({_one_line(exc)}); rebuilding")
+            log(f"ignoring unreadable cache {f} ({first_line(exc, 200)}); rebuilding")
     return None
-
-
-def _remove_if_present(path: str) -> None:
-    """Best-effort delete: a leftover temp file must not turn a failed write into a crash."""
-    if os.path.exists(path):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def _save_atomically(obj, target: Path) -> None:
-    """``torch.save`` into a temp file beside ``target``, then rename it over ``target``.
-
-    Readers (other ranks, other runs) never see a half-written cache; on failure the temp file is
-    removed and the error re-raised.
-    """
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except Exception:
-        _remove_if_present(tmp)
-        raise
 
 
 def _remove_older_caches(d: Path, name: str) -> None:
@@ -233,16 +209,17 @@ def _write_cache(root: Path, name: str, obj) -> Optional[Path]:
     for d in _cache_dirs(root):
         try:
             d.mkdir(parents=True, exist_ok=True)
-            _save_atomically(obj, d / name)
+            # readers (other ranks, other runs) never see a half-written cache
+            atomic_write(d / name, lambda fh: torch.save(obj, fh), mode=0o644)
             _remove_older_caches(d, name)
             return d / name
         except Exception:
             pass  # not writable here: try the next cache directory
-    _log(f"could not write a decode cache for {root} (no writable cache directory)")
+    log(f"could not write a decode cache for {root} (no writable cache directory)")
     return None
 
 
-def _load_imagefolder(cfg, size):
+def load_imagefolder(cfg, size):
     data_dir = getattr(cfg, "data_dir", None)
     if not data_dir:
         raise KdrayError("imagefolder: --data-dir is required: a tree DIR/<class>/<image> "
@@ -267,7 +244,7 @@ def _load_imagefolder(cfg, size):
     obj = _read_cache(root, name, parts, size)
     if obj is None:
         total = sum(len(f) for _, f in parts.values())
-        _log(f"decoding {total} images from {root} at {size}px (cached for next time)")
+        log(f"decoding {total} images from {root} at {size}px (cached for next time)")
         obj = {"version": _CACHE_VERSION}
         for part, (cls_names, files) in parts.items():
             obj[f"{part}_classes"] = cls_names

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The batch loader: a whole split held on the training device, shuffled, sharded across DDP ranks
+like ``DistributedSampler``, each sample seen as its replayable view, normalised on the way out."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 
 from kdray.core.errors import KdrayError
-from kdray.data.splits import Split, _generator
+from kdray.data.splits import Split, seeded_generator
 from kdray.data.views import ViewKeys, ViewSpec, normalisation, to_float
 
 
@@ -55,7 +56,7 @@ class BatchLoader:
         n = len(self.y)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size)
-        perm = torch.randperm(n, generator=_generator("shuffle", self.seed, self.epoch))
+        perm = torch.randperm(n, generator=seeded_generator("shuffle", self.seed, self.epoch))
         total = self.num_samples * self.world_size
         if total > n:
             perm = perm.repeat(math.ceil(total / n))[:total]

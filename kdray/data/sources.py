@@ -1,75 +1,69 @@
-"""Datasets decoded once into uint8 tensors, seeded stratified splits, and a tensor batch loader.
+"""Image sets in: each source declared in one registry (name -> loader and default flip), decoded once
+into ``uint8 [N,3,S,S]`` tensors, split train/val/test and summed up as a :class:`DataBundle`.
 
-Every dataset becomes ``uint8 [N,3,S,S]`` tensors at load time (no per-sample PIL in the hot
-loop). :class:`BatchLoader` keeps a whole split on the training device and does random crop and
-flip as batch tensor ops, sharded across DDP ranks like ``DistributedSampler``.
+A loader takes ``(cfg, size)`` and returns ``(classes, train_x, train_y, test_x | None, test_y |
+None)``; without an official test split, :func:`load_data` holds out a fixed stratified share.
 """
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from kdray.core.errors import KdrayError, choice_error
-from kdray.data.bundle import (
-    DEFAULT_IMAGE_SIZE,
-    DataBundle,
-    _channel_stats,
-    _one_line,
-    _resize_batch,
-)
-from kdray.data.imagefolder import _load_imagefolder
-from kdray.data.splits import TEST_FRACTION, Split, _generator, split_indices
+from kdray.core.io import first_line
+from kdray.data.bundle import DEFAULT_IMAGE_SIZE, DataBundle, channel_stats, resize_batch
+from kdray.data.imagefolder import load_imagefolder
+from kdray.data.splits import TEST_FRACTION, Split, seeded_generator, split_indices
 from kdray.data.views import default_crop_padding
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "fake")
 _DOWNLOAD_SOCKET_TIMEOUT = 60.0  # seconds per socket operation while torchvision downloads
 
 
-# ---------------------------------------------------------------------------------------------
-# seeding and splits
+class Source(NamedTuple):
+    """A registered dataset: its loader and whether its images may be mirrored (the hflip default)."""
+
+    load: Callable
+    hflip: bool
+
+
+#: every dataset by name, in the order they are listed to users
+SOURCES: dict[str, Source] = {}
+
+
+def source(name: str, *, hflip: bool = True):
+    """Decorator: register the loader it decorates as dataset ``name``."""
+    def register(load: Callable) -> Callable:
+        if name in SOURCES:
+            raise ValueError(f"dataset {name!r} registered twice")
+        SOURCES[name] = Source(load, hflip)
+        return load
+
+    return register
 
 
 # ---------------------------------------------------------------------------------------------
-# image helpers
+# the sources
 
 
-# ---------------------------------------------------------------------------------------------
-# datasets: each returns (classes, train_x, train_y, test_x | None, test_y | None)
-
-
+@source("digits", hflip=False)
 def _load_digits(cfg, size):
+    """scikit-learn's 8x8 digits (embedded: nothing to download), grey as RGB."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     img = torch.from_numpy(d.images).double().mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
     x = img[:, None].expand(-1, 3, -1, -1)
     y = torch.from_numpy(d.target).long()
-    return [str(i) for i in range(10)], _resize_batch(x, size), y, None, None
-
-
-def _load_fake(cfg, size, n_train=600, n_test=200, num_classes=10):
-    g = _generator("fake", 0)
-    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
-    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1, size=(size, size),
-                             mode="bilinear", align_corners=False)
-    protos = 0.5 * colours + 0.5 * patterns
-
-    def make(n):
-        y = torch.arange(n) % num_classes
-        y = y[torch.randperm(n, generator=g)]
-        x = 128 + 70 * protos[y] + 40 * torch.randn(n, 3, size, size, generator=g)
-        return x.round().clamp(0, 255).to(torch.uint8), y.long()
-
-    tx, ty = make(n_train)
-    vx, vy = make(n_test)
-    return [f"class{i}" for i in range(num_classes)], tx, ty, vx, vy
+    return [str(i) for i in range(10)], resize_batch(x, size), y, None, None
 
 
 def _load_cifar(cfg, size, name):
+    """CIFAR-10 or CIFAR-100 through torchvision: found under the data dir, else downloaded (unless off)."""
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -88,7 +82,7 @@ def _load_cifar(cfg, size, name):
     except Exception as exc:
         if download:
             raise KdrayError(f"{name}: dataset not found under {root} and download failed "
-                             f"({_one_line(exc)}); {hint}") from None
+                             f"({first_line(exc, 200)}); {hint}") from None
         raise KdrayError(f"{name}: dataset not found under {root} (download is off); {hint}, "
                          "or turn download on") from None
     finally:
@@ -96,15 +90,48 @@ def _load_cifar(cfg, size, name):
 
     def tensors(ds):
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
-        return _resize_batch(x, size), torch.as_tensor(ds.targets, dtype=torch.long)
+        return resize_batch(x, size), torch.as_tensor(ds.targets, dtype=torch.long)
 
     tx, ty = tensors(train)
     vx, vy = tensors(test)
     return list(train.classes), tx, ty, vx, vy
 
 
-# ---------------------------------------------------------------------------------------------
-# imagefolder
+@source("cifar10")
+def _load_cifar10(cfg, size):
+    return _load_cifar(cfg, size, "cifar10")
+
+
+@source("cifar100")
+def _load_cifar100(cfg, size):
+    return _load_cifar(cfg, size, "cifar100")
+
+
+source("imagefolder")(load_imagefolder)
+
+
+@source("fake", hflip=False)
+def _load_fake(cfg, size, n_train=600, n_test=200, num_classes=10):
+    """Synthetic images: a colour and a coarse pattern per class plus noise (seeded, no files)."""
+    g = seeded_generator("fake", 0)
+    colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1, size=(size, size),
+                             mode="bilinear", align_corners=False)
+    protos = 0.5 * colours + 0.5 * patterns
+
+    def make(n):
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = 128 + 70 * protos[y] + 40 * torch.randn(n, 3, size, size, generator=g)
+        return x.round().clamp(0, 255).to(torch.uint8), y.long()
+
+    tx, ty = make(n_train)
+    vx, vy = make(n_test)
+    return [f"class{i}" for i in range(num_classes)], tx, ty, vx, vy
+
+
+#: the registered datasets' names
+DATASETS = tuple(SOURCES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,27 +148,16 @@ def _check_load_options(val_fraction: float, train_fraction: float, size: int) -
         raise KdrayError(f"image_size={size!r} is out of range; allowed: >= 8")
 
 
-def _load_source(cfg, name: str, size: int):
-    """The named dataset's loader: (classes, train_x, train_y, test_x | None, test_y | None)."""
-    if name == "digits":
-        return _load_digits(cfg, size)
-    if name == "fake":
-        return _load_fake(cfg, size)
-    if name == "imagefolder":
-        return _load_imagefolder(cfg, size)
-    return _load_cifar(cfg, size, name)
-
-
 def load_data(cfg) -> DataBundle:
     """Load ``cfg.dataset`` as uint8 tensors, split train/val/test and compute train statistics."""
     name = getattr(cfg, "dataset", "digits")
-    if name not in DATASETS:
-        raise choice_error("dataset", name, DATASETS)
+    if name not in SOURCES:
+        raise choice_error("dataset", name, tuple(SOURCES))
     size = int(getattr(cfg, "image_size", None) or DEFAULT_IMAGE_SIZE)
     val_fraction = float(getattr(cfg, "val_fraction", 0.1))
     train_fraction = float(getattr(cfg, "train_fraction", 1.0))
     _check_load_options(val_fraction, train_fraction, size)
-    classes, x, y, test_x, test_y = _load_source(cfg, name, size)
+    classes, x, y, test_x, test_y = SOURCES[name].load(cfg, size)
 
     idx = split_indices(y, val_fraction=val_fraction, train_fraction=train_fraction,
                         data_seed=int(getattr(cfg, "data_seed", 0) or 0),
@@ -150,7 +166,7 @@ def load_data(cfg) -> DataBundle:
         test_x, test_y = x[idx["test"]], y[idx["test"]]
     split = lambda i: Split(x[i].contiguous(), y[i].contiguous())
     train = split(idx["train"])
-    mean, std = _channel_stats(train.x)
+    mean, std = channel_stats(train.x)
     crop = getattr(cfg, "crop_padding", None)
     hflip = getattr(cfg, "hflip", None)
     return DataBundle(
@@ -163,10 +179,6 @@ def load_data(cfg) -> DataBundle:
         std=std,
         image_size=size,
         crop_padding=default_crop_padding(size) if crop is None else int(crop),
-        hflip=(name not in ("digits", "fake")) if hflip is None else bool(hflip),
+        hflip=SOURCES[name].hflip if hflip is None else bool(hflip),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# augmentation and batching
 

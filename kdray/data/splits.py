@@ -1,4 +1,6 @@
-"""TODO"""
+"""Train/val/test splits: the :class:`Split` tensors, seeded stratified index splits (the test
+split fixed forever, validation and train subsets by ``data_seed``), and the stable seeds and
+generators every replayable random choice of the data stage is drawn from."""
 
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ class Split:
         return int(self.y.shape[0])
 
 
-def _seed(*parts) -> int:
+def mixed_seed(*parts) -> int:
     """A 63-bit seed mixed from ints/strings (stable across processes and platforms)."""
     digest = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
+def seeded_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded with :func:`mixed_seed` of ``parts``."""
+    return torch.Generator().manual_seed(mixed_seed(*parts))
 
 
 def _stratified_take(y: torch.Tensor, fraction: float, gen: torch.Generator, *, keep_one: bool):
@@ -77,13 +80,13 @@ def split_indices(
     out = {}
     pool = torch.arange(len(y))
     if test_fraction is not None:
-        test, pool = _stratified_take(y, test_fraction, _generator("test", _TEST_SPLIT_SEED), keep_one=True)
+        test, pool = _stratified_take(y, test_fraction, seeded_generator("test", _TEST_SPLIT_SEED), keep_one=True)
         out["test"] = test
-    val, rest = _stratified_take(y[pool], val_fraction, _generator("val", int(data_seed)), keep_one=True)
+    val, rest = _stratified_take(y[pool], val_fraction, seeded_generator("val", int(data_seed)), keep_one=True)
     out["val"] = pool[val]
     rest = pool[rest]
     if train_fraction < 1.0:
-        sub, _ = _stratified_take(y[rest], train_fraction, _generator("train", int(data_seed)), keep_one=False)
+        sub, _ = _stratified_take(y[rest], train_fraction, seeded_generator("train", int(data_seed)), keep_one=False)
         rest = rest[sub]
     out["train"] = rest
     return out

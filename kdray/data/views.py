@@ -1,4 +1,6 @@
-"""TODO"""
+"""Replayable training views: the finite set of crop offsets and flips (:class:`ViewSpec`), each
+sample's view a pure function of (seed, epoch, index) so a teacher's output for it can be stored
+and looked up; the crop-and-flip gather that makes them; and uint8 -> normalised float."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kdray.data.splits import _seed
+from kdray.data.splits import mixed_seed
 
 
 def default_crop_padding(image_size: int) -> int:
@@ -35,22 +37,6 @@ def crop_and_flip(x: torch.Tensor, crop_padding: int, dy: torch.Tensor, dx: torc
     return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def augment_batch(
-    x: torch.Tensor, crop_padding: int, hflip: bool, generator: Optional[torch.Generator]
-) -> torch.Tensor:
-    """Random crop (zero padding ``crop_padding``) and random horizontal flip of a uint8 batch,
-    offsets and flips drawn from ``generator`` (``x`` itself when both augmentations are off)."""
-    p = int(crop_padding)
-    if p <= 0 and not hflip:
-        return x
-    b = x.shape[0]
-    gdev = generator.device if generator is not None else x.device
-    dy = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev)
-    dx = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=gdev)
-    flip = (torch.rand(b, generator=generator, device=gdev) < 0.5) if hflip else None
-    return crop_and_flip(x, p, dy, dx, flip)
-
-
 @dataclass(frozen=True)
 class ViewSpec:
     """The finite set of training views: every crop offset of a ``crop_padding``-padded image, each
@@ -75,7 +61,7 @@ class ViewSpec:
         """The view of each sample ``index`` in ``epoch``: a pure function of (seed, epoch, sample
         index), independent of batch size, rank, worker count and shuffle order, so a teacher's
         output for it can be recomputed or looked up anywhere."""
-        x = index.to(torch.int64) + _seed("view", seed, epoch) % (1 << 31)
+        x = index.to(torch.int64) + mixed_seed("view", seed, epoch) % (1 << 31)
         for _ in range(2):  # a 32-bit integer mixer; products stay below 2^62, no int64 overflow
             x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
         x = (x >> 16) ^ x

@@ -1,24 +1,23 @@
-"""TODO"""
+"""What a student record deploys as: the record checked, the branch chosen (``best``, ``all`` or a
+number) and the deploy module built from it (:class:`Deployed`: the data set's normalisation
+inside, then the whole student or one branch)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from kdray.core.errors import KdrayError
-from kdray.deploy.latency import cpu_latency_ms
-from kdray.training.checkpoint import STUDENT_FORMAT, safe_load
+from kdray.core.io import first_line
+from kdray.training.checkpoint import STUDENT_FORMAT
 
-EXPORT_FORMAT = "kdray-export/1"
-
-
+#: the keys every ``student.pt`` record holds
 _RECORD_KEYS = ("arch", "num_classes", "multi_branch", "branches", "split_stage", "classes", "mean", "std",
                 "image_size", "config", "metrics", "state_dict")
 
-
+#: "best", "all" or a branch number (the CLI's strings such as "2" too: see :func:`parse_branch`)
 Branch = Union[str, int]
 
 
@@ -49,11 +48,6 @@ def check_record(record, where: str = "student record") -> dict:
     if missing:
         raise KdrayError(f"{where}: not a kdray student (missing {', '.join(missing)})")
     return record
-
-
-def load_record(path: Union[str, Path]) -> dict:
-    """A ``student.pt`` loaded with ``weights_only=True`` and checked."""
-    return check_record(safe_load(path, "student"), str(path))
 
 
 def num_branches(record: dict) -> int:
@@ -139,20 +133,13 @@ def deploy_module(record: dict, branch: Branch = "all") -> nn.Module:
     try:
         student = rebuild_student(record)
     except RuntimeError as exc:  # load_state_dict(strict=True): missing or unexpected keys
-        first = str(exc).strip().splitlines()[0]
-        raise KdrayError(f"student weights do not fit {record['arch']!r}: {first[:200]}") from None
+        raise KdrayError(f"student weights do not fit {record['arch']!r}: {first_line(exc, 200)}") from None
     net = export_module(student, b)
     return Deployed(net, record["mean"], record["std"]).eval()
 
 
-def _describe(record: dict, b: Optional[int]) -> str:
-    if b is not None:
-        return f"branch {b}"
+def branch_label(record: dict, branch_index: Optional[int]) -> str:
+    """What is deployed, in words: "branch 2", "ensemble" (every branch of an EKD student) or "student"."""
+    if branch_index is not None:
+        return f"branch {branch_index}"
     return "ensemble" if record.get("multi_branch") and num_branches(record) > 1 else "student"
-
-
-def student_latency_ms(student_pt: Union[str, Path]) -> float:
-    """:data:`LATENCY` of the deployable whole student in ``student.pt`` (what ``kdray export
-    --branch all`` exports: normalisation, then every branch)."""
-    record = safe_load(student_pt, "student")
-    return cpu_latency_ms(deploy_module(record, "all"), int(record["image_size"]))

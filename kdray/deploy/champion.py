@@ -66,7 +66,7 @@ class RawImages(nn.Module):
 
     The arithmetic is ``kdray.data``'s: pixels scaled to 0..255 and rounded (uint8 values), three
     channels, resized to ``image_size`` with antialiased bilinear (rounded again), then the
-    deploy module (``kdray.export.Deployed``: normalisation, then the student)."""
+    deploy module (``kdray.deploy.branches.Deployed``: normalisation, then the student)."""
 
     def __init__(self, deployed: nn.Module, raw: RawInput, image_size: int):
         super().__init__()
@@ -129,6 +129,7 @@ def version_facts(run, record: dict, raw: RawInput, parent) -> dict:
 def version_description(facts: dict, record: dict) -> str:
     size = int(record["image_size"])
     classes = list(record["classes"])
+    shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
     return (
         f"{facts.get('method', '?')} student ({facts.get('student', '?')}) of trial `{facts['trial']}` "
         f"(sweep `{facts.get('sweep')}`, teachers {facts.get('teachers')}): val_acc {facts.get('val_acc', '?')}, "
@@ -136,7 +137,7 @@ def version_description(facts: dict, record: dict) -> str:
         f"latency {facts.get('latency_ms', '?')} ms (CPU, batch 1, 1 thread).\n\n"
         f"Input: {facts['input']}. Inside: scaled to 0..255 and rounded, resized to {size}x{size} "
         "(bilinear, antialiased, rounded), normalised with the training split's mean and std. "
-        f"Output: logits [N, {len(classes)}] for classes {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}."
+        f"Output: logits [N, {len(classes)}] for classes {shown}."
     )
 
 
@@ -216,8 +217,8 @@ def register_champion(uri: str, run_id: str, model_name: str, log: Callable[[str
     raw images (:data:`RAW_INPUTS`) with its preprocessing inside, a description and tags. The
     run is read, not written."""
     check_model_name(model_name)
+    from kdray.core.io import safe_load
     from kdray.tracking.query import download_student, get_run
-    from kdray.training.checkpoint import safe_load
 
     run = get_run(uri, run_id)
     record = safe_load(download_student(uri, run_id), "student")

@@ -4,7 +4,7 @@ student), as a plain state dict plus a ``torch.export`` program, with the test a
 Input contract of every deployed module: float images in [0, 1], shape [N, 3, H, W] (H = W =
 ``image_size`` from ``export.json``), RGB, resized the way the training data was; the output is
 logits [N, num_classes] in the order of ``classes``. The data set's normalisation is inside the
-module (buffers ``scale`` and ``shift``), computed exactly as :class:`kdray.data.BatchLoader`
+module (buffers ``scale`` and ``shift``), computed exactly as :class:`kdray.data.loader.BatchLoader`
 does it for ``evaluate``: for an image stored as uint8 ``u``, feeding ``u / 255`` gives the
 bit-identical network input ``u * scale - shift`` that training-time evaluation saw.
 
@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import first_line, safe_load, sha256_file
 from kdray.deploy.branches import (
-    EXPORT_FORMAT,
     Branch,
     Deployed,
-    _describe,
     branch_accuracies,
+    branch_label,
     check_record,
     deploy_module,
     logged_accuracy,
@@ -50,56 +50,49 @@ from kdray.deploy.branches import (
     parse_branch,
     resolve_branch,
 )
-from kdray.deploy.folder import _INFO_FILE, _check_out, _write_beside_and_swap
+from kdray.deploy.folder import EXPORT_FORMAT, INFO_FILE, check_out, write_beside_and_swap
 from kdray.deploy.latency import LATENCY, cpu_latency_ms
-from kdray.deploy.recheck import _recheck_fields, load_test_split
-from kdray.training.checkpoint import safe_load, sha256_file
-
-# ---------------------------------------------------------------------------------------------
-# records and branch choice
+from kdray.deploy.recheck import load_test_split, recheck_fields
 
 
 # ---------------------------------------------------------------------------------------------
-# re-check
-
-
+# writing an export
 # ---------------------------------------------------------------------------------------------
-# export
-
-
-def _export_program(module: nn.Module, size: int, path_dir: Path) -> tuple[str, str, Optional[str]]:
-    """Write ``model.pt2`` (torch.export, dynamic batch); on failure ``model.ts`` (jit.trace)."""
+def _export_program(module: nn.Module, size: int, folder: Path) -> tuple[str, str, Optional[str]]:
+    """Write ``model.pt2`` (torch.export, dynamic batch), or on failure ``model.ts`` (jit.trace):
+    ``(file name, program format, why torch.export failed or None)``."""
     example = torch.rand(2, 3, size, size)
     try:
         batch = torch.export.Dim("batch")
         program = torch.export.export(module, (example,), dynamic_shapes={"x": {0: batch}})
-        torch.export.save(program, path_dir / "model.pt2")
+        torch.export.save(program, folder / "model.pt2")
         return "model.pt2", "torch.export", None
     except Exception as exc:  # an op torch.export cannot capture: fall back to TorchScript
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        (path_dir / "model.pt2").unlink(missing_ok=True)
+        reason = first_line(exc)
+        (folder / "model.pt2").unlink(missing_ok=True)
     with torch.no_grad():
         traced = torch.jit.trace(module, example)
-    torch.jit.save(traced, str(path_dir / "model.ts"))
+    torch.jit.save(traced, str(folder / "model.ts"))
     return "model.ts", "torchscript", reason[:300]
 
 
 def _load_program(path: Path) -> nn.Module:
+    """An exported program read back from disk, callable like the module it came from."""
     if path.suffix == ".pt2":
         return torch.export.load(str(path)).module()
     return torch.jit.load(str(path), map_location="cpu").eval()
 
 
-def _export_info(record: dict, module: nn.Module, branch: Branch, b: Optional[int], *, prog_name: str, fmt: str,
-                 fallback_reason: Optional[str], export_s: float) -> dict:
+def _export_info(record: dict, module: nn.Module, branch: Branch, branch_index: Optional[int], *, program: str,
+                 program_format: str, fallback_reason: Optional[str], export_s: float) -> dict:
     """``export.json``'s description of what is exported (before re-check, latency and hashes)."""
     m = record.get("metrics", {})
     accs, selected_by = branch_accuracies(record)
     requested = parse_branch(branch)
     return {
         "format": EXPORT_FORMAT,
-        "program_format": fmt,
-        "program": prog_name,
+        "program_format": program_format,
+        "program": program,
         "export_fallback_reason": fallback_reason,
         "arch": record["arch"],
         "method": record.get("method"),
@@ -108,9 +101,9 @@ def _export_info(record: dict, module: nn.Module, branch: Branch, b: Optional[in
         "branches": num_branches(record),
         "split_stage": int(record["split_stage"]),
         "branch_requested": str(requested),
-        "branch": _describe(record, b),
-        "branch_index": b,
-        "branch_selected_by": f"{selected_by}_acc_b*" if requested == "best" and b is not None else None,
+        "branch": branch_label(record, branch_index),
+        "branch_index": branch_index,
+        "branch_selected_by": f"{selected_by}_acc_b*" if requested == "best" and branch_index is not None else None,
         "branch_accuracies_logged": accs if num_branches(record) > 1 else None,
         "num_classes": int(record["num_classes"]),
         "classes": list(record["classes"]),
@@ -122,38 +115,39 @@ def _export_info(record: dict, module: nn.Module, branch: Branch, b: Optional[in
         "std": list(record["std"]),
         "params": sum(p.numel() for p in module.parameters()),
         # the parameter count the run logged for the same thing (a branch or the whole student)
-        "params_logged": m.get("branch_params" if b is not None else "params"),
-        "test_acc_logged": logged_accuracy(record, b),
+        "params_logged": m.get("branch_params" if branch_index is not None else "params"),
+        "test_acc_logged": logged_accuracy(record, branch_index),
         "export_s": round(export_s, 3),
     }
 
 
-def _fill_export_folder(folder: Path, record: dict, module: nn.Module, branch: Branch, b: Optional[int], *,
-                        device, split, latency: bool, log: Callable[[str], None]) -> dict:
+def _fill_export_folder(folder: Path, record: dict, module: nn.Module, branch: Branch, branch_index: Optional[int],
+                        *, device, split, latency: bool, log: Callable[[str], None]) -> dict:
     """Write state dict, program and ``export.json`` into ``folder``; return the info dict."""
     size = int(record["image_size"])
     torch.save(module.state_dict(), folder / "state_dict.pt")
     t0 = time.perf_counter()
-    prog_name, fmt, fallback_reason = _export_program(module, size, folder)
+    program, program_format, fallback_reason = _export_program(module, size, folder)
     export_s = time.perf_counter() - t0
     if fallback_reason:
-        log(f"export: torch.export failed ({fallback_reason}); wrote TorchScript {prog_name} instead")
-    info = _export_info(record, module, branch, b, prog_name=prog_name, fmt=fmt, fallback_reason=fallback_reason,
-                        export_s=export_s)
+        log(f"export: torch.export failed ({fallback_reason}); wrote TorchScript {program} instead")
+    info = _export_info(record, module, branch, branch_index, program=program, program_format=program_format,
+                        fallback_reason=fallback_reason, export_s=export_s)
     # re-check and time the program read back from disk: that is what a deployer gets
-    loaded = _load_program(folder / prog_name).to(torch.device(device))
+    loaded = _load_program(folder / program).to(torch.device(device))
     if split is not None:
-        info.update(_recheck_fields(loaded, record, info["test_acc_logged"], device, split))
+        info.update(recheck_fields(loaded, record, info["test_acc_logged"], device, split))
     if latency:  # the one figure kdray logs and prints (LATENCY), of the program as exported
-        on_cpu = loaded if torch.device(device).type == "cpu" else _load_program(folder / prog_name)
+        on_cpu = loaded if torch.device(device).type == "cpu" else _load_program(folder / program)
         info["latency_ms"] = cpu_latency_ms(on_cpu, size)
         info["latency"] = f"{LATENCY}, of the exported {info['branch']}"
     info["files"] = {f.name: sha256_file(f) for f in sorted(folder.iterdir())}
-    (folder / _INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
 def _log_summary(info: dict, record: dict, out: Path, recheck: bool, log: Callable[[str], None]) -> None:
+    """One line of what was exported where; a second when the re-check does not match."""
     msg = f"export: {info['branch']} of {record['arch']} ({info['params']} params, {info['program_format']}) -> {out}"
     if recheck:
         logged = info["test_acc_logged"]
@@ -197,28 +191,28 @@ def export_student(
     out = Path(out)
     dest = Path(os.path.abspath(out))  # so that "." or "x/.." still have a real parent to swap in
     source = Path(source) if source is not None else None
-    _check_out(out, dest, overwrite, source)
-    b = resolve_branch(record, branch)
+    check_out(out, dest, overwrite, source)
+    branch_index = resolve_branch(record, branch)
     t_start = time.perf_counter()
     split = load_test_split(record) if recheck else None  # fail before exporting if the data is gone
-    module = deploy_module(record, b if b is not None else "all")
+    module = deploy_module(record, branch_index if branch_index is not None else "all")
 
     def fill(folder: Path) -> dict:
-        return _fill_export_folder(folder, record, module, branch, b, device=device, split=split,
+        return _fill_export_folder(folder, record, module, branch, branch_index, device=device, split=split,
                                    latency=latency, log=log)
 
-    info = _write_beside_and_swap(out, dest, overwrite, source, fill, log)
+    info = write_beside_and_swap(out, dest, overwrite, source, fill, log)
     info["total_s"] = round(time.perf_counter() - t_start, 3)
     _log_summary(info, record, out, recheck, log)
     return info
 
 
 # ---------------------------------------------------------------------------------------------
-# loading and latency
-
-
+# reading an export
+# ---------------------------------------------------------------------------------------------
 def read_export_info(out: Union[str, Path]) -> dict:
-    path = Path(out) / "export.json"
+    """``export.json`` of the export in ``out``."""
+    path = Path(out) / INFO_FILE
     if not path.is_file():
         raise KdrayError(f"{out}: not a kdray export (no export.json)")
     try:

@@ -1,28 +1,27 @@
-"""TODO"""
+"""The folder an export goes to: checked before any work (new, empty, or with --overwrite only an
+earlier kdray export that does not hold the student being exported), filled beside it and
+swapped in at the end, the earlier export removed by name only."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from kdray.core.errors import KdrayError
-from kdray.deploy.branches import EXPORT_FORMAT
+from kdray.core.io import fill_beside
 
 # The names ``export_student`` writes into its folder: the test for "an earlier kdray export" that
 # ``overwrite`` may replace. Anything else in the folder belongs to someone else.
-_INFO_FILE = "export.json"
+INFO_FILE = "export.json"
+EXPORT_FORMAT = "kdray-export/1"  # export.json's "format"
 
 
 _PAYLOAD_FILES = frozenset({"state_dict.pt", "model.pt2", "model.ts"})
 
 
 _ALLOWED_HINT = (f"--overwrite replaces only an earlier kdray export "
-                 f"({_INFO_FILE} plus {', '.join(sorted(_PAYLOAD_FILES))})")
+                 f"({INFO_FILE} plus {', '.join(sorted(_PAYLOAD_FILES))})")
 
 
 def _foreign_entries(folder: Path) -> list[str]:
@@ -32,13 +31,13 @@ def _foreign_entries(folder: Path) -> list[str]:
     it lists: a folder that merely holds a ``state_dict.pt`` of its own is not an export.
     """
     try:
-        info = json.loads((folder / _INFO_FILE).read_text())
+        info = json.loads((folder / INFO_FILE).read_text())
     except (OSError, ValueError):
         info = None
     if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
         return [p.name for p in sorted(folder.iterdir())]
     recorded = info.get("files") if isinstance(info.get("files"), dict) else {}
-    allowed = {_INFO_FILE} | (_PAYLOAD_FILES & set(recorded))
+    allowed = {INFO_FILE} | (_PAYLOAD_FILES & set(recorded))
     # symlinks and folders are never written by export, even under an allowed name
     return [p.name for p in sorted(folder.iterdir())
             if p.name not in allowed or p.is_symlink() or not p.is_file()]
@@ -53,7 +52,7 @@ def _contains(folder: Path, path: Path) -> bool:
     return True
 
 
-def _check_out(out: Path, dest: Path, overwrite: bool, source: Optional[Path]) -> None:
+def check_out(out: Path, dest: Path, overwrite: bool, source: Optional[Path]) -> None:
     """Refuse an ``out`` that export may not fill or replace, before any work is done.
 
     ``out`` is the folder as the caller named it (for messages), ``dest`` its absolute path.
@@ -81,7 +80,7 @@ def _remove_old_export(old: Path) -> bool:
     if old.is_symlink():  # ``out`` was a link: drop the link, leave the folder it pointed to alone
         old.unlink()
         return True
-    for name in sorted(_PAYLOAD_FILES | {_INFO_FILE}):
+    for name in sorted(_PAYLOAD_FILES | {INFO_FILE}):
         (old / name).unlink(missing_ok=True)
     try:
         old.rmdir()  # fails, keeping them, if files someone else wrote turned up meanwhile
@@ -90,44 +89,17 @@ def _remove_old_export(old: Path) -> bool:
     return True
 
 
-def _move_into_place(tmp: Path, out: Path) -> Optional[Path]:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is set aside first and removed only after.
-
-    The swap is two renames in one folder, so ``out`` is at every moment either the complete old
-    export or the complete new one (or briefly absent), never a mixture. Returns the set-aside
-    folder if it could not be removed completely (it then held more than an earlier export).
-    """
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is None or _remove_old_export(old):
-        return None
-    return old
-
-
-def _write_beside_and_swap(out: Path, dest: Path, overwrite: bool, source: Optional[Path],
-                           fill: Callable[[Path], dict], log: Callable[[str], None]) -> dict:
+def write_beside_and_swap(out: Path, dest: Path, overwrite: bool, source: Optional[Path],
+                          fill: Callable[[Path], dict], log: Callable[[str], None]) -> dict:
     """Run ``fill`` on a temporary folder beside ``dest``, then swap it in; on failure remove it.
 
     The folder is checked again just before the swap: exporting and re-checking take a while,
-    and a file someone put into ``dest`` meanwhile must make the swap refuse, not be deleted.
+    and a file someone put into ``dest`` meanwhile must make the swap refuse, not be deleted. An
+    existing ``dest`` is set aside and removed only after the new one is in place, file by file
+    (see :func:`kdray.core.io.swap_in`).
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        info = fill(tmp)
-        _check_out(out, dest, overwrite, source)
-        leftover = _move_into_place(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    info, leftover = fill_beside(dest, fill, tag="tmp", check=lambda: check_out(out, dest, overwrite, source),
+                                 remove_old=_remove_old_export)
     if leftover is not None:
         log(f"export: warning: kept {leftover}: files other than an earlier export appeared in it during the export")
     return info

@@ -1,15 +1,19 @@
-"""TODO"""
+"""How fast a deployable student answers: median milliseconds per forward pass, and kdray's one
+latency figure (:data:`LATENCY`: batch 1, one CPU thread) that runs and exports both log."""
 
 from __future__ import annotations
 
 import math
 import statistics
 import time
+from pathlib import Path
+from typing import Union
 
 import torch
 from torch import nn
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import safe_load
 
 
 def measure_latency_ms(module: nn.Module, image_size: int, *, batch: int = 1, device="cpu", warmup: int = 5,
@@ -56,3 +60,12 @@ def cpu_latency_ms(module: nn.Module, image_size: int) -> float:
         return float(measure_latency_ms(module, image_size, batch=1, device="cpu"))
     finally:
         torch.set_num_threads(threads)
+
+
+def student_latency_ms(student_pt: Union[str, Path]) -> float:
+    """:data:`LATENCY` of the deployable whole student in ``student.pt`` (what ``kdray export
+    --branch all`` exports: normalisation, then every branch)."""
+    from kdray.deploy.branches import deploy_module
+
+    record = safe_load(student_pt, "student")
+    return cpu_latency_ms(deploy_module(record, "all"), int(record["image_size"]))

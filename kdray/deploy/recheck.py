@@ -1,4 +1,6 @@
-"""TODO"""
+"""The re-check of an export: the test split of the student's data loaded again, the exported
+program run over it as ``evaluate`` ran the student, and its accuracy compared with the logged one
+within a stated tolerance."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import first_line
 
 
 def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
@@ -22,8 +25,8 @@ def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
     # the split, whichever is more (a 1-epoch resnet8 flipped 1 of 800 images between float32 and
     # bf16); a wrong branch, wrong weights or wrong normalisation moves accuracy by far more.
     tol = max(1.0 / max(n, 1), 0.002) + 1e-6
-    return tol, (f"logged with amp={cfg.amp!r} on device={cfg.device!r}, re-checked on {device} (GPU or bf16 possible): "
-                 f"up to {tol * n:.0f} image(s) may flip")
+    return tol, (f"logged with amp={cfg.amp!r} on device={cfg.device!r}, re-checked on {device} "
+                 f"(GPU or bf16 possible): up to {tol * n:.0f} image(s) may flip")
 
 
 def load_test_split(record: dict):
@@ -39,7 +42,7 @@ def load_test_split(record: dict):
         cfg = from_dict(dict(record["config"]), "the student's config")
         data = load_data(cfg)
     except Exception as exc:  # KdrayError, OSError (missing folder), download errors, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise KdrayError(f"cannot re-check the accuracy: dataset {record['config'].get('dataset')!r} "
                          f"could not be loaded ({reason[:200]}); pass recheck=False / --no-recheck to skip") from None
     if data.classes != list(record["classes"]):
@@ -61,7 +64,7 @@ def predict(module: nn.Module, x_uint8: torch.Tensor, *, device="cpu", batch: in
 
 
 def recheck_accuracy(module: nn.Module, record: dict, *, device="cpu", batch: Optional[int] = None,
-                  split=None) -> dict:
+                     split=None) -> dict:
     """Accuracy of ``module`` ([0, 1] images -> logits) on the test split of the record's data,
     in batches of ``eval_batch_size`` in order, as ``evaluate`` ran it."""
     cfg, test = split if split is not None else load_test_split(record)
@@ -71,8 +74,9 @@ def recheck_accuracy(module: nn.Module, record: dict, *, device="cpu", batch: Op
     return {"acc": correct / max(n, 1), "correct": correct, "n": n, "tolerance": tol, "tolerance_reason": why}
 
 
-def _recheck_fields(loaded: nn.Module, record: dict, logged: Optional[float], device, split) -> dict:
-    """The re-checked test accuracy of the program as loaded from disk, against the logged one."""
+def recheck_fields(loaded: nn.Module, record: dict, logged: Optional[float], device, split) -> dict:
+    """``export.json``'s re-check fields: the test accuracy of the program as loaded from disk, and
+    whether it matches the ``logged`` one."""
     t0 = time.perf_counter()
     res = recheck_accuracy(loaded, record, device=device, split=split)
     diff = None if logged is None else abs(res["acc"] - logged)

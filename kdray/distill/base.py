@@ -1,8 +1,8 @@
 """The method contract and its single registry.
 
 A method receives the labels, the student's outputs and the teachers' outputs and returns the
-logits to evaluate plus a dict of named loss terms. The engine sums the dict and logs every term
-by name; it never asks which method it runs. Adding a method is one file with ``@register``
+logits to evaluate plus a dict of named loss terms. The training loop sums the dict and logs every
+term by name; it never asks which method it runs. Adding a method is one file with ``@register``
 (docs/methods.md, "Adding a method").
 """
 
@@ -28,12 +28,26 @@ class TeacherInfo:
     feat_channels: tuple[int, ...]
 
 
+#: generation g counts its epochs and seeds from 1000 * g, so no two generations share a number
+GENERATION_STRIDE = 1000
+
+
 @dataclass(frozen=True)
 class Generation:
     """One full training run of a method. ``teacher`` is "ensemble" or "previous"."""
 
     index: int
     teacher: str = "ensemble"
+
+    def view_epoch(self, epoch: int) -> int:
+        """The train loader's epoch number (``BatchLoader.set_epoch``) of this generation's 0-based
+        ``epoch``: it draws the epoch's shuffle and augmentation views, and the teacher store is
+        keyed by it, so the run and the store must both take it from here."""
+        return epoch + GENERATION_STRIDE * self.index
+
+    def seed(self, base: int) -> int:
+        """The seed this generation's student and method are initialised from (``base``: the run's)."""
+        return base + GENERATION_STRIDE * self.index
 
 
 class Method(nn.Module):
@@ -73,7 +87,7 @@ class Method(nn.Module):
         return int(cfg.epochs) * len(cls.generations(cfg))
 
 
-#: run-config keys of its own (set by kdray.config): a method may not declare one of them
+#: run-config keys of its own (set by kdray.training.config): a method may not declare one of them
 RESERVED_NAMES: set[str] = set()
 
 

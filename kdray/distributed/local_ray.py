@@ -30,36 +30,32 @@ raylet within seconds, the dashboard's module processes within a few, but the da
 the runtime-env agent, told of the raylet's death through their stdin pipe
 (``_private/process_watcher.py``), first publish "raylet died unexpectedly" to the GCS with a 60 s
 timeout (``utils.publish_error_to_driver``), and the GCS is dead: they stay up, still listening, for
-about a minute. So :func:`start` starts a watchdog: a small detached process (stdlib only, see
-:func:`main`) that waits for the driver, the GCS or the raylet to end, then ends every process of
-the session: SIGTERM, SIGKILL a few seconds later. The session's processes are known two ways: what
-``ray.init`` started and their descendants, recorded (pid and start time) at start and every few
-seconds; and every process whose environment holds ``KDRAY_LOCAL_RAY_SESSION=<a random token>``,
-set while ``ray.init`` starts GCS and raylet and inherited by all they start (but unreadable in the
-agents, whose environment block setproctitle overwrites: hence the records). A Ray kdray did not
-start (the user's own, another test's, a cluster given by --address) is neither recorded nor
-marked, and a recycled pid is caught by its start time before any signal.
+about a minute. So :func:`start` starts a watchdog (:mod:`kdray.distributed.watchdog`: stdlib only,
+run by its file path), a small detached process that waits for the driver, the GCS or the raylet to
+end, then ends every process of the session: SIGTERM, SIGKILL a few seconds later. The session's
+processes are known two ways: what ``ray.init`` started and their descendants, recorded (pid and
+start time) at start and every few seconds; and every process whose environment holds
+``KDRAY_LOCAL_RAY_SESSION=<a random token>``, set while ``ray.init`` starts GCS and raylet and
+inherited by all they start (but unreadable in the agents, whose environment block setproctitle
+overwrites: hence the records). A Ray kdray did not start (the user's own, another test's, a cluster
+given by --address) is neither recorded nor marked, and a recycled pid is caught by its start time
+before any signal.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ipaddress
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, Optional
 
-MARK_VAR = "KDRAY_LOCAL_RAY_SESSION"  # carried by every process of a kdray-started local Ray
+from kdray.distributed import watchdog
+from kdray.distributed.watchdog import MARK_VAR, process_id
+
 WATCHDOG_LOG = "kdray_watchdog.log"  # in the session's logs folder
-TERM_GRACE_S = 3.0  # SIGTERM, then SIGKILL for what is left after this long
-KILL_WAIT_S = 3.0
-SESSION_END_GRACE_S = 2.0  # ray.shutdown() in a living driver: let Ray finish its own orderly stop
-RECORD_EVERY_S = 5.0  # how often it records the processes the known ones started
 
 
 def is_local(address: Optional[str]) -> bool:
@@ -144,7 +140,7 @@ def start(init: Callable[[], object]) -> None:
         ray.shutdown()
         raise KdrayError(f"the local Ray came up on {off[0]}, not on loopback: refusing to run it "
                          f"reachable from the network (its agents take jobs without authentication); "
-                         f"this Ray version may need kdray/local_ray.py updated")
+                         f"this Ray version may need kdray/distributed/local_ray.py updated")
     try:
         start_watchdog(node, token)
     except Exception as exc:  # Ray still stops at a normal exit; a killed driver would leave agents
@@ -238,45 +234,11 @@ def torch_config(backend: str):
 
 
 # ------------------------------------------------------------------------------------------------
-# watchdog (stdlib only below: it runs as `python -I -S kdray/local_ray.py watch ...`)
+# the watchdog (kdray/distributed/watchdog.py, run by its path)
 # ------------------------------------------------------------------------------------------------
-def _stat(pid: int) -> Optional[Tuple[int, int]]:
-    """(parent pid, start time) of a live process; None when there is none or it has ended (a
-    zombie). The start time (clock ticks after boot) with the pid names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) "; comm may hold anything
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def _all_processes() -> Dict[int, Tuple[int, int]]:
-    """pid -> (parent pid, start time) of every live process."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = _stat(int(name))
-            if st:
-                out[int(name)] = st
-    return out
-
-
-def _start_time(pid: int) -> Optional[int]:
-    st = _stat(pid)
-    return st[1] if st else None
-
-
-def _pid_start(pid: int) -> Optional[str]:
-    start = _start_time(pid)
-    return f"{pid}:{start}" if start is not None else None
-
-
 def start_watchdog(node, token: str) -> None:
-    """A detached watchdog for this driver and ``node``; returns once it runs."""
+    """Start the detached watchdog of this driver and ``node`` (see :mod:`kdray.distributed.watchdog`);
+    returns once it runs."""
     if not sys.platform.startswith("linux"):
         return  # it reads /proc; elsewhere Ray's own fate-sharing is all there is
     import ray._private.ray_constants as ray_constants
@@ -288,13 +250,13 @@ def start_watchdog(node, token: str) -> None:
     # it triggers when the driver, the GCS or the raylet ends; it ends those processes, every process
     # they started (found as they come: the agents carry no readable mark, setproctitle overwrites
     # the start of their environment) and every process carrying the mark
-    targets = [_pid_start(p) for p in [os.getpid()] + pids(ray_constants.PROCESS_TYPE_GCS_SERVER,
+    targets = [process_id(p) for p in [os.getpid()] + pids(ray_constants.PROCESS_TYPE_GCS_SERVER,
                                                            ray_constants.PROCESS_TYPE_RAYLET)]
-    members = [m for m in (_pid_start(p) for p in pids()) if m]
+    members = [m for m in (process_id(p) for p in pids()) if m]
     if None in targets:
         raise RuntimeError("a Ray process ended before its watchdog started")
     log = os.path.join(node.get_logs_dir_path(), WATCHDOG_LOG)
-    cmd = [sys.executable, "-I", "-S", os.path.abspath(__file__), "watch", "--token", token, "--log", log,
+    cmd = [sys.executable, "-I", "-S", os.path.abspath(watchdog.__file__), "watch", "--token", token, "--log", log,
            *[a for t in targets for a in ("--target", t)], *[a for m in members for a in ("--member", m)]]
     # its own session: a signal to the driver's process group (Ctrl-C, `kill -- -PGID`) leaves it to
     # clean up; no inherited stdout, so a caller reading the driver's output to EOF never waits on it
@@ -308,177 +270,3 @@ def start_watchdog(node, token: str) -> None:
         raise RuntimeError("the watchdog did not start within 30 s") from None
     if rc != 0:
         raise RuntimeError(f"the watchdog could not start (exit {rc}; see {log})")
-
-
-class _Session:
-    """The processes of one local Ray: ``members`` (pid -> start time: what ray.init started, what
-    those started, recorded as they come) and whatever carries ``MARK_VAR=token``; never ``spare``."""
-
-    def __init__(self, token: str, members: Dict[int, int], spare: Tuple[int, ...]):
-        self.needle = f"{MARK_VAR}={token}".encode()
-        self.members = dict(members)
-        self.spare = {os.getpid(), *spare}
-
-    def _marked(self, pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                return self.needle in f.read().split(b"\0")
-        except OSError:  # gone, or not ours to read (another user's: never ours to end either)
-            return False
-
-    def processes(self, marks: bool = True) -> Dict[int, int]:
-        """pid -> start time of every live process of the session (and their descendants)."""
-        procs = _all_processes()
-        found = {p: s for p, s in self.members.items() if procs.get(p, (0, None))[1] == s}
-        if marks:
-            found.update({p: st[1] for p, st in procs.items() if p not in found and self._marked(p)})
-        while True:  # and every descendant of those
-            more = {p: st[1] for p, st in procs.items() if st[0] in found and p not in found}
-            if not more:
-                break
-            found.update(more)
-        for p in self.spare:
-            found.pop(p, None)
-        return found
-
-    def record(self) -> None:
-        """Remember the members' children as they are now (forget the members that ended)."""
-        self.members = self.processes(marks=False)
-
-    def sweep(self, log: Callable[[str], None]) -> int:
-        """End every process of the session: SIGTERM, then SIGKILL for what is left after
-        TERM_GRACE_S; bounded. Returns how many remain (0 normally)."""
-        for sig, wait_s in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, KILL_WAIT_S)):
-            procs = self.processes()
-            if not procs:
-                return 0
-            log(f"{signal.Signals(sig).name} to {len(procs)} process(es): {' '.join(map(str, sorted(procs)))}")
-            for pid, start in procs.items():
-                _signal(pid, start, sig)
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline:
-                if all(_start_time(p) != s for p, s in procs.items()) and not self.processes():
-                    return 0
-                time.sleep(0.1)
-        left = self.processes()
-        if left:
-            log(f"still running after SIGKILL: {' '.join(map(str, sorted(left)))}")
-        return len(left)
-
-
-def _signal(pid: int, start: int, sig: int) -> None:
-    """Signal the process only if it still is the one found (its pid not recycled since)."""
-    pidfd = None
-    try:
-        pidfd = os.pidfd_open(pid)  # from here on the pid names this process, recycled or not
-    except (AttributeError, OSError):
-        pass
-    try:
-        if _start_time(pid) != start:
-            return
-        if pidfd is not None:
-            signal.pidfd_send_signal(pidfd, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-def _pidfds(targets: List[Tuple[int, int]]) -> Dict[int, int]:
-    """A pidfd per process (readable once it ends, zombie or reaped) -> its index; {} where the
-    kernel has none (< 5.3): the caller polls then."""
-    fds: Dict[int, int] = {}
-    try:
-        for i, (pid, _) in enumerate(targets):
-            fds[os.pidfd_open(pid)] = i
-    except (AttributeError, OSError):
-        for f in fds:
-            os.close(f)
-        return {}
-    return fds
-
-
-def _first_ended(targets: List[Tuple[int, int]]) -> Optional[int]:
-    """The index of a process that has ended (or whose pid now belongs to another), or None."""
-    return next((i for i, (pid, start) in enumerate(targets) if _start_time(pid) != start), None)
-
-
-def _wait_on_pidfds(fds: Dict[int, int], every_s: float) -> Optional[int]:
-    """Up to ``every_s`` for one of the pidfds to turn readable (its index), or a short sleep
-    where there are none."""
-    import select
-
-    if not fds:
-        time.sleep(min(every_s, 0.5))
-        return None
-    ready, _, _ = select.select(list(fds), [], [], every_s)
-    return fds[ready[0]] if ready else None
-
-
-def _wait_for_first_exit(targets: List[Tuple[int, int]], every_s: float, tick: Callable[[], None]) -> int:
-    """Block until one of the processes ends, calling ``tick`` about every ``every_s``; the index
-    of the first one found ended."""
-    fds = _pidfds(targets)
-    try:
-        while True:
-            ended = _first_ended(targets)  # checked after the pidfds exist: none ends unseen
-            if ended is None:
-                ended = _wait_on_pidfds(fds, every_s)
-            if ended is not None:
-                return ended
-            tick()
-    finally:
-        for f in fds:
-            os.close(f)
-
-
-def _pairs(items: Optional[List[str]]) -> List[Tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in (t.split(":") for t in items or [])]
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="kdray-local-ray-watchdog")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("watch", help="end a local Ray's processes when its driver (the first --target) "
-                                     "or another --target ends")
-    w.add_argument("--token", required=True, help=f"the session's {MARK_VAR}")
-    w.add_argument("--target", action="append", required=True, help="PID:STARTTIME of a process to watch")
-    w.add_argument("--member", action="append", help="PID:STARTTIME of a process of the session")
-    w.add_argument("--log", help="append what it does to this file")
-    args = p.parse_args(argv)
-    targets = _pairs(args.target)
-
-    def log(msg: str) -> None:
-        if args.log:
-            try:
-                with open(args.log, "a") as f:
-                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {msg}\n")
-            except OSError:
-                pass
-
-    if not any(_start_time(pid) != start for pid, start in targets) and os.fork() > 0:
-        os._exit(0)  # detach: the driver reaps the launcher at once, the watchdog lives on
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
-    session = _Session(args.token, dict(_pairs(args.member)), spare=(targets[0][0],))
-    session.record()  # the raylet's agents: started before ray.init returned
-    log(f"watching driver {targets[0][0]}, Ray {' '.join(str(t[0]) for t in targets[1:])}; "
-        f"{len(session.members)} process(es) known")
-    first = _wait_for_first_exit(targets, RECORD_EVERY_S, session.record)
-    if first == 0:
-        log(f"driver {targets[0][0]} ended")
-    else:  # the session ended under a living driver (ray.shutdown, a crash): let Ray stop its own first
-        log(f"Ray process {targets[first][0]} ended")
-        deadline = time.monotonic() + SESSION_END_GRACE_S
-        while time.monotonic() < deadline and _start_time(targets[0][0]) == targets[0][1]:
-            time.sleep(0.1)
-    left = session.sweep(log)
-    log("done" if not left else f"done; {left} process(es) would not end")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Ray Train: the engine's `fit` as a TorchTrainer worker loop (DDP via torch.distributed;
+"""Ray Train: a run's ``fit`` as a TorchTrainer worker loop (DDP via torch.distributed;
 gloo on CPU, NCCL on GPU), a checkpoint reported each epoch, resume after worker failures."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def final_extras(metrics: dict, ckpt_dir: Optional[str]) -> dict:
     student = Path(ckpt_dir) / "student.pt" if ckpt_dir else None
     if not metrics.get("done") or student is None or not student.is_file():
         return {}
-    from kdray.deploy.branches import student_latency_ms
+    from kdray.deploy.latency import student_latency_ms
 
     return {"latency_ms": student_latency_ms(student)}
 
@@ -53,7 +53,7 @@ def _rank0_tracker(track: Optional[dict], cfg, node_ip: str):
         return None
     from kdray.tracking.runs import RunLogger
 
-    return RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers, node_ip=node_ip)
+    return RunLogger(track.uri, track.run_id, teachers=cfg.teachers, node_ip=node_ip)
 
 
 def _ray_reporter(tracker, node_ip: str, node_id: str, api=None):
@@ -76,7 +76,8 @@ def _ray_reporter(tracker, node_ip: str, node_id: str, api=None):
     return report
 
 
-def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet: bool, root: Optional[str] = None) -> None:
+def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet: bool,
+                   root: Optional[str] = None) -> None:
     """``fit`` from ``checkpoint`` (Ray's last, or None) with the store behind ``store_ref``; a
     failure is recorded on the run before it propagates."""
     from kdray.core.outcome import failure_reason
@@ -110,7 +111,8 @@ def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None, checkpoi
     from kdray.tracking.runs import RunLogger
 
     node_ip = get_node_ip_address()
-    tracker = RunLogger(tracking["uri"], tracking["run_id"], teachers=cfg.teachers, node_ip=node_ip) if tracking else None
+    tracker = (RunLogger(tracking.uri, tracking.run_id, teachers=cfg.teachers, node_ip=node_ip)
+               if tracking else None)
     reporter = _ray_reporter(tracker, node_ip, ray.get_runtime_context().get_node_id(), api=ray.tune)
     # Tune persists each reported checkpoint with an INFO line on the console ("Checkpoint
     # successfully created at ...", ray/train/_internal/storage.py): one per epoch per trial
@@ -120,7 +122,7 @@ def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None, checkpoi
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: the plain engine, reporting through ray.train. The config
+    """Runs on every Ray Train worker: the plain ``fit``, reporting through ray.train. The config
     arrives as a dict and is rebuilt (validated) once here."""
     import ray.train
     import ray.train.torch
@@ -187,7 +189,7 @@ def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_wo
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "tracking": tracking, "quiet": quiet, "methods": methods,
                            "teacher_store": store_ref},
-        # on a local Ray, torch's rendezvous store listens on loopback too (see kdray.local_ray)
+        # on a local Ray, torch's rendezvous store listens on loopback too (kdray.distributed.local_ray)
         torch_config=torch_config("nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -243,8 +245,9 @@ def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_l
         # ... and that state API must be named explicitly: left to find it, the cleaner scans for GCS
         # processes and fails ("Found multiple active Ray instances") whenever a second Ray runs on
         # the head's machine (another user's, a test's), with the same starvation as the result.
-        # A local Ray is started by kdray.local_ray: every listener on loopback (the dashboard agent
-        # takes jobs without authentication), every process ended soon after this driver ends.
+        # A local Ray is started by kdray.distributed.local_ray: every listener on loopback (the
+        # dashboard agent takes jobs without authentication), every process ended soon after this
+        # driver ends.
         from kdray.distributed.local_ray import connect, init_kwargs, is_local, start
 
         kwargs, env = {}, dict(env or {})

@@ -1,4 +1,5 @@
-"""Model zoo and students: staged classifiers, feature taps, EKD multi-branch students, export."""
+"""The networks: staged classifiers (CIFAR ResNets, WRNs, torchvision families, registered ones), the
+students built from them (single or EKD multi-branch) and how they are measured."""
 
 from kdray.models.registry import (
     ensure_models_registered,
@@ -8,14 +9,13 @@ from kdray.models.registry import (
     registered_models,
     unregister_model,
 )
-from kdray.models.staged import FeatureTap, StagedModel
+from kdray.models.staged import StagedModel
 from kdray.models.student import (
     MultiBranchStudent,
     Student,
     build_student,
     export_module,
 )
-from kdray.models.tv import kdray_to_torchvision, torchvision_to_kdray
 from kdray.models.zoo import available_models, build_model
 
 __all__ = [
@@ -27,10 +27,7 @@ __all__ = [
     "registered_models",
     "registered_builders",
     "ensure_models_registered",
-    "torchvision_to_kdray",
-    "kdray_to_torchvision",
     "StagedModel",
-    "FeatureTap",
     "MultiBranchStudent",
     "Student",
     "build_student",

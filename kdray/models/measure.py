@@ -1,11 +1,12 @@
-"""TODO"""
+"""How a student is measured: its parameter count, and its accuracy and loss on a split (of the
+ensemble and of every branch), exact across DDP ranks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kdray.core.device import _all_reduce
+from kdray.core.device import all_reduce
 from kdray.data.loader import BatchLoader
 
 
@@ -34,7 +35,7 @@ def evaluate(student: nn.Module, loader: BatchLoader, autocast) -> dict:
             correct[1:] += (out["branch_logits"].float().argmax(2) == y.unsqueeze(0)).sum(1)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
         n += y.numel()
-    stats = _all_reduce(torch.cat([correct, loss_sum.view(1), n.view(1)])).tolist()
+    stats = all_reduce(torch.cat([correct, loss_sum.view(1), n.view(1)])).tolist()
     return _accuracy_metrics(stats, nb)
 
 

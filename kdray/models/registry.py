@@ -47,7 +47,7 @@ def register_model(name: str, builder: Optional[ModelBuilder] = None):
     ``builder(num_classes)`` must return a freshly initialised model on each call (EKD students
     build one per branch): either a :class:`StagedModel`, or a ``(stem, stages, head)`` triple that
     kdray wraps into one (the stage channels are probed with a 64x64 forward). A plain
-    ``nn.Module`` is refused: the engine, EKD branches (split at ``split_stage``) and feature taps
+    ``nn.Module`` is refused: training, EKD branches (split at ``split_stage``) and feature maps
     need the stem/stages/head split. Returns ``builder``, so it also works as a decorator.
     A duplicate name or a built-in name is a :class:`KdrayError`.
     """

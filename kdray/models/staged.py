@@ -1,4 +1,5 @@
-"""The staged model contract (stem -> stages -> head) and a hook-based feature tap."""
+"""The staged model contract every architecture meets: stem -> stages -> head, with the stage
+outputs on request (the feature maps the students and feature-distilling methods read)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ from typing import Iterable
 
 import torch
 from torch import nn
-
-from kdray.core.errors import KdrayError
 
 
 class StagedModel(nn.Module):
@@ -56,55 +55,3 @@ class StagedModel(nn.Module):
             f"arch={self.arch!r}, num_classes={self.num_classes}, "
             f"stage_channels={self.stage_channels}"
         )
-
-
-def _name_list(names: list[str], limit: int = 30) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (", ..." if len(names) > limit else "")
-
-
-class FeatureTap:
-    """Capture the outputs of named submodules with forward hooks, without rewriting the model.
-
-    ``tap.outputs[name]`` holds the latest output of ``dict(model.named_modules())[name]``
-    (graph attached, so losses on it backpropagate). Use as a context manager or call
-    ``remove()`` to detach the hooks.
-    """
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        if isinstance(names, str):
-            names = [names]
-        modules = dict(model.named_modules())
-        names = list(dict.fromkeys(names))
-        bad = [n for n in names if n not in modules]
-        if bad:
-            valid = [n for n in modules if n]
-            raise KdrayError(
-                f"unknown module name(s) {', '.join(repr(b) for b in bad)} for a feature tap on "
-                f"{type(model).__name__}; valid names: {_name_list(valid)}"
-            )
-        self.names = names
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            self.outputs[name] = output
-
-        return hook
-
-    def clear(self) -> None:
-        """Forget captured outputs (frees their memory)."""
-        self.outputs.clear()
-
-    def remove(self) -> None:
-        """Remove all hooks; captured outputs are kept until ``clear()``."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "FeatureTap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()

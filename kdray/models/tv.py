@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import first_line
 from kdray.models.staged import StagedModel
 
 #: name prefixes of the torchvision families we know how to split into stages
@@ -134,7 +135,8 @@ def resolve_weights(name: str, weights: str):
     prefix, _, member = weights.rpartition(".")
     members = ", ".join(["DEFAULT", *enum.__members__])
     if prefix and prefix != enum.__name__:
-        raise KdrayError(f"weights {weights!r} are not weights of {name!r}; allowed: {enum.__name__}.X with X in {members}")
+        raise KdrayError(f"weights {weights!r} are not weights of {name!r}; "
+                         f"allowed: {enum.__name__}.X with X in {members}")
     if member != "DEFAULT" and member not in enum.__members__:
         raise KdrayError(f"unknown weights {weights!r} for {name!r}; allowed: {members} (or {enum.__name__}.X)")
     return enum.DEFAULT if member == "DEFAULT" else enum[member]
@@ -150,7 +152,7 @@ def _download_state(weights) -> dict:
                                                   weights_only=True)
     except OSError as exc:  # offline: urllib's URLError is an OSError
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        raise KdrayError(f"cannot get torchvision weights {weights} ({str(exc).splitlines()[0][:120]}); "
+        raise KdrayError(f"cannot get torchvision weights {weights} ({first_line(exc, 120)}); "
                          f"go online once or put {Path(weights.url).name} at {cached}") from None
 
 
@@ -179,7 +181,7 @@ def replace_classifier(model: nn.Module, num_classes: int) -> str:
     return name
 
 
-# --- key layouts: torchvision's state dict keys <-> kdray's StagedModel keys -------------------
+# --- state dicts: loaded strictly, torchvision's own keys into kdray's wrapper ------------------
 def state_mismatch(model: nn.Module, state: dict, shown: int = 3) -> Optional[str]:
     """Why ``state`` does not load strictly into ``model`` (missing, unexpected, mis-shaped keys,
     the first few of each), or None when it fits."""
@@ -202,7 +204,7 @@ def load_strict(model: nn.Module, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:  # e.g. a non-tensor value
-        raise KdrayError(f"{what} do not load: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise KdrayError(f"{what} do not load: {first_line(exc, 200)}") from None
 
 
 def from_torchvision_state(name: str, state: dict, num_classes: int) -> StagedModel:
@@ -218,18 +220,3 @@ def from_torchvision_state(name: str, state: dict, num_classes: int) -> StagedMo
     return wrap_torchvision(model, name, num_classes)
 
 
-def torchvision_to_kdray(name: str, state: dict, num_classes: int) -> dict:
-    """A torchvision state dict under kdray's StagedModel keys (``stem.0.*``, ``stages.0.*``,
-    ``head.2.*``, ...), loadable into ``build_model(name, num_classes)``."""
-    return from_torchvision_state(name, state, num_classes).state_dict()
-
-
-def kdray_to_torchvision(model: StagedModel) -> dict:
-    """The inverse: a wrapped torchvision model's weights under torchvision's own keys (loadable
-    into ``torchvision.models.get_model(model.arch, num_classes=model.num_classes)``)."""
-    import torchvision.models as tvm
-
-    _check_family(model.arch)
-    tv = tvm.get_model(model.arch, weights=None, num_classes=model.num_classes)
-    wrap_torchvision(tv, model.arch, model.num_classes).load_state_dict(model.state_dict())  # shares tv's modules
-    return tv.state_dict()

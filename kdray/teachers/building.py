@@ -1,6 +1,6 @@
-"""The teacher store over Ray: its missing rows computed by Ray tasks spread over the cluster's
-resources, and the finished store shared through Ray's object store, so that trials on every
-node read the same arrays (zero-copy on a node) without a shared file system."""
+"""Completing a teacher store: which (sample, view) rows a run or sweep needs, whether logits and
+feature maps fit the budget and the disk, the missing rows computed (here, or by a builder such
+as Ray tasks) and the store saved; read-only folders keep it in memory for the run."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from kdray.teachers.store import (
     DEFAULT_BUDGET_GB,
     STORES,
     TeacherStore,
-    _gb,
-    _load_or_rebuild,
     check_disk,
     empty_store,
+    gb,
     key_digest,
+    load_or_rebuild,
     pair_codes,
     save,
     store_key,
@@ -72,7 +72,7 @@ def plan_features(rows: int, index_bytes: int, sample: dict, want_feats: bool, b
     need = rows * lb + index_bytes
     if need > budget:
         raise KdrayError(
-            f"teacher store: {rows} views x {lb} bytes of logits = {_gb(need)} exceeds the budget of {budget_gb:g} GB; "
+            f"teacher store: {rows} views x {lb} bytes of logits = {gb(need)} exceeds the budget of {budget_gb:g} GB; "
             "raise --teacher-store-budget or pass --no-teacher-store (teachers run live on every batch)")
     return want_feats and need + rows * fb <= budget
 
@@ -108,12 +108,12 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     """The store for ``req``, with every pair it needs; missing rows computed (by ``build(codes,
     progress)``, default: ``source`` in this process) and saved. ``source`` is the live ensemble.
     A store without feature maps is rebuilt with them when a run needs them and the budget allows."""
-    from kdray.teachers.ensemble import read_manifest
+    from kdray.teachers.manifest import read_manifest
 
     views = req.views
     key = store_key(read_manifest(req.teachers_dir), req.data, views, req.precision)
     folder = req.folder(key)
-    store = _load_or_rebuild(folder, log)
+    store = load_or_rebuild(folder, log)
     codes = pair_codes(len(req.data.train.y), views, req.seeds, req.epochs)
     sample = source(view_batch(req.data, views, codes[:1], req.precision.channels_last).to(source.device))
     index_bytes = len(req.data.train.y) * views.count * 4
@@ -133,7 +133,7 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
         log("teacher store: feature maps do not fit the budget; they are computed online")
     todo = store.missing(codes)
     if len(todo) == 0:
-        log(f"teacher store: {folder} covers the run ({store.coverage()}, {_gb(store.nbytes)})")
+        log(f"teacher store: {folder} covers the run ({store.coverage()}, {gb(store.nbytes)})")
         return store
     if store.feats is not None and not plan_features(store.rows + len(todo), index_bytes, sample, True, req.budget_gb):
         log("teacher store: feature maps for the added views do not fit the budget; they are computed online")
@@ -159,7 +159,7 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
         log(f"teacher store: cannot write {folder} ({exc.strerror}); kept in memory for this run only "
             "(--teacher-store DIR puts stores elsewhere)")
         return store
-    log(f"teacher store: built in {build_s:.1f} s; {store.coverage()}, {_gb(store.nbytes)}"
+    log(f"teacher store: built in {build_s:.1f} s; {store.coverage()}, {gb(store.nbytes)}"
         f"{', feature maps stored' if store.feats is not None else ', logits only'}")
     return store
 

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The teacher store over Ray: its missing rows computed by Ray tasks spread over the cluster, and
+the finished store shared through Ray's object store so trials on every node read the same arrays."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _rows_task(ensemble, data: DataBundle, precision, feats: bool, codes: torch.
 
 
 def ray_builder(cpus: float = 1.0, gpus: float = 0.0, slots: Optional[int] = None) -> Callable[..., Builder]:
-    """A builder factory for :func:`kdray.engine.open_teacher_store`: chunks of the missing views,
+    """A builder factory for :func:`kdray.teachers.source.open_teacher_store`: chunks of the missing views,
     one Ray task each (``cpus``/``gpus`` per task, like a trial's worker), as many at once as the
     cluster has room for."""
     import ray

@@ -1,5 +1,5 @@
 """Teachers: loaded from a verified teacher directory, frozen, and the engine's source of teacher
-outputs. (Training them is ``kdray.teacher_training``, above the engine.)
+outputs computed live. (Training them, `kdray teachers train`, is a stage above the engine.)
 
 A teacher directory holds ``manifest.json`` and one ``teacher_<i>.pt`` state dict per teacher.
 The ensemble is a frozen module list: eval mode, no grad, never wrapped in DDP, never in the
@@ -8,7 +8,6 @@ optimizer, and run under ``torch.inference_mode``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,11 +15,10 @@ import torch
 from torch import nn
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import first_line, safe_load, sha256_file
 from kdray.distill.base import TeacherInfo
 from kdray.models import StagedModel, build_model
-from kdray.training.checkpoint import safe_load, sha256_file
-
-MANIFEST = "manifest.json"
+from kdray.teachers.manifest import read_manifest
 
 
 class TeacherEnsemble(nn.Module):
@@ -77,20 +75,6 @@ class LiveTeacherOutputs:
             return self.ensemble(x, feats=self.feats)
 
 
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise KdrayError(f"teachers: {mf} not found; create teachers with `kdray teachers train --out {path}`")
-    try:
-        manifest = json.loads(mf.read_text())
-        assert isinstance(manifest.get("teachers"), list) and manifest["teachers"]
-        assert isinstance(manifest.get("classes"), list)
-    except (ValueError, AssertionError):
-        raise KdrayError(f"teachers: {mf} is not a valid kdray teacher manifest") from None
-    return manifest
-
-
 def load_teachers(path: str | Path, classes: Optional[list] = None, device="cpu") -> TeacherEnsemble:
     """Load and verify a teacher directory; ``classes`` must match the dataset's when given."""
     path = Path(path)
@@ -113,7 +97,7 @@ def load_teachers(path: str | Path, classes: Optional[list] = None, device="cpu"
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError) as exc:
-            raise KdrayError(f"teachers: {file} does not fit arch {entry['arch']!r} ({str(exc).splitlines()[0]})") from None
+            raise KdrayError(f"teachers: {file} does not fit arch {entry['arch']!r} ({first_line(exc)})") from None
         models.append(model)
     return TeacherEnsemble(models).to(device)
 

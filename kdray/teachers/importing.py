@@ -11,20 +11,15 @@ the way ``kdray teachers train`` writes one: ``teacher_<i>.pt`` (kdray-layout st
 
 from __future__ import annotations
 
-import errno
-import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from kdray._version import __version__
 from kdray.core.device import Precision, pick_device
 from kdray.core.errors import KdrayError, choice_error
+from kdray.core.io import FolderTaken, atomic_save, fill_beside, safe_load, sha256_file
 from kdray.data.bundle import DataBundle
 from kdray.data.loader import BatchLoader
 from kdray.data.sources import load_data
@@ -38,8 +33,7 @@ from kdray.models.tv import (
     torchvision_names,
     wrap_torchvision,
 )
-from kdray.teachers.ensemble import MANIFEST
-from kdray.training.checkpoint import atomic_save, safe_load, sha256_file
+from kdray.teachers.manifest import write_manifest
 
 LAYOUTS = ("auto", "kdray", "torchvision")
 #: the top-level modules of every StagedModel: a state dict whose keys all start so is kdray's
@@ -173,46 +167,28 @@ def _entry(teacher: Imported, file: Path) -> dict:
     return entry
 
 
-def _manifest(cfg, data: DataBundle, entries: list[dict]) -> dict:
-    data_keys = ("dataset", "train_fraction", "val_fraction", "data_seed", "image_size")
-    return {
-        "format": "kdray-teachers/1", "kdray_version": __version__, "dataset": cfg.dataset,
-        "train_fraction": cfg.train_fraction, "image_size": data.image_size, "classes": list(data.classes),
-        "teachers": entries, "imported": True,
-        # what the accuracies were measured on (kdray's own sets record their training recipe here)
-        "recipe": {"imported": True, **{k: getattr(cfg, k) for k in data_keys}},
-    }
-
-
 def write_teacher_set(out: Path, teachers: list[Imported], cfg, data: DataBundle) -> dict:
     """Write the set into a hidden folder next to ``out``, the manifest last, then rename it to
-    ``out`` in one step: ``out`` never holds half a set."""
-    staging = out.parent / f".{out.name}.importing-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)  # mkdir, not mkdtemp: the set gets the umask's permissions, as `out` would
+    ``out`` in one step: ``out`` never holds half a set, and an ``out`` someone filled meanwhile
+    is left as it is."""
+    data_keys = ("dataset", "train_fraction", "val_fraction", "data_seed", "image_size")
+
+    def fill(staging: Path) -> dict:
+        entries = [_entry(t, atomic_save(_cpu_state(t.model), staging / f"teacher_{i}.pt"))
+                   for i, t in enumerate(teachers)]
+        # the recipe: what the accuracies were measured on (kdray's own sets record their training recipe)
+        return write_manifest(staging, cfg, image_size=data.image_size, classes=data.classes, teachers=entries,
+                              recipe={"imported": True, **{k: getattr(cfg, k) for k in data_keys}}, imported=True)
+
     try:
-        entries = []
-        for i, teacher in enumerate(teachers):
-            file = atomic_save(_cpu_state(teacher.model), staging / f"teacher_{i}.pt")
-            entries.append(_entry(teacher, file))
-        manifest = _manifest(cfg, data, entries)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+        manifest, _ = fill_beside(out, fill, tag="importing")
+    except FolderTaken:
+        raise KdrayError(f"--out {out} was filled while the teachers were imported; nothing written") from None
     return manifest
 
 
 def _cpu_state(model: StagedModel) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    try:
-        os.replace(staging, out)  # POSIX: replaces an empty folder, refuses a non-empty one
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-            raise KdrayError(f"--out {out} was filled while the teachers were imported; nothing written") from None
-        raise
 
 
 # --- the whole import ---------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""TODO"""
+"""The engine's source of teacher outputs for a run: the teacher store of its teachers, data, views
+and precision (opened, and completed where it lacks rows), served by (sample, view) with the live
+ensemble filling any pair the store lacks; and the ensemble placed on the run's device."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from kdray.distill import get_method
 from kdray.distill.base import TeacherInfo
 from kdray.teachers.building import StoreRequest, ensure_store
 from kdray.teachers.ensemble import LiveTeacherOutputs, TeacherEnsemble, load_teachers
+from kdray.teachers.manifest import MANIFEST, read_manifest
 from kdray.teachers.store import DEFAULT_BUDGET_GB, TeacherStore, mismatch
 
 
-def _on_device(teachers: TeacherEnsemble, precision: Precision) -> TeacherEnsemble:
+def on_device(teachers: TeacherEnsemble, precision: Precision) -> TeacherEnsemble:
+    """The frozen ensemble on the run's device, in its memory format."""
     teachers = teachers.to(precision.device)
     return teachers.to(memory_format=torch.channels_last) if precision.channels_last else teachers
 
@@ -27,9 +31,7 @@ def store_mismatch(store: TeacherStore, cfg, data: DataBundle, precision: Precis
     """Why a given store cannot serve this run, or None (the teachers' manifest is compared where
     the run can read it: on a cluster node without the teacher files the store's key stands)."""
     manifest = None
-    if cfg.teachers and (Path(cfg.teachers) / "manifest.json").is_file():
-        from kdray.teachers.ensemble import read_manifest
-
+    if cfg.teachers and (Path(cfg.teachers) / MANIFEST).is_file():
         manifest = read_manifest(cfg.teachers)
     return mismatch(store, manifest, data, precision)
 
@@ -37,7 +39,7 @@ def store_mismatch(store: TeacherStore, cfg, data: DataBundle, precision: Precis
 def teacher_view_epochs(cfg) -> tuple:
     """The train loader's epoch numbers in which the ensemble teaches (``set_epoch``'s values)."""
     plans = get_method(cfg.method).generations(cfg)
-    return tuple(e + 1000 * p.index for p in plans if p.teacher != "previous" for e in range(cfg.epochs))
+    return tuple(p.view_epoch(e) for p in plans if p.teacher != "previous" for e in range(cfg.epochs))
 
 
 def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, epochs=None, feats=None,
@@ -46,7 +48,7 @@ def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, ep
     """The teacher store of ``cfg``'s teachers, data, views and precision (that of ``device``, the
     trials' device type), holding every view of ``seeds`` x ``epochs`` (default: the config's own);
     rows it lacks are computed and saved: by ``builder(ensemble, data, precision, feats)`` (a
-    :data:`~kdray.teacher_store.Builder` factory, e.g. Ray tasks) or else here. None for a method
+    :data:`~kdray.teachers.building.Builder` factory, e.g. Ray tasks) or else here. None for a method
     without teachers."""
     method_cls = get_method(cfg.method)
     if method_cls.min_teachers == 0 or not cfg.teachers:
@@ -54,7 +56,7 @@ def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, ep
     precision = Precision.for_config(cfg, torch.device(device) if device else pick_device(cfg))
     here = precision if builder is None else Precision(torch.device("cpu"), precision.use_amp, precision.channels_last)
     data = data or load_data(cfg)
-    ensemble = _on_device(load_teachers(cfg.teachers, data.classes), here)
+    ensemble = on_device(load_teachers(cfg.teachers, data.classes), here)
     want_feats = method_cls.needs_teacher_feats(cfg) if feats is None else feats
     source = LiveTeacherOutputs(ensemble, here.autocast, want_feats)
     req = StoreRequest(Path(cfg.teachers), data, precision, tuple(seeds or (cfg.seed,)),

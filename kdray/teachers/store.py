@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,10 +27,10 @@ from typing import Optional
 import torch
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import atomic_save, atomic_write, sha256_file
 from kdray.data.bundle import DataBundle
 from kdray.data.views import ViewSpec
 from kdray.distill.base import TeacherInfo
-from kdray.training.checkpoint import atomic_save, sha256_file
 
 STORE_FILE, META_FILE, STORES = "store.pt", "meta.json", "stores"
 DEFAULT_BUDGET_GB = 4.0
@@ -185,7 +184,8 @@ def empty_store(key: dict, info: TeacherInfo, n: int, views: ViewSpec, sample: d
     return TeacherStore(key, info, index, logits, fmaps)
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
+    """``n`` bytes for a person: GB from 10 MB up, else MB."""
     return f"{n / 1024**3:.2f} GB" if n >= 1024**3 / 100 else f"{n / 1024**2:.1f} MB"
 
 
@@ -198,7 +198,7 @@ def check_disk(root: Path, nbytes: int) -> None:
     except OSError:
         return
     if nbytes * 2 > free:  # the new file is written beside the old one before the rename
-        raise KdrayError(f"teacher store: {_gb(nbytes)} to write at {root} but only {_gb(free)} free; "
+        raise KdrayError(f"teacher store: {gb(nbytes)} to write at {root} but only {gb(free)} free; "
                          "free space, point --teacher-store elsewhere or pass --no-teacher-store")
 
 
@@ -209,14 +209,12 @@ def save(store: TeacherStore, folder: Path, build_s: float) -> None:
     atomic_save(payload, folder / STORE_FILE)
     store.meta = {
         "key": store.key, "digest": key_digest(store.key), "sha256": sha256_file(folder / STORE_FILE),
-        "info": [store.info.count, list(store.info.feat_channels)], "rows": store.rows, "views": int(store.index.numel()),
-        "feats": store.feats is not None, "bytes": store.nbytes,
+        "info": [store.info.count, list(store.info.feat_channels)], "rows": store.rows,
+        "views": int(store.index.numel()), "feats": store.feats is not None, "bytes": store.nbytes,
         "build_s": round(float(store.meta.get("build_s", 0.0)) + build_s, 2),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    tmp = folder / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(store.meta, indent=1))
-    os.replace(tmp, folder / META_FILE)
+    atomic_write(folder / META_FILE, json.dumps(store.meta, indent=1))
 
 
 def read_meta(folder: Path) -> Optional[dict]:
@@ -250,7 +248,7 @@ def load(folder: Path) -> Optional[TeacherStore]:
     return TeacherStore(meta["key"], _info(meta["info"]), obj["index"], obj["logits"], obj["feats"], meta)
 
 
-def _load_or_rebuild(folder: Path, log) -> Optional[TeacherStore]:
+def load_or_rebuild(folder: Path, log) -> Optional[TeacherStore]:
     """A store that does not verify (a crash between its two files, a damaged disk) is kdray's own
     derived data: it is rebuilt, with a line saying so."""
     try:

@@ -1,18 +1,20 @@
-"""TODO"""
+"""The plots MLflow does not draw for a sweep, from its Optuna study, logged on its parent run."""
 
 from __future__ import annotations
 
+from kdray.core.io import first_line
 from kdray.tracking.store import client
 
 #: fewer completed trials than this give parameter importances that are noise: no plot
 MIN_TRIALS_FOR_IMPORTANCES = 8
 
 
-def log_sweep_plots(uri: str, parent_run_id: str, study, space, log=print) -> list[str]:
+def log_sweep_plots(uri: str, parent_run_id: str, study, metrics, log=print) -> list[str]:
     """What MLflow's chart view does not draw, from the Optuna study, as PNGs on the parent run:
     the optimisation history, parallel coordinates of the parameters that varied, parameter
     importances (from :data:`MIN_TRIALS_FOR_IMPORTANCES` completed trials, their count in the
-    title), the Pareto front when multi-objective. Learning curves are MLflow's own (chart view)."""
+    title), the Pareto front when multi-objective (several ``metrics``: [(metric, mode)]).
+    Learning curves are MLflow's own (chart view)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +24,7 @@ def log_sweep_plots(uri: str, parent_run_id: str, study, space, log=print) -> li
 
     c = client(uri)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    names = [m for m, _ in space.metrics]
+    names = [m for m, _ in metrics]
     varied = sorted(p for p in {k for t in done for k in t.params} if len({str(t.params.get(p)) for t in done}) > 1)
     logged = []
 
@@ -30,7 +32,7 @@ def log_sweep_plots(uri: str, parent_run_id: str, study, space, log=print) -> li
         try:
             ax = make()
         except Exception as exc:  # noqa: BLE001 - a plot that needs more trials is skipped, not fatal
-            log(f"plot {name}: skipped ({str(exc).splitlines()[0][:120]})")
+            log(f"plot {name}: skipped ({first_line(exc, 120)})")
             return
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         if note:
@@ -44,7 +46,7 @@ def log_sweep_plots(uri: str, parent_run_id: str, study, space, log=print) -> li
     if not done:
         return logged
     with _quiet_optuna():
-        if space.multi_objective:
+        if len(names) > 1:
             save("pareto_front", lambda: ov.plot_pareto_front(study, target_names=names))
             target = dict(target=lambda t: t.values[0], target_name=names[0])
         else:

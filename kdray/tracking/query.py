@@ -1,4 +1,4 @@
-"""TODO"""
+"""Reading tracked runs back: a run, its student file, an experiment's best runs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import first_line
 from kdray.core.values import mask_credentials
 from kdray.tracking.store import client, experiment_id
 from kdray.tracking.tags import (
@@ -26,7 +27,8 @@ def get_run(uri: str, run_id: str):
     try:
         return client(uri).get_run(run_id)
     except MlflowException as exc:
-        raise KdrayError(f"MLflow run {run_id!r} does not exist at {mask_credentials(uri)} ({str(exc).splitlines()[0][:120]})") from None
+        raise KdrayError(f"MLflow run {run_id!r} does not exist at {mask_credentials(uri)} "
+                         f"({first_line(exc, 120)})") from None
 
 
 def download_student(uri: str, run_id: str, dst: Optional[Path] = None) -> Path:
@@ -36,7 +38,7 @@ def download_student(uri: str, run_id: str, dst: Optional[Path] = None) -> Path:
     try:
         local = client(uri).download_artifacts(run_id, STUDENT_ARTIFACT, str(dst))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
-        raise KdrayError(f"run {run_id} has no {STUDENT_ARTIFACT} artifact ({str(exc).splitlines()[0][:120]})") from None
+        raise KdrayError(f"run {run_id} has no {STUDENT_ARTIFACT} artifact ({first_line(exc, 120)})") from None
     return Path(local)
 
 
@@ -74,6 +76,7 @@ def best_runs(uri: str, experiment: str, *, metric: Optional[str] = None, mode: 
         fit = [r for r in pool if r.data.metrics.get("latency_ms", math.inf) <= max_latency_ms]
         if not fit:
             fastest = min(r.data.metrics.get("latency_ms", math.inf) for r in pool)
-            raise KdrayError(f"no run in {experiment!r} has latency_ms <= {max_latency_ms:g}; the fastest has {fastest:.3f} ms")
+            raise KdrayError(f"no run in {experiment!r} has latency_ms <= {max_latency_ms:g}; "
+                             f"the fastest has {fastest:.3f} ms")
         pool = fit
     return pool[:top], metric, mode

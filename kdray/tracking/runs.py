@@ -38,7 +38,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from kdray.core.errors import KdrayError
 from kdray.tracking.store import client, lost, scheme
@@ -106,8 +106,10 @@ def config_params(values: dict, workdir: Optional[Path] = None) -> dict:
     return {k: param_text(relative_path(v, workdir)) for k, v in sorted(values.items()) if k not in RUNTIME_KEYS}
 
 
-def run_tags(cfg, teacher_archs: Optional[list] = None) -> dict:
-    tags = {"kdray.method": cfg.method, "kdray.dataset": cfg.dataset, "kdray.student": cfg.student}
+def run_tags(values: dict, teacher_archs: Optional[Sequence[str]] = None) -> dict:
+    """The tags naming what a run trains: method, data set, student (from its config ``values``), teachers."""
+    tags = {"kdray.method": values.get("method"), "kdray.dataset": values.get("dataset"),
+            "kdray.student": values.get("student")}
     if teacher_archs:
         tags["kdray.teacher_archs"] = ",".join(teacher_archs)
     return tags
@@ -158,17 +160,17 @@ def run_metrics(metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def start_run(uri: str, exp_id: str, *, run_name: str, cfg, kind: str, params: Optional[dict] = None,
               parent_run_id: Optional[str] = None, extra_tags: Optional[dict] = None,
-              teacher_archs: Optional[list] = None, workdir: Optional[Path] = None) -> str:
+              teacher_archs: Optional[Sequence[str]] = None, workdir: Optional[Path] = None) -> str:
     """Create a run with kdray's tags, ``params`` (the flat config values to log; default every
     key of ``cfg``) and its data set as input; returns its id."""
-    c = client(uri)
-    tags = {KIND_TAG: kind, STATE_TAG: "running", **run_tags(cfg, teacher_archs), **source_tags(kind),
+    c, values = client(uri), cfg.to_dict()
+    tags = {KIND_TAG: kind, STATE_TAG: "running", **run_tags(values, teacher_archs), **source_tags(kind),
             **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(exp_id, run_name=run_name, tags=tags)
-    log_batch(c, run.info.run_id, params=config_params(cfg.to_dict() if params is None else params, workdir))
-    c.log_inputs(run.info.run_id, datasets=[dataset_input(cfg.to_dict())])
+    log_batch(c, run.info.run_id, params=config_params(values if params is None else params, workdir))
+    c.log_inputs(run.info.run_id, datasets=[dataset_input(values)])
     return run.info.run_id
 
 
@@ -244,8 +246,9 @@ def student_model(c, run, create: bool = False):
     if found or not create:
         return found[0] if found else None
     p = run.data.params
-    return c.create_logged_model(run.info.experiment_id, name=f"{p.get('method', 'kdray')}-{p.get('student', 'student')}",
-                                 source_run_id=run.info.run_id, params=dict(p), model_type=STUDENT_MODEL_TYPE)
+    name = f"{p.get('method', 'kdray')}-{p.get('student', 'student')}"
+    return c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run.info.run_id, params=dict(p),
+                                 model_type=STUDENT_MODEL_TYPE)
 
 
 def close_student_model(c, run, state: str) -> None:

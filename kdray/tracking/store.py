@@ -1,4 +1,5 @@
-"""TODO"""
+"""The MLflow store: its URI, checked before anything starts, a client for it, experiments, and the
+one error a store lost mid-run becomes."""
 
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def experiment_id(uri: str, name: str, workdir: Optional[Path] = None, create: b
         return exp.experiment_id
     if not create:
         known = sorted(e.name for e in c.search_experiments(max_results=50))
-        raise KdrayError(f"MLflow experiment {name!r} does not exist at {mask_credentials(uri)}; known: {', '.join(known) or 'none'}")
+        raise KdrayError(f"MLflow experiment {name!r} does not exist at {mask_credentials(uri)}; "
+                         f"known: {', '.join(known) or 'none'}")
     location = None
     if is_local_store(uri) and workdir is not None:
         location = (Path(workdir).resolve() / "mlartifacts").as_uri()
@@ -133,3 +135,9 @@ def lost(uri: str, exc: BaseException) -> TrackingLost:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     return TrackingLost(f"the MLflow tracking server at {mask_credentials(uri)} stopped answering ({first}); "
                         "training stopped with its checkpoints kept; --resume runs it again once the server is back")
+
+
+def is_tracking_lost(reason: Optional[str]) -> bool:
+    """Whether a failure's one-line reason (:func:`kdray.core.outcome.failure_reason`) says the
+    tracking server was lost: the run did not fail on its own."""
+    return (reason or "").startswith(TrackingLost.__name__)

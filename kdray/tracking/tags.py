@@ -1,4 +1,4 @@
-"""TODO"""
+"""The names kdray gives its tags, artifacts and models in MLflow, and what it never logs."""
 
 from __future__ import annotations
 

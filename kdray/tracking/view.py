@@ -1,4 +1,4 @@
-"""TODO"""
+"""The MLflow UI: links to an experiment's runs and the saved view that ranks a sweep's trials."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import first_line
 from kdray.core.values import coerce_value
 from kdray.distill import HPARAMS, RESERVED_NAMES
 
@@ -182,7 +183,7 @@ def load_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         loc = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise KdrayError(f"{path}: malformed YAML{loc}: {problem}") from None
 
 

@@ -1,4 +1,13 @@
-"""TODO"""
+"""A run of one config, end to end: one plain function, runnable in-process or as a Ray Train
+worker loop unchanged (it uses torch.distributed when a process group exists, nothing else).
+
+``fit`` reads as an outline: prepare what every generation shares (data, teachers, loaders,
+precision), then per generation build the student, method and optimizer, and per epoch
+``train_epoch`` (the step loop), evaluate, checkpoint and report. Per epoch it reports every loss
+term by name, train/val accuracy, the ensemble and per-branch accuracy, lr, epoch time and
+images/s, and the trial-outcome fields ``epoch``, ``total_epochs`` and ``done``; an interrupted run
+resumes from its latest checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +25,9 @@ from kdray.data.bundle import DataBundle
 from kdray.distill import Generation, get_method
 from kdray.models.measure import count_params, evaluate
 from kdray.teachers.ensemble import TeacherEnsemble
-from kdray.teachers.store import (
-    TeacherStore,
-)
+from kdray.teachers.store import TeacherStore
 from kdray.training.checkpoint import latest_checkpoint, load_training_state, save_epoch
-from kdray.training.generation import StepParts, _distributed, build_generation, describe_source
+from kdray.training.generation import StepParts, build_generation, describe_source, wrap_for_ranks
 from kdray.training.loop import recompute_bn_stats, reduce_epoch, train_epoch
 from kdray.training.prepare import Prepared, prepare
 from kdray.training.student_file import student_record
@@ -45,6 +52,8 @@ class RunState:
 
 
 def find_resume_state(cfg, root: Path, resume_dir: Optional[str], say) -> RunState:
+    """The state to continue from: ``resume_dir``'s, with ``cfg.resume`` the latest checkpoint's
+    under ``root``, else a fresh one."""
     if resume_dir is None and cfg.resume:
         found = latest_checkpoint(root)
         if found is None:
@@ -82,7 +91,7 @@ def _ready_line(prep: Prepared, seconds: float) -> str:
             f"{', channels_last' if p.channels_last else ''}, {prep.world} worker(s)")
 
 
-def _eta(run: "RunState", epochs_left: int) -> str:
+def _eta(run: RunState, epochs_left: int) -> str:
     """Time left at the mean wall time of this run's epochs so far."""
     walls = run.epoch_walls[-5:]
     if not walls or epochs_left <= 0:
@@ -92,6 +101,7 @@ def _eta(run: "RunState", epochs_left: int) -> str:
 
 
 def _fmt_progress(m: dict) -> str:
+    """The epoch's one progress line."""
     terms = " ".join(f"{k[5:]}={m[k]:.4f}" for k in sorted(m) if k.startswith("loss_"))
     extra = f" best_branch={m['val_acc_best_branch']:.4f}" if "val_acc_best_branch" in m else ""
     gen = f"gen {m['generation'] + 1} " if m.get("generations", 1) > 1 else ""
@@ -159,9 +169,11 @@ def save_checkpoint(cfg, parts: StepParts, prep: Prepared, run: RunState, metric
 
 def run_generation(cfg, prep: Prepared, parts: StepParts, plan: Generation, plans: list, run: RunState,
                    start_epoch: int, *, root: Path, keep: int, reporter, say) -> dict:
+    """Train one generation's epochs from ``start_epoch``: each evaluated, logged, checkpointed (rank
+    0) and reported; the last epoch's metrics."""
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
-        prep.loaders.train.set_epoch(epoch + 1000 * plan.index)
+        prep.loaders.train.set_epoch(plan.view_epoch(epoch))
         t0 = time.perf_counter()
         train = reduce_epoch(train_epoch(parts, prep.loaders.train.with_views()), epoch + 1)
         if prep.precision.device.type == "cuda":
@@ -197,7 +209,7 @@ def fit(
     ``reporter(metrics, checkpoint_dir)`` is called on every rank after every epoch (the
     checkpoint directory only on rank 0). ``resume_dir`` is a checkpoint directory to continue
     from; with ``cfg.resume`` the latest one under the checkpoint root is used. ``teacher_store``
-    gives the teachers' outputs (``kdray.teacher_store``); without it they run live.
+    gives the teachers' outputs (``kdray.teachers.source.open_teacher_store``); without it they run live.
     """
     t_start = time.perf_counter()
     prep = prepare(cfg, data, teachers, device, teacher_store)
@@ -215,7 +227,7 @@ def fit(
         if parts.teacher_outputs is not None:
             say(describe_source(parts.teacher_outputs, prep))
         start = _restore(parts, run, plan)
-        parts.wrapped = _distributed(parts.module, cfg, prep)
+        parts.wrapped = wrap_for_ranks(parts.module, cfg, prep)
         metrics = run_generation(cfg, prep, parts, plan, plans, run, start, root=root, keep=keep_checkpoints,
                                  reporter=reporter, say=say) or metrics
         if plan.index + 1 < len(plans):

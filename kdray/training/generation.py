@@ -1,4 +1,6 @@
-"""TODO"""
+"""One generation of a run, built: the student, the method's trainable parts, optimizer and
+learning-rate schedule, where its teacher outputs come from, and the DDP wrapper when several
+ranks train."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def lr_factor(cfg, epoch: int) -> float:
 
 
 def make_optimizer(cfg, params):
+    """SGD (Nesterov when there is momentum) or AdamW, as the config says."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.momentum > 0)
@@ -98,7 +101,7 @@ def describe_source(source, prep: Prepared) -> str:
     return "teacher outputs: live ensemble"
 
 
-def _distributed(module: TrainModule, cfg, prep: Prepared) -> nn.Module:
+def wrap_for_ranks(module: TrainModule, cfg, prep: Prepared) -> nn.Module:
     """``module`` as the step calls it: DDP-wrapped (SyncBatchNorm on GPU) when several ranks train."""
     if prep.world == 1:
         return module
@@ -112,9 +115,11 @@ def _distributed(module: TrainModule, cfg, prep: Prepared) -> nn.Module:
 
 
 def build_generation(cfg, prep: Prepared, plan: Generation, prev_student_state=None) -> StepParts:
+    """The generation's parts, freshly initialised from its seed (``wrapped`` is ``module`` until
+    :func:`wrap_for_ranks`, after any checkpoint is restored)."""
     method_cls = get_method(cfg.method)
     source = teacher_source(plan, prep, method_cls.needs_teacher_feats(cfg), prev_student_state)
-    torch.manual_seed(cfg.seed + 1000 * plan.index)
+    torch.manual_seed(plan.seed(cfg.seed))
     student = build_student(cfg.student, prep.data.num_classes, branches=cfg.branches,
                             split_stage=cfg.split_stage, multi_branch=method_cls.multi_branch)
     method = method_cls(cfg, student, source.info if source is not None else None)

@@ -1,12 +1,6 @@
-"""The training loop: one plain function for a config, runnable in-process or as a Ray Train
-worker loop unchanged (it uses torch.distributed when a process group exists, nothing else).
-
-``fit`` reads as an outline: prepare what every generation shares (data, teachers, loaders,
-precision), then per generation build the student, method and optimizer, and per epoch
-``train_epoch`` (the step loop), evaluate, checkpoint and report. Per epoch it reports every loss
-term by name, train/val accuracy, the ensemble and per-branch accuracy, lr, epoch time and
-images/s, and the trial-outcome fields ``epoch``, ``total_epochs`` and ``done``.
-"""
+"""The step loop: one optimizer step on the method's summed loss terms, an epoch of them with its
+sums kept on the device, the epoch's means over every rank (a non-finite loss stops the run), and
+precise BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -18,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdray.core.device import _all_reduce
+from kdray.core.device import all_reduce
 from kdray.core.errors import KdrayError
 from kdray.data.loader import BatchLoader
 from kdray.training.generation import StepParts
@@ -115,8 +109,8 @@ def reduce_epoch(totals: EpochTotals, epoch: int) -> dict:
     """The epoch's mean loss, accuracy and loss terms over every rank; NonFiniteLoss if any is not finite."""
     names = sorted(totals.terms)
     seen = torch.tensor(float(totals.seen), device=totals.device)
-    red = _all_reduce(torch.stack([totals.loss, totals.correct, seen] + [totals.terms[k] for k in names])
-                      .double()).tolist()
+    stacked = torch.stack([totals.loss, totals.correct, seen] + [totals.terms[k] for k in names])
+    red = all_reduce(stacked.double()).tolist()
     n = max(red[2], 1.0)
     if not all(math.isfinite(v) for v in red):
         bad = ", ".join(f"{k}={red[3 + i] / n:.4g}" for i, k in enumerate(names))

@@ -1,28 +1,26 @@
-"""TODO"""
+"""What every generation of a run shares, prepared once: the data, the teacher ensemble or the
+teacher store that replaces it, precision and device, the batch loaders, rank and world size."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from kdray.core.device import Precision, _rank_and_world, pick_device
+from kdray.core.device import Precision, pick_device, rank_and_world
 from kdray.core.errors import KdrayError
 from kdray.data.bundle import DataBundle
 from kdray.data.loader import BatchLoader
 from kdray.data.sources import load_data
 from kdray.distill import check_teacher_count, get_method
 from kdray.teachers.ensemble import TeacherEnsemble, load_teachers
-from kdray.teachers.source import _on_device, store_mismatch
-from kdray.teachers.store import (
-    TeacherStore,
-)
+from kdray.teachers.source import on_device, store_mismatch
+from kdray.teachers.store import TeacherStore
 
 
-# ---------------------------------------------------------------------------------------------
-# prepare: what every generation shares
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class Loaders:
+    """This rank's shard of each split, batched on the training device."""
+
     train: BatchLoader
     val: BatchLoader
     test: BatchLoader
@@ -31,6 +29,8 @@ class Loaders:
 
 @dataclass
 class Prepared:
+    """A run's shared parts, as :func:`prepare` made them."""
+
     cfg: object
     data: DataBundle
     teachers: Optional[TeacherEnsemble]  # None until needed when a store serves the outputs
@@ -44,7 +44,7 @@ class Prepared:
     def ensemble(self) -> TeacherEnsemble:
         """The frozen ensemble, loaded on first need (a run whose store covers it never loads it)."""
         if self.teachers is None:
-            self.teachers = _on_device(load_teachers(self.cfg.teachers, self.data.classes), self.precision)
+            self.teachers = on_device(load_teachers(self.cfg.teachers, self.data.classes), self.precision)
         return self.teachers
 
 
@@ -55,16 +55,17 @@ def _resolve_teachers(cfg, method_cls, data: DataBundle, teachers, precision: Pr
         return None
     if store is not None:
         check_teacher_count(method_cls, store.info.count)
-        return _on_device(teachers, precision) if teachers is not None else None
+        return on_device(teachers, precision) if teachers is not None else None
     if teachers is None:
         if not cfg.teachers:
             check_teacher_count(method_cls, 0)
         teachers = load_teachers(cfg.teachers, data.classes)
     check_teacher_count(method_cls, teachers.info.count)
-    return _on_device(teachers, precision)
+    return on_device(teachers, precision)
 
 
 def make_loaders(cfg, data: DataBundle, precision: Precision, rank: int, world: int) -> Loaders:
+    """The loaders of this rank: the global batch split evenly across ``world`` ranks."""
     per_rank_batch = cfg.batch_size // world
     shard = dict(mean=data.mean, std=data.std, device=precision.device, rank=rank, world_size=world,
                  channels_last=precision.channels_last)
@@ -79,7 +80,9 @@ def make_loaders(cfg, data: DataBundle, precision: Precision, rank: int, world: 
 
 
 def prepare(cfg, data=None, teachers=None, device=None, store: Optional[TeacherStore] = None) -> Prepared:
-    rank, world = _rank_and_world()
+    """Prepare a run of ``cfg``; ``data``, ``teachers`` and ``store`` are used when given (a store that
+    does not fit the run is set aside, with a note saying why: the teachers then run live)."""
+    rank, world = rank_and_world()
     if cfg.batch_size < world:
         raise KdrayError(f"batch_size {cfg.batch_size} is smaller than the number of workers {world}")
     precision = Precision.for_config(cfg, device or pick_device(cfg))

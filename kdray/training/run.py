@@ -1,5 +1,6 @@
 """One training run end to end: in this process, or on Ray Train workers when workers > 1,
-tracked as one MLflow run unless tracking is off."""
+tracked as one MLflow run unless tracking is off. What it needs of the later stages (the
+student's latency, Ray Train) its caller hands in (:func:`kdray.api.train`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import contextlib
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from kdray.core.errors import KdrayError
 from kdray.core.guards import Interrupted
+from kdray.core.io import safe_load
 from kdray.core.values import mask_credentials
-from kdray.training.checkpoint import latest_checkpoint, safe_load
+from kdray.tracking.state import RunHandle, TrackingSettings
+from kdray.training.checkpoint import latest_checkpoint
 from kdray.training.config import tracked_config
 
 
@@ -20,7 +23,7 @@ def teacher_archs(teachers: Optional[str]) -> Optional[list]:
     """The teachers' architectures for the run's tags (None when there are none or no manifest)."""
     if not teachers:
         return None
-    from kdray.teachers.ensemble import read_manifest
+    from kdray.teachers.manifest import read_manifest
 
     try:
         return [t["arch"] for t in read_manifest(teachers)["teachers"]]
@@ -39,21 +42,20 @@ def check_inputs(cfg) -> None:
     load_teachers(cfg.teachers, load_data(cfg).classes)
 
 
-def _open_run(tracking: Optional[dict], cfg, run_name: str, log) -> Optional[dict]:
+def _open_run(tracking: Optional[TrackingSettings], cfg, run_name: str, log) -> Optional[RunHandle]:
     if not tracking:
         return None
     from kdray.core.guards import stores_initialising
     from kdray.tracking.runs import start_run, versions
     from kdray.tracking.store import experiment_id
 
-    workdir = tracking.get("workdir")
+    uri, experiment, workdir = tracking.uri, tracking.experiment or "kdray", tracking.workdir
     with stores_initialising(workdir) if workdir else contextlib.nullcontext():
-        exp_id = experiment_id(tracking["uri"], tracking["experiment"], workdir)
-    run_id = start_run(tracking["uri"], exp_id, run_name=run_name, cfg=cfg, kind="train",
-                          params=tracked_config(cfg), extra_tags=versions(),
-                          teacher_archs=teacher_archs(cfg.teachers), workdir=workdir)
-    log(f"tracking: MLflow run {run_id} in experiment {tracking['experiment']!r} at {mask_credentials(tracking['uri'])}")
-    return {"uri": tracking["uri"], "run_id": run_id, "experiment_id": exp_id}
+        exp_id = experiment_id(uri, experiment, workdir)
+    run_id = start_run(uri, exp_id, run_name=run_name, cfg=cfg, kind="train", params=tracked_config(cfg),
+                       extra_tags=versions(), teacher_archs=teacher_archs(cfg.teachers), workdir=workdir)
+    log(f"tracking: MLflow run {run_id} in experiment {experiment!r} at {mask_credentials(uri)}")
+    return RunHandle(uri, run_id, exp_id)
 
 
 def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
@@ -67,16 +69,21 @@ def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
                               device=device)
 
 
-def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path]:
+#: ``final_extras(metrics, ckpt_dir)``: what the last epoch's record adds (the final student's latency)
+Extras = Callable[[dict, Optional[str]], dict]
+
+
+def _train_here(cfg, track: Optional[RunHandle], log, store=None,
+                final_extras: Optional[Extras] = None) -> tuple[dict, Path]:
     """In this process; returns the result and the latest checkpoint folder."""
-    from kdray.distributed.raytrain import final_extras
     from kdray.training.fit import fit
 
     reporter, extras = None, {}
+    final_extras = final_extras or (lambda metrics, ckpt_dir: {})
     if track:
         from kdray.tracking.runs import RunLogger
 
-        logger = RunLogger(track["uri"], track["run_id"], teachers=cfg.teachers)
+        logger = RunLogger(track.uri, track.run_id, teachers=cfg.teachers)
 
         def reporter(metrics: dict, ckpt_dir: Optional[str]) -> None:
             extras.update(final_extras(metrics, ckpt_dir))
@@ -87,10 +94,9 @@ def _train_here(cfg, track: Optional[dict], log, store=None) -> tuple[dict, Path
     return result, latest_checkpoint(cfg.checkpoint_dir)
 
 
-def _train_on_ray(cfg, track: Optional[dict], out: Path, run_name: str, **ray_options) -> tuple[dict, Path]:
+def _train_on_ray(cfg, track: Optional[RunHandle], out: Path, run_name: str, fit_distributed: Callable,
+                  **ray_options) -> tuple[dict, Path]:
     """On ``cfg.workers`` Ray Train workers (``ray_options``: address, resources, retries, store)."""
-    from kdray.distributed.raytrain import fit_distributed
-
     res = fit_distributed(cfg, workers=cfg.workers, out=out, name=run_name, tracking=track, **ray_options)
     latest = Path(res["checkpoint_dir"])
     result = {"metrics": safe_load(latest / "student.pt", "student")["metrics"]}
@@ -98,12 +104,17 @@ def _train_on_ray(cfg, track: Optional[dict], out: Path, run_name: str, **ray_op
     return result, latest
 
 
-def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = None, log=print, address=None,
-                 gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, max_failures: int = 0,
-                 store_root: Optional[str] = None, store_budget: float = 4.0) -> dict:
-    """``tracking``: ``{"uri": ..., "experiment": ..., "workdir": ...}`` or None for no MLflow.
+def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[TrackingSettings] = None, log=print,
+                 address=None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, max_failures: int = 0,
+                 store_root: Optional[str] = None, store_budget: float = 4.0, final_extras: Optional[Extras] = None,
+                 fit_distributed: Optional[Callable] = None) -> dict:
+    """``tracking``: where the run is tracked (experiment None: ``kdray``), or None for no MLflow.
     ``store_root``: a teacher-store folder (or "auto": the teacher set's) to take the teachers'
-    outputs from; None: they run live."""
+    outputs from; None: they run live. ``final_extras``: see :data:`Extras` (a tracked run in this
+    process logs them); ``fit_distributed(cfg, workers=, out=, name=, tracking=, **ray options)``:
+    a run on ``cfg.workers`` > 1 Ray Train workers (``kdray.distributed.raytrain``)."""
+    if cfg.workers > 1 and fit_distributed is None:
+        raise KdrayError(f"workers={cfg.workers} needs Ray Train: run it with kdray.train or `kdray train`")
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
         from kdray.training.generation import SYNC_BN_NEEDS_CUDA
 
@@ -123,19 +134,19 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
         from kdray.tracking.store import client
         from kdray.tracking.tags import STORE_TAG
 
-        client(track["uri"]).set_tag(track["run_id"], STORE_TAG, store.describe())
+        client(track.uri).set_tag(track.run_id, STORE_TAG, store.describe())
     try:
         if cfg.workers > 1:
-            result, latest = _train_on_ray(cfg, track, out, run_name, address=address, max_failures=max_failures,
-                                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                                           store=store)
+            result, latest = _train_on_ray(cfg, track, out, run_name, fit_distributed, address=address,
+                                           max_failures=max_failures, gpus_per_worker=gpus_per_worker,
+                                           cpus_per_worker=cpus_per_worker, store=store)
         else:
-            result, latest = _train_here(cfg, track, log, store)
+            result, latest = _train_here(cfg, track, log, store, final_extras)
     except Interrupted as exc:
         if track:
             from kdray.tracking.runs import finish_run
 
-            finish_run(track["uri"], track["run_id"], "interrupted", f"interrupted by {exc.signal_name}")
+            finish_run(track.uri, track.run_id, "interrupted", f"interrupted by {exc.signal_name}")
         raise Interrupted(exc.signum, f"training interrupted by {exc.signal_name}; `kdray train ... --out {out} "
                                       "--resume` continues from its last checkpoint") from None
     except BaseException as exc:
@@ -143,11 +154,11 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[dict] = No
             from kdray.core.outcome import failure_reason
             from kdray.tracking.runs import finish_run
 
-            finish_run(track["uri"], track["run_id"], "failed", failure_reason(exc))
+            finish_run(track.uri, track.run_id, "failed", failure_reason(exc))
         raise
     student_path = out / "student.pt"
     shutil.copyfile(latest / "student.pt", student_path)
     result["student_path"] = str(student_path)
     if track:
-        result["run_id"] = track["run_id"]
+        result["run_id"] = track.run_id
     return result

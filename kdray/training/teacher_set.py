@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from kdray._version import __version__
 from kdray.core.errors import KdrayError
+from kdray.core.io import atomic_save, atomic_write, sha256_file
 from kdray.models import build_model
-from kdray.teachers.ensemble import MANIFEST
-from kdray.training.checkpoint import atomic_save, sha256_file
+from kdray.teachers.manifest import MANIFEST, write_manifest
 from kdray.training.config import tracked_config
 from kdray.training.fit import fit
 
@@ -66,12 +64,11 @@ def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
     from kdray.tracking.runs import RunLogger, start_run, versions
     from kdray.tracking.store import experiment_id
 
-    exp_id = experiment_id(tracking["uri"], tracking.get("experiment") or TEACHER_EXPERIMENT,
-                              tracking.get("workdir"))
-    run_id = start_run(tracking["uri"], exp_id, run_name=name, cfg=tcfg, kind="teacher",
+    exp_id = experiment_id(tracking.uri, tracking.experiment or TEACHER_EXPERIMENT, tracking.workdir)
+    run_id = start_run(tracking.uri, exp_id, run_name=name, cfg=tcfg, kind="teacher",
                           params=tracked_config(tcfg), extra_tags=versions())
     log(f"tracking: teacher run {run_id}")
-    return RunLogger(tracking["uri"], run_id)
+    return RunLogger(tracking.uri, run_id)
 
 
 def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
@@ -104,15 +101,9 @@ def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
     if run is not None:
         entry["mlflow_run_id"] = run.run_id
     record = {"recipe_key": key, "entry": entry, "classes": result["classes"], "image_size": result["image_size"]}
-    _write_json(out / f"teacher_{index}.json", record)
+    atomic_write(out / f"teacher_{index}.json", json.dumps(record, indent=2, default=str))
     shutil.rmtree(work, ignore_errors=True)
     return record
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Callable[[str], None] = print,
@@ -121,7 +112,7 @@ def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Call
 
     Interrupted, it continues where it stopped when run again with the same recipe: finished
     teachers are kept (``teacher_<i>.json`` records them until the manifest exists) and the one in
-    training resumes from its last epoch. ``tracking`` (``{"uri", "experiment", "workdir"}``):
+    training resumes from its last epoch. ``tracking`` (a ``TrackingSettings``):
     each teacher is an MLflow run of kind ``teacher``, its id in the manifest."""
     if count < 1:
         raise KdrayError(f"--count {count} is out of range; allowed: >= 1")
@@ -131,13 +122,9 @@ def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Call
     out.mkdir(parents=True, exist_ok=True)
     key = recipe_key(cfg, archs, count)
     trained = [_train_one(cfg, archs[i % len(archs)], i, count, out, key, log, tracking) for i in range(count)]
-    manifest = {
-        "format": "kdray-teachers/1", "kdray_version": __version__, "dataset": cfg.dataset,
-        "train_fraction": cfg.train_fraction, "image_size": trained[-1]["image_size"],
-        "classes": trained[-1]["classes"], "teachers": [t["entry"] for t in trained],
-        "recipe": recipe(cfg, archs, count),
-    }
-    _write_json(out / MANIFEST, manifest)  # the manifest last: a folder without one is never used
+    # the manifest last: a folder without one is never used
+    manifest = write_manifest(out, cfg, image_size=trained[-1]["image_size"], classes=trained[-1]["classes"],
+                              teachers=[t["entry"] for t in trained], recipe=recipe(cfg, archs, count))
     for i in range(count):
         (out / f"teacher_{i}.json").unlink(missing_ok=True)  # the manifest now holds what they held
     return manifest

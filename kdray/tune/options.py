@@ -1,10 +1,12 @@
-"""TODO"""
+"""How a sweep runs: its options, each declared once (the API's keywords, the ``kdray tune`` flags
+and their help come from :class:`SweepOptions`' fields), checked before anything starts; and the
+concurrency a cluster can host."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable, Mapping, Optional
 
 from kdray.core.errors import KdrayError
 
@@ -12,24 +14,53 @@ from kdray.core.errors import KdrayError
 SEED_LIMIT = 2**32
 
 
+def option(default, help: str, *, flag: Optional[str] = None, metavar: Optional[str] = None):
+    """A sweep option: its default and the help of its ``kdray tune`` flag (``flag``: the flag when
+    it is not ``--FIELD-NAME``; ``metavar``: the flag's value as the help names it). A bool option
+    is a switch: ``--FLAG`` sets True when its default is False, False when it is True."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
+
+
 @dataclass(frozen=True)
 class SweepOptions:
-    """How a sweep runs (the CLI's flags), checked before anything starts."""
+    """How a sweep runs (the ``kdray tune`` flags, in their order), checked before anything starts."""
 
-    samples: Optional[int] = None
-    concurrency: int = 1
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    experiment: Optional[str] = None
-    address: Optional[str] = None
-    resume: bool = False
-    optuna_storage: Optional[str] = None
-    max_failures: int = 0
-    teacher_store: bool = True  # teachers' outputs computed once and shared (--no-teacher-store: live)
-    teacher_store_dir: Optional[str] = None  # default: the teacher set's stores/
-    teacher_store_budget: float = 4.0  # GB of memory (and disk) a store may take
-    seed: Optional[int] = None  # the sampler's seed (default: the space's `seed`, else a random one)
+    samples: Optional[int] = option(None, "number of trials (default: the space's `samples`)")
+    concurrency: int = option(1, "trials running at once (default 1)")
+    workers: int = option(1, "DDP workers per trial (default 1: the trial trains in its own process; W > 1: "
+                             "a Ray Train TorchTrainer)")
+    gpus_per_worker: float = option(0.0, "GPUs per worker; fractions let small trials share a GPU (default 0)")
+    cpus_per_worker: float = option(1.0, "CPUs per worker (default 1)")
+    experiment: Optional[str] = option(None, "sweep / Optuna study / MLflow experiment name (default: the "
+                                             "space's name)")
+    address: Optional[str] = option(None, "Ray cluster address (default: start a local Ray)")
+    resume: bool = option(False, "continue the sweep's Optuna study; interrupted trials run again")
+    optuna_storage: Optional[str] = option(None, "Optuna storage URL (default sqlite:///WORKDIR/optuna.db)")
+    max_failures: int = option(0, "worker failures a trial survives, resuming from its last checkpoint (default 0)")
+    seed: Optional[int] = option(None, "seed of Optuna's sampler, to repeat a sweep's proposals (default: the "
+                                       "space's `seed`, else a random one, printed and recorded in the study and "
+                                       "the MLflow sweep run; --resume keeps the study's)")
+    teacher_store: bool = option(True, "run the teachers live in every trial instead of sharing their outputs "
+                                       "from a teacher store", flag="--no-teacher-store")
+    teacher_store_dir: Optional[str] = option(None, "where teacher stores live (default: the teacher set's "
+                                                    "stores/)", flag="--teacher-store", metavar="DIR")
+    teacher_store_budget: float = option(4.0, "memory / disk the sweep's teacher store may take (default 4); "
+                                              "feature maps beyond it are computed online", metavar="GB")
+
+    @classmethod
+    def names(cls) -> tuple:
+        """The options' names: the API's keywords, the parsed flags' destinations."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_keywords(cls, values: Mapping, others: Iterable[str] = ()) -> "SweepOptions":
+        """The options from keywords named after the fields; an unknown one is a KdrayError naming
+        the allowed keys (``others``: the caller's own keywords, named with them)."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise KdrayError(f"unknown sweep option{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; allowed: {', '.join(cls.names() + tuple(others))}")
+        return cls(**values)
 
     def check(self) -> None:
         if self.samples is not None and self.samples < 1:
@@ -101,6 +132,7 @@ def fit_concurrency(concurrency: int, workers: int, gpus_per_worker: float, cpus
         )
     if hosted < concurrency:
         log(f"concurrency: {concurrency} trial(s) at once do not fit this cluster ({workers} worker(s) x "
-            f"{cpus_per_worker:g} CPU{f' / {gpus_per_worker:g} GPU' if gpus_per_worker else ''} + the trial driver each); "
+            f"{cpus_per_worker:g} CPU{f' / {gpus_per_worker:g} GPU' if gpus_per_worker else ''} "
+            "+ the trial driver each); "
             f"running {hosted} at a time")
     return hosted

@@ -1,6 +1,6 @@
 """What a sweep tells while it runs and when it ends: one console line per trial event, each
 trial's state in MLflow, and the summary (trials, best, Pareto front, where the time went).
-Every state comes from :mod:`kdray.outcome`."""
+Every state comes from :mod:`kdray.core.outcome`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from kdray.core.guards import stop_requested
 from kdray.core.outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
+from kdray.tracking.state import SweepTracking
 from kdray.tune.search import earlier_best, study_counts
 
 
@@ -93,118 +94,110 @@ class SweepEta:
         return "done" if left == 0 else f"ETA <= {_duration(left / rate)}"
 
 
+class ProgressLines:
+    """What the sweep's progress callback does (a plain class, so that Ray is imported only when a
+    sweep runs; :func:`make_progress_callback` mixes it into a Tune ``Callback``): one line per
+    trial start, epoch report and end, each with the trial's number n/N, the best ``metric`` so far
+    and an ETA; and the timings behind the per-trial overhead figures (start-up = trial start to
+    first report, less that epoch's training time)."""
+
+    def __init__(self, log: Callable[[str], None], metric: str, mode: str = "max", total: int = 0):
+        self.log, self.metric, self.total = log, metric, total
+        self.better = max if mode == "max" else min
+        self.t0 = time.time()
+        self.timing: dict = {}
+        self.number: dict = {}
+        self.latest: dict = {}  # trial id -> its last reported objective value
+        self.eta = SweepEta(total)
+
+    def _say(self, trial, msg: str) -> None:
+        n = self.number.get(trial.trial_id, "?")
+        self.log(f"[{_duration(time.time() - self.t0):>6}] trial {n}/{self.total or '?'} ({trial.trial_id}) {msg}"
+                 + self._status())
+
+    def _status(self) -> str:
+        parts = []
+        if self.latest:
+            best_id = self.better(self.latest, key=self.latest.get)
+            parts.append(f"best {self.metric}={self.latest[best_id]:.4f} (trial {self.number.get(best_id, '?')})")
+        if self.eta.text():
+            parts.append(self.eta.text())
+        return ("  | " + ", ".join(parts)) if parts else ""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.timing[trial.trial_id] = {"start": time.time()}
+        self.number.setdefault(trial.trial_id, len(self.number) + 1)
+        self.eta.start()
+        cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in sorted((trial.config or {}).items()))
+        self._say(trial, f"started: {cfg}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._time_report(self.timing.setdefault(trial.trial_id, {"start": time.time()}), result)
+        self.eta.report(trial.trial_id, result.get("epoch", 0), result.get("total_epochs"))
+        val = result.get(self.metric)
+        if isinstance(val, (int, float)):
+            self.latest[trial.trial_id] = float(val)
+        shown = f"{val:.4f}" if isinstance(val, (int, float)) else "?"
+        self._say(trial, f"epoch {result.get('epoch', '?')}/{result.get('total_epochs', '?')}: "
+                         f"{self.metric}={shown} ({result.get('epoch_time_s', 0):.1f}s, "
+                         f"node {result.get('node_ip', '?')})")
+
+    @staticmethod
+    def _time_report(rec: dict, result: dict) -> None:
+        now = time.time()
+        epoch_s = float(result.get("epoch_wall_s") or result.get("epoch_time_s") or 0)
+        if "first_report" not in rec:
+            rec["first_report"] = now
+            rec["startup_s"] = round(now - rec["start"] - epoch_s, 2)
+        rec["last_report"] = now
+        rec["train_s"] = rec.get("train_s", 0.0) + epoch_s
+
+    def _end(self, trial, text: str) -> None:
+        self.timing.setdefault(trial.trial_id, {"start": time.time()})["end"] = time.time()
+        self.eta.end(trial.trial_id)
+        self._say(trial, text)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if stop_requested() is not None:  # stopped by Tune because a stop signal came
+            return self._end(trial, "interrupted")
+        self._end(trial, describe(trial_state(trial.last_result), trial.last_result))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.latest.pop(trial.trial_id, None)  # a failed trial's values are no result
+        self._end(trial, describe(FAILED, trial.last_result, trial_error(trial)))
+
+
 def make_progress_callback(log: Callable[[str], None], metric: str, mode: str = "max", total: int = 0):
-    """A driver-side Tune callback: one line per trial start, epoch report and end, each with the
-    trial's number n/N, the best value so far and an ETA; and the timings behind the per-trial
-    overhead figures (start-up = trial start to first report, less that epoch's training time)."""
+    """A driver-side Tune callback printing the sweep's progress (:class:`ProgressLines`)."""
     from ray.tune import Callback
 
-    better = max if mode == "max" else min
+    class SweepProgress(ProgressLines, Callback):
+        pass
 
-    class SweepProgress(Callback):
-        def __init__(self):
-            self.t0 = time.time()
-            self.timing: dict = {}
-            self.number: dict = {}
-            self.latest: dict = {}  # trial id -> its last reported objective value
-            self.eta = SweepEta(total)
-
-        def _say(self, trial, msg: str) -> None:
-            n = self.number.get(trial.trial_id, "?")
-            log(f"[{_duration(time.time() - self.t0):>6}] trial {n}/{total or '?'} ({trial.trial_id}) {msg}"
-                + self._status())
-
-        def _status(self) -> str:
-            parts = []
-            if self.latest:
-                best_id = better(self.latest, key=self.latest.get)
-                parts.append(f"best {metric}={self.latest[best_id]:.4f} (trial {self.number.get(best_id, '?')})")
-            if self.eta.text():
-                parts.append(self.eta.text())
-            return ("  | " + ", ".join(parts)) if parts else ""
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.timing[trial.trial_id] = {"start": time.time()}
-            self.number.setdefault(trial.trial_id, len(self.number) + 1)
-            self.eta.start()
-            cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in sorted((trial.config or {}).items()))
-            self._say(trial, f"started: {cfg}")
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self._time_report(self.timing.setdefault(trial.trial_id, {"start": time.time()}), result)
-            self.eta.report(trial.trial_id, result.get("epoch", 0), result.get("total_epochs"))
-            val = result.get(metric)
-            if isinstance(val, (int, float)):
-                self.latest[trial.trial_id] = float(val)
-            shown = f"{val:.4f}" if isinstance(val, (int, float)) else "?"
-            self._say(trial, f"epoch {result.get('epoch', '?')}/{result.get('total_epochs', '?')}: "
-                             f"{metric}={shown} ({result.get('epoch_time_s', 0):.1f}s, node {result.get('node_ip', '?')})")
-
-        @staticmethod
-        def _time_report(rec: dict, result: dict) -> None:
-            now = time.time()
-            epoch_s = float(result.get("epoch_wall_s") or result.get("epoch_time_s") or 0)
-            if "first_report" not in rec:
-                rec["first_report"] = now
-                rec["startup_s"] = round(now - rec["start"] - epoch_s, 2)
-            rec["last_report"] = now
-            rec["train_s"] = rec.get("train_s", 0.0) + epoch_s
-
-        def _end(self, trial, text: str) -> None:
-            self.timing.setdefault(trial.trial_id, {"start": time.time()})["end"] = time.time()
-            self.eta.end(trial.trial_id)
-            self._say(trial, text)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if stop_requested() is not None:  # stopped by Tune because a stop signal came
-                return self._end(trial, "interrupted")
-            self._end(trial, describe(trial_state(trial.last_result), trial.last_result))
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.latest.pop(trial.trial_id, None)  # a failed trial's values are no result
-            self._end(trial, describe(FAILED, trial.last_result, trial_error(trial)))
-
-    return SweepProgress()
+    return SweepProgress(log, metric, mode, total)
 
 
-def make_tracking_callback(uri: str, exp_id: str, parent_run_id: str, log: Callable[[str], None]):
+def make_tracking_callback(track: SweepTracking, log: Callable[[str], None]):
     """A driver-side Tune callback: closes each trial's MLflow child run with its state (pruned,
-    completed, failed with the reason; :func:`kdray.tracking.finish_run` sets MLflow's status and
-    the run's description and closes its student model), creating the run when a trial died
-    before it could. A store that fails here costs one line, not the sweep (--resume closes what
-    stayed open)."""
+    completed, failed with the reason; :func:`kdray.tracking.trials.record_trial_state`), creating
+    the run when a trial died before it could. A store that fails here costs one line, not the
+    sweep (--resume closes what stayed open)."""
     from ray.tune import Callback
 
-    from kdray.tracking.runs import find_trial_run, finish_run, trial_run_name
-    from kdray.tracking.store import client
-    from kdray.tracking.tags import KIND_TAG, STATE_TAG, TRIAL_TAG
+    from kdray.tracking.trials import record_trial_state
 
-    def open_run(trial, create: bool):
-        run = find_trial_run(uri, exp_id, parent_run_id, trial.trial_id)
-        if run is not None and run.data.tags.get(STATE_TAG) != "running":
-            return None  # the worker closed it already
-        if run is not None or not create:
-            return run.info.run_id if run is not None else None
-        name = trial_run_name((trial.config or {}).get("method"), trial.trial_id)
-        return client(uri).create_run(exp_id, run_name=name, tags={
-            "mlflow.parentRunId": parent_run_id, KIND_TAG: "trial", TRIAL_TAG: trial.trial_id}).info.run_id
-
-    def record(trial, create: bool, state: str, reason: Optional[str] = None) -> None:
-        try:
-            run_id = open_run(trial, create=create)
-            if run_id is not None:
-                finish_run(uri, run_id, state, reason)
-        except Exception as exc:  # noqa: BLE001 - the store is down or refuses: say so once per trial
-            log(f"tracking: trial {trial.trial_id} could not be recorded as {state} ({failure_reason(exc)})")
+    def method(trial) -> Optional[str]:
+        return (trial.config or {}).get("method")
 
     class TrialStateCallback(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             if stop_requested() is None:  # an interrupted trial is closed as such after Tune stops
-                record(trial, False, trial_state(trial.last_result))
+                record_trial_state(track, trial.trial_id, method(trial), trial_state(trial.last_result), log)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            record(trial, True, FAILED, failure_reason(trial_error(trial)))
+            record_trial_state(track, trial.trial_id, method(trial), FAILED, log,
+                               reason=failure_reason(trial_error(trial)), create=True)
 
     return TrialStateCallback()
 

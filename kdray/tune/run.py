@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from kdray.core.guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
 from kdray.core.values import mask_credentials
+from kdray.tracking.state import TrackingSettings
 from kdray.tune.options import SweepOptions, fit_concurrency
-from kdray.tune.records import _finish_tracking, _start_tracking, make_run_linker, record_sweep_seed
+from kdray.tune.records import finish_tracking, start_tracking
 from kdray.tune.seeds import SweepSeed, sweep_seed
 from kdray.tune.space import Space, load_space
+from kdray.tune.state import SweepOutcome, SweepState
 from kdray.tune.teachers import sweep_teacher_store, teachers_for
 from kdray.tune.trial import make_trial, trial_env
 
@@ -41,7 +44,7 @@ def make_scheduler(space: Space):
 
 
 def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=None):
-    """TPE seeded by ``seed``; ``link_run``: see :func:`make_run_linker`."""
+    """TPE seeded by ``seed``; ``link_run``: see :func:`kdray.tracking.trials.make_run_linker`."""
     from optuna.samplers import TPESampler
 
     from kdray.tune.search import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
@@ -73,46 +76,47 @@ def start_ray(opts: SweepOptions, log) -> int:
                            in_trial=opts.in_trial)
 
 
-def make_tuner(space: Space, name: str, opts: SweepOptions, storage, left: int, concurrency: int,
-               storage_path: str, track: Optional[dict], progress, store_ref=None, *, seed: SweepSeed,
-               link_run=None):
+def make_tuner(sweep: SweepState, progress):
+    """The Tuner of the sweep's ``left`` trials, ``concurrency`` at a time; ``progress`` (and the
+    trials' MLflow states when tracked) as its callbacks."""
     from ray import tune
+
+    from kdray.tracking.trials import make_run_linker
+    from kdray.tune.report import make_tracking_callback
 
     # Tune snapshots its experiment state whenever a trial has checkpointed num_to_keep times since
     # the last snapshot, and warns (three lines) each time that happens more than once in 5 s:
     # with a checkpoint every epoch of short epochs that is every few seconds. The snapshot is
     # cheap on a local disk; the warning is noise (ray/tune/execution/experiment_state.py).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trial_track = ({k: track.get(k) for k in ("uri", "experiment_id", "parent_run_id", "teacher_archs", "teacher_store",
-                                              "workdir")}
-                   if track else None)
+    space, name, opts, track = sweep.space, sweep.name, sweep.options, sweep.track
     metric, mode = space.metrics[0]
+    trial = make_trial(space, name, opts, sweep.storage_path, track, sweep.store_ref)
+    searcher = make_searcher(space, name, sweep.storage, sweep.seed, make_run_linker(track, name, sweep.log))
     return tune.Tuner(
-        tune.with_resources(make_trial(space, name, opts, storage_path, trial_track, store_ref), opts.trial_resources),
+        tune.with_resources(trial, opts.trial_resources),
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, name, storage, seed, link_run), scheduler=make_scheduler(space), num_samples=left,
-            max_concurrent_trials=concurrency,
+            search_alg=searcher, scheduler=make_scheduler(space), num_samples=sweep.left,
+            max_concurrent_trials=sweep.concurrency,
             reuse_actors=opts.in_trial,  # a finished trial's process runs the next: no process start, no imports
             **({} if space.multi_objective else {"metric": metric, "mode": mode}),
         ),
         # progress: our one line per event on stderr (Tune's own tables would go to stdout)
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
-                                  callbacks=[progress] + ([track["callback"]] if track else []),
+        run_config=tune.RunConfig(name=name, storage_path=sweep.storage_path, verbose=0,
+                                  callbacks=[progress] + ([make_tracking_callback(track, sweep.log)] if track else []),
                                   # a 1-worker trial is retried by Tune from its last checkpoint; a
                                   # TorchTrainer retries its own workers (its FailureConfig)
-                                  failure_config=tune.FailureConfig(max_failures=opts.max_failures if opts.in_trial else 0),
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=opts.max_failures if opts.in_trial else 0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
 def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOptions(),
-              tracking: Optional[dict] = None, log: Callable[[str], None] = print,
-              handles: Optional[dict] = None) -> dict:
-    """``tracking``: ``{"uri": ...}`` (an MLflow store checked by the caller) or None for no MLflow.
-    ``handles``, when given, receives the live objects behind the summary: ``storage`` (Optuna's)
-    and ``result_grid`` (Tune's). Raises :class:`~kdray.guards.Interrupted` after recording a
-    SIGINT / SIGTERM."""
-    handles = {} if handles is None else handles
+              tracking: Optional[TrackingSettings] = None, log: Callable[[str], None] = print) -> SweepOutcome:
+    """``tracking``: an MLflow store checked by the caller, or None for no MLflow. Returns the
+    summary with the live objects behind it: Optuna's storage and Tune's result grid. Raises
+    :class:`~kdray.core.guards.Interrupted` after recording a SIGINT / SIGTERM."""
     from kdray.core.console import library_output_to
     from kdray.core.guards import (
         one_sweep_at_a_time,
@@ -133,92 +137,91 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     with one_sweep_at_a_time(workdir, name), stop_signals_interrupt(), library_output_to(chatter):
         log(f"sweep {name!r}: Ray's, Tune's and Optuna's own output goes to {chatter}")
         with stores_initialising(workdir):
-            storage = handles["storage"] = open_storage(options, workdir)
+            storage = open_storage(options, workdir)
             left = prepare_study(storage, name, space.samples, options.resume, log)
             seed = sweep_seed(options, space, storage, name, log) if left else None
         if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
             log(f"sweep {name!r}: every trial is done already")
-            return summarize(name, storage, space, [])
-        sweep = {"space": space, "space_file": space_file, "name": name, "options": options,
-                 "storage": storage, "workdir": workdir, "log": log, "track": None, "handles": handles, "seed": seed}
+            return SweepOutcome(summarize(name, storage, space, []), storage=storage)
+        sweep = SweepState(space=space, space_file=space_file, name=name, options=options, storage=storage,
+                           workdir=workdir, log=log, seed=seed, left=left)
         try:
-            return _run_trials(sweep, left, tracking)
+            sweep = _set_up(sweep, tracking)
+            return _run_trials(sweep)
         except Interrupted as exc:
             raise _record_interruption(sweep, exc) from None
 
 
-def _run_trials(sweep: dict, left: int, tracking: Optional[dict]) -> dict:
-    from kdray.tune.report import make_progress_callback, quiet_trial_tracebacks, result_rows, summarize, sweep_timing
+def _set_up(sweep: SweepState, tracking: Optional[TrackingSettings]) -> SweepState:
+    """Ray (and the concurrency it hosts), the teachers, their store, then the sweep's MLflow run."""
+    from kdray.tune.report import quiet_trial_tracebacks
 
     quiet_trial_tracebacks()
-    space, name, options, storage, workdir, log = (sweep[k] for k in
-                                                    ("space", "name", "options", "storage", "workdir", "log"))
+    space, options, log = sweep.space, sweep.options, sweep.log
     concurrency = start_ray(options, log)
-    teachers = teachers_for(space, workdir, log, tracking)
+    teachers = teachers_for(space, sweep.workdir, log, tracking)
     if teachers:
         space.base = space.base.replace(teachers=teachers)
-    store_ref, sweep["teacher_store"] = sweep_teacher_store(space, options, log)
+    store_ref, store_line = sweep_teacher_store(space, options, log)
+    sweep = replace(sweep, concurrency=concurrency, teachers=teachers, store_ref=store_ref, store_line=store_line)
     if tracking:
-        sweep["track"] = _start_tracking(tracking, space, name, storage, workdir, teachers, log, options.resume)
-        if sweep["teacher_store"]:
-            from kdray.tracking.store import client
-            from kdray.tracking.tags import STORE_TAG
+        sweep = replace(sweep, track=start_tracking(sweep, tracking))
+    return sweep
 
-            client(sweep["track"]["uri"]).set_tag(sweep["track"]["parent_run_id"], STORE_TAG, sweep["teacher_store"])
-            sweep["track"]["teacher_store"] = sweep["teacher_store"]
-        record_sweep_seed(sweep["track"], sweep["seed"])
-    track = sweep["track"]
-    progress = make_progress_callback(log, space.metrics[0][0], space.metrics[0][1], total=left)
-    tuner = make_tuner(space, name, options, storage, left, concurrency, str(workdir / "ray_results"), track, progress,
-                       store_ref, seed=sweep["seed"], link_run=make_run_linker(track, name, log))
-    log(f"sweep {name!r}: {left} trial(s), {concurrency} at a time, {options.workers} worker(s) each; "
-        f"study in {mask_credentials(getattr(storage, 'url', 'optuna storage'))}")
+
+def _run_trials(sweep: SweepState) -> SweepOutcome:
+    from kdray.tune.report import make_progress_callback, result_rows, summarize, sweep_timing
+
+    space, name, storage, log = sweep.space, sweep.name, sweep.storage, sweep.log
+    progress = make_progress_callback(log, space.metrics[0][0], space.metrics[0][1], total=sweep.left)
+    tuner = make_tuner(sweep, progress)
+    log(f"sweep {name!r}: {sweep.left} trial(s), {sweep.concurrency} at a time, {sweep.options.workers} worker(s) "
+        f"each; study in {mask_credentials(getattr(storage, 'url', 'optuna storage'))}")
     t_fit = time.time()
     try:
         with tune_stops_gracefully():  # Tune's prints go to the sweep's log file (library_output_to)
-            grid = sweep["handles"]["result_grid"] = tuner.fit()
+            grid = tuner.fit()
     except Exception as exc:
-        if track:
+        if sweep.track:
             from kdray.core.outcome import failure_reason
 
-            _finish_tracking(track, space, name, storage, "failed", log, reason=failure_reason(exc))
+            finish_tracking(sweep, "failed", reason=failure_reason(exc))
         raise
     rows = result_rows(grid, progress)
-    _requeue_lost_tracking(rows, storage, name, log)
+    _requeue_lost_trials(rows, storage, name, log)
     out = summarize(name, storage, space, rows)
-    out["timing"] = sweep_timing(rows, time.time() - t_fit, concurrency)
-    if track:
-        out["mlflow"] = _finish_tracking(track, space, name, storage, "completed", log, summary=out)
-    return out
+    out["timing"] = sweep_timing(rows, time.time() - t_fit, sweep.concurrency)
+    if sweep.track:
+        out["mlflow"] = finish_tracking(sweep, "completed", summary=out)
+    return SweepOutcome(summary=out, result_grid=grid, storage=storage)
 
 
-def _record_interruption(sweep: dict, exc: Interrupted) -> Interrupted:
+def _record_interruption(sweep: SweepState, exc: Interrupted) -> Interrupted:
     """Stop the trials (Ray down), then record them as interrupted in Optuna and MLflow."""
     import ray
 
     from kdray.tune.search import close_interrupted_trials
 
-    sweep["log"](f"{exc.signal_name}: stopping the sweep's trials")
+    sweep.log(f"{exc.signal_name}: stopping the sweep's trials")
     if ray.is_initialized():
         ray.shutdown()  # the trials' drivers and workers stop here (a cluster's stay for other jobs)
-    name = sweep["name"]
-    count = close_interrupted_trials(sweep["storage"], name)
-    track = sweep["track"]
-    if track:
-        from kdray.tracking import runs as tr
+    count = close_interrupted_trials(sweep.storage, sweep.name)
+    if sweep.track:
+        from kdray.tracking.sweeps import interrupt_sweep_runs
 
-        tr.close_running_runs(track["uri"], track["experiment_id"], "interrupted", f"interrupted by {exc.signal_name}")
+        interrupt_sweep_runs(sweep.track, exc.signal_name)
     return Interrupted(exc.signum, (
-        f"sweep {name!r} interrupted by {exc.signal_name}: {count} running trial(s) recorded as interrupted; "
-        f"`kdray tune --space {sweep['space_file']} --experiment {name} --resume` runs them again"))
+        f"sweep {sweep.name!r} interrupted by {exc.signal_name}: {count} running trial(s) recorded as interrupted; "
+        f"`kdray tune --space {sweep.space_file} --experiment {sweep.name} --resume` runs them again"))
 
 
-def _requeue_lost_tracking(rows: list, storage, name: str, log) -> None:
+def _requeue_lost_trials(rows: list, storage, name: str, log) -> None:
     """Trials that failed because the tracking server went away did not fail on their own: they
     are marked interrupted and queued again, so --resume runs them once the server is back."""
+    from kdray.tracking.store import is_tracking_lost
     from kdray.tune.search import requeue_trials
 
-    lost = [r["trial"] for r in rows if (r["error"] or "").startswith("TrackingLost")]
+    lost = [r["trial"] for r in rows if is_tracking_lost(r["error"])]
     if lost:
         requeue_trials(storage, name, lost)
         log(f"{len(lost)} trial(s) stopped because the tracking server was lost; --resume runs them again")

@@ -39,101 +39,118 @@ MLFLOW_RUN_ATTR = "mlflow_run_id"
 SEED_ATTR, SEED_SOURCE_ATTR = "seed", "seed_source"
 
 
-def make_searcher_class():
+class PrunedAwareSearch:
+    """What kdray adds to Ray's OptunaSearch (:func:`make_searcher_class` puts it in front of it,
+    so that Ray is imported only when a sweep runs): records every epoch Tune saw (the one it
+    stopped on included), records early-stopped trials as PRUNED and failed ones as FAIL, names
+    the objectives, and links each Optuna trial to its MLflow run.
+
+    ``link_run(ray_trial_id, optuna_trial_number)``: the trial's MLflow run id (None while it has
+    none); called until it answers. ``study_attrs``: user attributes set on the study (the seed)."""
+
+    def __init__(self, *args, link_run: Optional[Callable[[str, int], Optional[str]]] = None,
+                 study_attrs: Optional[dict] = None, **kwargs):
+        self._link_run, self._study_attrs = link_run, dict(study_attrs or {})
+        self._last_step: dict = {}  # Tune trial id -> the last step reported to Optuna
+        self._linked: set = set()
+        super().__init__(*args, **kwargs)  # creates or loads the study (_setup_study)
+
+    def _setup_study(self, mode):
+        import optuna
+
+        super()._setup_study(mode)
+        names = self.metric if isinstance(self.metric, list) else [self.metric]
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names(list(names))  # optuna-dashboard shows them, not "Objective 0"
+        for key, value in self._study_attrs.items():
+            self._ot_study.set_user_attr(key, value)
+
+    def on_trial_result(self, trial_id, result):
+        if trial_id in self._completed_trials:
+            return super().on_trial_result(trial_id, result)  # Ray's warning
+        self._link(trial_id)
+        self._report(trial_id, result)
+
+    def _report(self, trial_id, result: dict) -> None:
+        """One intermediate value per epoch, at step ``epoch``; single objective only (Optuna
+        keeps no intermediate values for several)."""
+        if isinstance(self.metric, list) or trial_id not in self._ot_trials:
+            return
+        value, step = result.get(self.metric), result.get("epoch", result.get("training_iteration"))
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or step is None:
+            return
+        if int(step) > self._last_step.get(trial_id, -1):  # a retried trial re-reports no epoch
+            self._ot_trials[trial_id].report(float(value), int(step))
+            self._last_step[trial_id] = int(step)
+
+    def _link(self, trial_id) -> None:
+        if self._link_run is None or trial_id in self._linked or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        run_id = self._link_run(trial_id, ot_trial.number)
+        if run_id:
+            ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
+            self._linked.add(trial_id)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if stop_requested() is not None:
+            return  # stopped by a signal: left RUNNING here, recorded as interrupted by the sweep
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        self._link(trial_id)  # before tell: a finished trial's attributes are frozen
+        if not result:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        if not error:
+            self._report(trial_id, result)  # the result Tune stopped the trial on (see the module doc)
+        _keep_result(ot_trial, result)
+        state = FAILED if error else trial_state(result)
+        if state == COMPLETED:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        try:
+            self._ot_study.tell(ot_trial, None, state=_optuna_state(state))  # PRUNED: the last epoch's value
+        finally:
+            self._completed_trials.add(trial_id)
+
+    def save(self, checkpoint_path: str):
+        # Tune snapshots the searcher with OptunaSearch.save, which pickles its whole __dict__
+        # (ray/tune/search/optuna/optuna_search.py); ``link_run`` (a closure over the sweep's
+        # log) stays out. kdray resumes from the Optuna study, never from this snapshot.
+        link_run, self._link_run = self._link_run, None
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self._link_run = link_run
+
+    def suggest(self, trial_id):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # ties each study trial to its Tune trial (and run dir)
+            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
+
+
+def _keep_result(ot_trial, result: dict) -> None:
+    """What a later ``--resume`` needs (:data:`KEPT_RESULT_KEYS`), as the trial's user attributes."""
+    for key in KEPT_RESULT_KEYS:
+        if result.get(key) is not None:
+            with contextlib.suppress(Exception):
+                ot_trial.set_user_attr(key, result[key])
+
+
+def _optuna_state(state: str):
+    """Optuna's state of a trial that kdray records as pruned or failed."""
     import optuna
+
+    return {PRUNED: optuna.trial.TrialState.PRUNED, FAILED: optuna.trial.TrialState.FAIL}[state]
+
+
+def make_searcher_class():
+    """Ray's OptunaSearch with kdray's :class:`PrunedAwareSearch` in front of it."""
     from ray.tune.search.optuna import OptunaSearch
 
-    optuna_state = {PRUNED: optuna.trial.TrialState.PRUNED, FAILED: optuna.trial.TrialState.FAIL}
-
-    class PrunedAwareOptunaSearch(OptunaSearch):
-        """OptunaSearch that records every epoch Tune saw (the one it stopped on included), records
-        early-stopped trials as PRUNED and failed ones as FAIL, names the objectives, and links each
-        Optuna trial to its MLflow run.
-
-        ``link_run(ray_trial_id, optuna_trial_number)``: the trial's MLflow run id (None while it has
-        none); called until it answers. ``study_attrs``: user attributes set on the study (the seed)."""
-
-        def __init__(self, *args, link_run: Optional[Callable[[str, int], Optional[str]]] = None,
-                     study_attrs: Optional[dict] = None, **kwargs):
-            self._link_run, self._study_attrs = link_run, dict(study_attrs or {})
-            self._last_step: dict = {}  # Tune trial id -> the last step reported to Optuna
-            self._linked: set = set()
-            super().__init__(*args, **kwargs)  # creates or loads the study (_setup_study)
-
-        def _setup_study(self, mode):
-            super()._setup_study(mode)
-            names = self.metric if isinstance(self.metric, list) else [self.metric]
-            with warnings.catch_warnings():  # experimental since Optuna 3.2, still in 5.0
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                self._ot_study.set_metric_names(list(names))  # optuna-dashboard shows them, not "Objective 0"
-            for key, value in self._study_attrs.items():
-                self._ot_study.set_user_attr(key, value)
-
-        def on_trial_result(self, trial_id, result):
-            if trial_id in self._completed_trials:
-                return super().on_trial_result(trial_id, result)  # Ray's warning
-            self._link(trial_id)
-            self._report(trial_id, result)
-
-        def _report(self, trial_id, result: dict) -> None:
-            """One intermediate value per epoch, at step ``epoch``; single objective only (Optuna
-            keeps no intermediate values for several)."""
-            if isinstance(self.metric, list) or trial_id not in self._ot_trials:
-                return
-            value, step = result.get(self.metric), result.get("epoch", result.get("training_iteration"))
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or step is None:
-                return
-            if int(step) > self._last_step.get(trial_id, -1):  # a retried trial re-reports no epoch
-                self._ot_trials[trial_id].report(float(value), int(step))
-                self._last_step[trial_id] = int(step)
-
-        def _link(self, trial_id) -> None:
-            if self._link_run is None or trial_id in self._linked or trial_id not in self._ot_trials:
-                return
-            ot_trial = self._ot_trials[trial_id]
-            run_id = self._link_run(trial_id, ot_trial.number)
-            if run_id:
-                ot_trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
-                self._linked.add(trial_id)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if stop_requested() is not None:
-                return  # stopped by a signal: left RUNNING here, recorded as interrupted by the sweep
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is None or trial_id in self._completed_trials:
-                return super().on_trial_complete(trial_id, result=result, error=error)
-            self._link(trial_id)  # before tell: a finished trial's attributes are frozen
-            if not result:
-                return super().on_trial_complete(trial_id, result=result, error=error)
-            if not error:
-                self._report(trial_id, result)  # the result Tune stopped the trial on (see the module doc)
-            for key in KEPT_RESULT_KEYS:
-                if result.get(key) is not None:
-                    with contextlib.suppress(Exception):
-                        ot_trial.set_user_attr(key, result[key])
-            state = FAILED if error else trial_state(result)
-            if state == COMPLETED:
-                return super().on_trial_complete(trial_id, result=result, error=error)
-            try:
-                self._ot_study.tell(ot_trial, None, state=optuna_state[state])  # PRUNED: the last epoch's value
-            finally:
-                self._completed_trials.add(trial_id)
-
-        def save(self, checkpoint_path: str):
-            # Tune snapshots the searcher with OptunaSearch.save, which pickles its whole __dict__
-            # (ray/tune/search/optuna/optuna_search.py); ``link_run`` (a closure over the sweep's
-            # log) stays out. kdray resumes from the Optuna study, never from this snapshot.
-            link_run, self._link_run = self._link_run, None
-            try:
-                super().save(checkpoint_path)
-            finally:
-                self._link_run = link_run
-
-        def suggest(self, trial_id):
-            config = super().suggest(trial_id)
-            if trial_id in self._ot_trials:  # ties each study trial to its Tune trial (and run dir)
-                self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
-            return config
+    class PrunedAwareOptunaSearch(PrunedAwareSearch, OptunaSearch):
+        __doc__ = PrunedAwareSearch.__doc__
 
     return PrunedAwareOptunaSearch
 
@@ -181,7 +198,8 @@ def _close_interrupted(storage, study) -> int:
     """Trials an interrupted sweep left RUNNING: FAIL, marked interrupted, queued again."""
     import optuna
 
-    return _mark_interrupted(storage, study, study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return _mark_interrupted(storage, study, running)
 
 
 def close_interrupted_trials(storage, name: str) -> int:

@@ -1,4 +1,4 @@
-"""TODO"""
+"""The seed of a sweep's sampler: given, the space's, a random one, or the resumed study's."""
 
 from __future__ import annotations
 

@@ -98,6 +98,16 @@ class Space:
             values[k] = [s.get(pick, s.get("choices", [0])[0])] * branch_count(values, self.base)
         return values
 
+    def searched_params(self) -> list[str]:
+        """The params the sweep varies, as its trials log them (one per branch for per-branch ones)."""
+        names = [k for k, spec in self.params.items() if isinstance(spec, dict)]
+        if self.per_branch:
+            branches = self.params.get("branches", self.base.branches)
+            most = int(branches["high"] if isinstance(branches, dict) and "high" in branches else
+                       max(branches["choices"]) if isinstance(branches, dict) else branches)
+            names += [f"{k}_{b}" for k in self.per_branch for b in range(most)]
+        return names
+
     def max_total_epochs(self) -> int:
         """The longest epoch axis a trial can have (sequential methods train several generations):
         the scheduler's ``max_t``, so that no generation is cut short as if pruned."""
@@ -139,7 +149,8 @@ def _check_dist(where: str, key: str, spec: Any, list_field: bool = False) -> An
         return coerce(key, spec, f"{where}: params")
     unknown = set(spec) - {"type", "low", "high", "log", "choices"}
     if unknown:
-        raise KdrayError(f"{where}: params.{key}: unknown field(s) {sorted(unknown)}; allowed: type, low, high, log, choices")
+        raise KdrayError(f"{where}: params.{key}: unknown field(s) {sorted(unknown)}; "
+                         "allowed: type, low, high, log, choices")
     kind = spec.get("type")
     if kind not in DIST_TYPES:
         raise KdrayError(f"{where}: params.{key}: type {kind!r} is not allowed; allowed: {', '.join(DIST_TYPES)}")
@@ -204,7 +215,8 @@ def _params(raw: dict, where: str) -> tuple[dict, dict]:
     per_branch = {}
     for key, spec in (raw.get("per_branch") or {}).items():
         if key not in per_branch_keys():
-            raise KdrayError(f"{where}: per_branch.{key} is not a per-branch key; allowed: {', '.join(per_branch_keys())}")
+            raise KdrayError(f"{where}: per_branch.{key} is not a per-branch key; "
+                             f"allowed: {', '.join(per_branch_keys())}")
         per_branch[key] = _check_dist(where, key, spec, list_field=True)
     return params, per_branch
 

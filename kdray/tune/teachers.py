@@ -1,30 +1,33 @@
-"""TODO"""
+"""The teachers of a sweep: trained once before any trial (or found by their recipe), and their
+outputs computed once into the teacher store every trial shares."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from kdray.tracking.state import TrackingSettings
 from kdray.tune.options import SweepOptions
 from kdray.tune.space import Space
 
 
 def teachers_for(space: Space, workdir: Path, log: Callable[[str], None],
-                 tracking: Optional[dict] = None) -> Optional[str]:
+                 tracking: Optional[TrackingSettings] = None) -> Optional[str]:
     """Train the space's teachers once (or find them, by their whole recipe); their directory.
     Teachers trained here are tracked as runs of the kdray-teachers experiment."""
     from kdray.distill import get_method
 
     if space.base.teachers or all(get_method(m).min_teachers == 0 for m in space.methods()):
         return space.base.teachers
-    from kdray.training.teacher_set import ensure_teachers
+    from kdray.training.teacher_set import TEACHER_EXPERIMENT, ensure_teachers
 
     spec = space.teachers
     archs = spec.get("arch", ["resnet20"])
     archs = [archs] if isinstance(archs, str) else list(archs)
     tcfg = space.base.replace(epochs=spec.get("epochs", 20),
                               train_fraction=spec.get("train_fraction", space.base.train_fraction))
-    teacher_tracking = {"uri": tracking["uri"], "workdir": str(workdir)} if tracking else None
+    teacher_tracking = replace(tracking, experiment=TEACHER_EXPERIMENT, workdir=str(workdir)) if tracking else None
     return ensure_teachers(tcfg, archs, int(spec.get("count", 3)), workdir / "teachers", log, teacher_tracking)
 
 

@@ -1,4 +1,5 @@
-"""TODO"""
+"""One trial of a sweep as a Tune function: its config, its MLflow run, then the engine (in the
+trial's process, or a TorchTrainer of W workers); and the environment of the sweep's Ray processes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from kdray.tracking.state import RunHandle, SweepTracking
 from kdray.tune.options import SweepOptions
 from kdray.tune.space import Space
 
@@ -30,7 +32,7 @@ def trial_env(local: bool) -> dict:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
-def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, trial_track: Optional[dict],
+def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, track: Optional[SweepTracking],
                store_ref=None):
     """The Tune function of one trial: its config validated once, a child MLflow run, then the
     engine: in this process for a 1-worker trial, else a TorchTrainer of W workers. ``store_ref``:
@@ -47,12 +49,12 @@ def make_trial(space: Space, name: str, opts: SweepOptions, storage_path: str, t
         register_payload(methods)  # methods and architectures defined outside kdray travel by value
         cfg = space.trial_config(config)
         context = ray.tune.get_context()
-        run = _start_trial_run(trial_track, cfg, context)
+        run = _start_trial_run(track, cfg, context)
         if opts.in_trial:
             from kdray.distributed.raytrain import fit_in_tune_trial
 
-            fit_in_tune_trial(cfg, tracking=run, store_ref=store_ref,
-                              checkpoint_root=str(Path(storage_path) / name / "kdray-checkpoints" / context.get_trial_id()))
+            root = Path(storage_path) / name / "kdray-checkpoints" / context.get_trial_id()
+            fit_in_tune_trial(cfg, tracking=run, store_ref=store_ref, checkpoint_root=str(root))
             return
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -75,23 +77,13 @@ def ray_trial_retried() -> bool:
     return ray.tune.get_checkpoint() is not None
 
 
-def _start_trial_run(trial_track: Optional[dict], cfg, context) -> Optional[dict]:
-    """The trial's child run, created on the trial's node (over HTTP on a cluster)."""
-    if not trial_track:
+def _start_trial_run(track: Optional[SweepTracking], cfg, context) -> Optional[RunHandle]:
+    """The trial's child run, created on the trial's node (over HTTP on a cluster); a retried trial
+    goes on in the same run."""
+    if not track:
         return None
-    from kdray.tracking import runs as tr
-
-    uri = trial_track["uri"]
-    retried = ray_trial_retried()
-    if retried:  # Tune started this trial again from its checkpoint: it goes on in the same run
-        earlier = tr.find_trial_run(uri, trial_track["experiment_id"], trial_track["parent_run_id"], context.get_trial_id())
-        if earlier is not None:
-            return {"uri": uri, "run_id": earlier.info.run_id}
+    from kdray.tracking.trials import start_trial_run
     from kdray.training.config import tracked_config
 
-    run_id = tr.start_run(uri, trial_track["experiment_id"], run_name=tr.trial_run_name(cfg.method, context.get_trial_id()),
-                          cfg=cfg, kind="trial", params=tracked_config(cfg), parent_run_id=trial_track["parent_run_id"],
-                          teacher_archs=trial_track.get("teacher_archs"), workdir=trial_track.get("workdir"),
-                          extra_tags={tr.TRIAL_TAG: context.get_trial_id(),
-                                      **({tr.STORE_TAG: trial_track["teacher_store"]} if trial_track.get("teacher_store") else {})})
-    return {"uri": uri, "run_id": run_id}
+    return start_trial_run(track, cfg, trial_id=context.get_trial_id(), params=tracked_config(cfg),
+                           retried=ray_trial_retried())
