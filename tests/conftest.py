@@ -11,7 +11,7 @@ from kdray.training.config import RunConfig
 # `kdray tune`); Ray's native client threads outlive ray.shutdown() and once crashed the interpreter's
 # teardown after every test had passed (SIGSEGV, exit 139). Registered here, before any test module
 # imports ray, the handler runs after Ray's and MLflow's atexit handlers and leaves with pytest's own
-# exit status. See kdray/procexit.py.
+# exit status. See kdray/core/procexit.py.
 _set_exit_status = exit_after_atexit()
 
 

@@ -146,7 +146,7 @@ def test_a_builder_returning_something_else_is_one_line():
 
 def test_searched_as_a_student_in_a_sweep_on_ray_workers(tiny, tmp_path, capsys):
     """A trial runs in a Ray worker process, where only kdray's own architectures exist at import:
-    the registered builder travels to it by value (kdray.scale.method_payload)."""
+    the registered builder travels to it by value (kdray.distributed.raytrain.method_payload)."""
     rows = sweep_in_process(tmp_path, capsys, (
         "name: tiny\nsamples: 2\n"
         "base: {dataset: fake, image_size: 16, student: tiny_net, device: cpu, method: ce, epochs: 1}\n"

@@ -45,7 +45,7 @@ def feed_record(tmp_path_factory, fake_teachers):
 
 
 def _eval_predictions(record):
-    """Per-image predictions the way engine.evaluate makes them: [ensemble, branch 0, ...]."""
+    """Per-image predictions the way kdray.models.measure.evaluate makes them: [ensemble, branch 0, ...]."""
     cfg, test = load_test_split(record)
     student = rebuild_student(record)
     loader = BatchLoader(test, cfg.eval_batch_size, mean=record["mean"], std=record["std"], train=False)

@@ -364,12 +364,12 @@ def test_drivers_starting_together_create_the_stores_once(tmp_path):
     drivers of one working directory do: none dies on the schema migration race."""
     work = tmp_path / "w"
     code = (
-        "import sys, optuna\nfrom pathlib import Path\nfrom kdray import tracking as tr\n"
+        "import sys, optuna\nfrom pathlib import Path\nfrom kdray.tracking.store import default_uri, experiment_id\n"
         "from kdray.core.guards import stores_initialising\n"
         f"work = Path({str(work)!r})\n"
         "with stores_initialising(work):\n"
         "    optuna.storages.RDBStorage(f'sqlite:///{work / \"optuna.db\"}')\n"
-        "    print(tr.experiment_id(tr.default_uri(work), 'exp-' + sys.argv[1], work))\n")
+        "    print(experiment_id(default_uri(work), 'exp-' + sys.argv[1], work))\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(3)]
     results = [p.communicate(timeout=180) for p in procs]

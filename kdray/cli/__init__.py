@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
 def entry() -> None:
     """The `kdray` console script: main(), then leave without interpreter teardown (see
-    kdray.procexit: Ray's native client threads outlive ray.shutdown() and can crash it)."""
+    kdray.core.procexit: Ray's native client threads outlive ray.shutdown() and can crash it)."""
     from kdray.core.procexit import exit_after_atexit
 
     set_code = exit_after_atexit()

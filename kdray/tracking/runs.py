@@ -20,7 +20,7 @@ What a user sees, and what ``kdray best`` / ``kdray export`` rely on:
 - params: the run config (the run's own method's hyperparameters only, one param per branch for
   per-branch ones, floats to 4 significant digits, paths relative to the working directory);
 - metrics: everything the engine reports per epoch (step = epoch) except its bookkeeping
-  (:data:`BOOKKEEPING`), plus ``latency_ms`` (:data:`kdray.export.LATENCY`);
+  (:data:`BOOKKEEPING`), plus ``latency_ms`` (:data:`kdray.deploy.latency.LATENCY`);
 - the data set as a run input (``log_input``); the student as a logged model of the run
   (``ekd-resnet8``, type ``kdray-student``, its metrics linked) and as the run artifact
   ``student/student.pt``; the teachers' manifest ``teachers/manifest.json``;
