@@ -177,8 +177,8 @@ def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, pe
     """An in-memory teacher store holding the views of the first ``per_epoch`` samples of each of
     ``epochs`` epochs (what the timed rounds visit): (store, seconds it took, views computed)."""
     from kdray.data.views import ViewSpec
-    from kdray.teachers.building import compute_rows, view_batch
     from kdray.teachers.store import empty_store
+    from kdray.teachers.store_fill import compute_rows, view_batch
 
     data = dataclasses.replace(data, train=train)
     prep = prepare(cfg, data=data, teachers=TeacherEnsemble(teacher_models), device=device)

@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from kdray.core.console import to_stderr
 from kdray.core.errors import KdrayError
+from kdray.tracking.store import check_readable_store
 
 DEFAULT_WORKDIR = "kdray-work"
 Log = Callable[[str], None]
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def resolve_workdir(workdir: str | Path | None = None) -> Path:
@@ -124,24 +121,10 @@ class SweepResult:
             return None
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return mlflow.search_runs(experiment_names=[self.experiment])
+        from kdray.tracking.store import global_tracking_uri
 
-
-# --------------------------------------------------------------------------------------------
-# tracking
-# --------------------------------------------------------------------------------------------
-def check_readable_store(uri: str) -> None:
-    """For commands that only read (best, export --run, load_student): a sqlite store that does
-    not exist is an error, not an empty store created on the spot (MLflow would create one)."""
-    from kdray.tracking.store import check_store
-
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise KdrayError(f"no MLflow store at {path}: nothing was tracked there; run from the folder that holds "
-                             "kdray-work, or pass --workdir DIR or --tracking-uri URI")
-    check_store(uri)
+        with global_tracking_uri(self.tracking_uri):
+            return mlflow.search_runs(experiment_names=[self.experiment])
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +157,7 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
           workdir: str | Path | None = None, track: bool = True, tracking_uri: Optional[str] = None,
           experiment: str = "kdray", teacher_store: Optional[str] = None, teacher_store_budget: float = 4.0,
           address: Optional[str] = None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-          max_failures: int = 0, log: Log = _stderr, **overrides) -> StudentResult:
+          max_failures: int = 0, log: Log = to_stderr, **overrides) -> StudentResult:
     """Train one student. ``config``: a RunConfig, a dict of config keys or a YAML file;
     ``overrides`` are config keys too (``epochs=5``). ``teacher_store``: a folder or "auto" to take
     the teachers' outputs from a teacher store. Returns the student, its metrics and MLflow run."""
@@ -234,7 +217,7 @@ def space_file(space, workdir: Path) -> str:
 
 
 def sweep(space, *, workdir: str | Path | None = None, track: bool = True, tracking_uri: Optional[str] = None,
-          log: Log = _stderr, **options) -> SweepResult:
+          log: Log = to_stderr, **options) -> SweepResult:
     """Run a sweep of ``space``: a YAML file, a shipped space's name (``"quick"``) or a dict with
     the same keys as a space file. ``options``: the fields of :class:`kdray.tune.options.SweepOptions`,
     one per ``kdray tune`` flag (``samples=8``, ``concurrency=2``, ``workers``, ``experiment``,

@@ -118,7 +118,7 @@ def local_ray():
     """One local Ray (2 CPUs, as on CI) shared by the single-node tests of a module; its GCS address."""
     import ray
 
-    from kdray.distributed.raytrain import init_ray
+    from kdray.distributed.local_ray import init_ray
 
     if ray.is_initialized():
         ray.shutdown()

@@ -10,7 +10,7 @@ from conftest import small_cfg
 from kdray.core.errors import KdrayError
 from kdray.core.io import safe_load, sha256_file
 from kdray.data.loader import BatchLoader
-from kdray.deploy.branches import resolve_branch
+from kdray.deploy.deployed import resolve_branch
 from kdray.deploy.export import export_student, load_exported, load_state_dict_module
 from kdray.deploy.latency import measure_latency_ms
 from kdray.deploy.recheck import load_test_split, predict

@@ -169,7 +169,7 @@ def test_init_ray_local_is_loopback_marked_and_watched_address_is_not(monkeypatc
     import ray
     import ray._private.ray_constants as ray_constants
 
-    from kdray.distributed.raytrain import init_ray
+    from kdray.distributed.local_ray import init_ray
 
     seen, watched, shut = [], [], []
 
@@ -305,7 +305,7 @@ DRIVER = textwrap.dedent("""
 
     import ray
 
-    from kdray.distributed.raytrain import init_ray
+    from kdray.distributed.local_ray import init_ray
 
     init_ray(None)
 
@@ -318,7 +318,7 @@ DRIVER = textwrap.dedent("""
     ray.get(echo.ping.remote())
     # a second driver joins through the loopback address (as `kdray tune --address` does)
     joined = subprocess.run([sys.executable, "-c", (
-        "import ray; from kdray.distributed.raytrain import init_ray; init_ray(%r); "
+        "import ray; from kdray.distributed.local_ray import init_ray; init_ray(%r); "
         "print(ray.get(ray.remote(lambda: 7).remote()))") % ray.get_runtime_context().gcs_address],
         capture_output=True, text=True, timeout=180)
     print("READY", ray.get_runtime_context().gcs_address, joined.stdout.strip() or joined.stderr[-2000:],

@@ -473,10 +473,10 @@ def test_one_sweep_places_trials_on_both_nodes(tmp_path, capsys):
 
     if ray.is_initialized():
         ray.shutdown()
-    from kdray.distributed.raytrain import _free_port
+    from kdray.distributed.local_ray import free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={  # the dashboard serves the state API PG cleanup needs
-        "num_cpus": 1, "include_dashboard": True, "dashboard_port": _free_port()})
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port()})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()

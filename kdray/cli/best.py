@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from kdray.api import check_readable_store
 from kdray.cli.common import (
     emit_json,
     log,
@@ -10,6 +9,7 @@ from kdray.cli.common import (
 )
 from kdray.core.errors import KdrayError
 from kdray.core.values import mask_credentials
+from kdray.tracking.store import check_readable_store
 
 
 def cmd_best(args) -> int:

@@ -9,19 +9,17 @@ import json
 import sys
 from pathlib import Path
 
+from kdray.api import DEFAULT_WORKDIR
+from kdray.core.console import to_stderr
 from kdray.core.errors import KdrayError
 
-DEFAULT_WORKDIR = "kdray-work"
+log = to_stderr  # every command's progress lines go to stderr (stdout is for results and --json)
 
 
 def workdir(args) -> Path:
     from kdray.api import resolve_workdir
 
     return resolve_workdir(getattr(args, "workdir", None))
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_set(items) -> dict:
@@ -74,7 +72,7 @@ def collect(args, keys) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# commands
+# the run config from the flags; the --json output
 # --------------------------------------------------------------------------------------------
 DATA_KEYS = ("dataset", "data_dir", "download", "train_fraction", "val_fraction", "data_seed", "image_size")
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdray.api import check_readable_store
 from kdray.cli.common import (
     emit_json,
     log,
     tracking_uri,
 )
 from kdray.core.errors import KdrayError
+from kdray.tracking.store import check_readable_store
 
 
 def cmd_export(args) -> int:

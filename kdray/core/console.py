@@ -1,4 +1,4 @@
-"""What reaches the user's terminal during a sweep: kdray's own lines. Ray's, Tune's and Optuna's
+"""What reaches the user's terminal during a sweep or a training run: kdray's own lines. Ray's, Tune's and Optuna's
 output (their loggers, and what Tune prints: its configuration box, result-folder and TensorBoard
 hints) goes to a log file beside the sweep's other state instead."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -46,3 +47,8 @@ def library_output_to(path: Path, stdout: bool = True) -> Iterator[Path]:
             for logger, handlers, propagate in saved:
                 logger.handlers, logger.propagate = handlers, propagate
             optuna.logging.enable_default_handler()
+
+
+def to_stderr(msg: str) -> None:
+    """kdray's own progress line, flushed at once: the default log of a run, a sweep and the CLI."""
+    print(msg, file=sys.stderr, flush=True)

@@ -11,9 +11,6 @@ import torch.distributed as dist
 from kdray.core.errors import KdrayError
 
 
-# ---------------------------------------------------------------------------------------------
-# small pieces
-# ---------------------------------------------------------------------------------------------
 def pick_device(cfg) -> torch.device:
     if cfg.device == "auto":
         if torch.cuda.is_available():

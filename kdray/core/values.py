@@ -1,7 +1,8 @@
 """One config value coerced to its declared type, or a one-line error naming the key.
 
 Shared by the run config's own fields and the hyperparameters methods declare, so both read
-YAML, ``--set KEY=VALUE`` strings and search-space values the same way."""
+YAML, ``--set KEY=VALUE`` strings and search-space values the same way. Also
+:func:`mask_credentials`, which every message naming a store URI goes through."""
 
 from __future__ import annotations
 

@@ -48,8 +48,7 @@ def source(name: str, *, hflip: bool = True):
 
 # ---------------------------------------------------------------------------------------------
 # the sources
-
-
+# ---------------------------------------------------------------------------------------------
 @source("digits", hflip=False)
 def _load_digits(cfg, size):
     """scikit-learn's 8x8 digits (embedded: nothing to download), grey as RGB."""
@@ -136,8 +135,7 @@ DATASETS = tuple(SOURCES)
 
 # ---------------------------------------------------------------------------------------------
 # entry point
-
-
+# ---------------------------------------------------------------------------------------------
 def _check_load_options(val_fraction: float, train_fraction: float, size: int) -> None:
     """Reject out-of-range options before any (possibly slow) dataset loading."""
     if not 0 < val_fraction < 1:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kdray.core.errors import KdrayError
+from kdray.tracking.store import global_tracking_uri
 
 ALIAS = "champion"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,255}$")
@@ -66,7 +67,7 @@ class RawImages(nn.Module):
 
     The arithmetic is ``kdray.data``'s: pixels scaled to 0..255 and rounded (uint8 values), three
     channels, resized to ``image_size`` with antialiased bilinear (rounded again), then the
-    deploy module (``kdray.deploy.branches.Deployed``: normalisation, then the student)."""
+    deploy module (``kdray.deploy.deployed.Deployed``: normalisation, then the student)."""
 
     def __init__(self, deployed: nn.Module, raw: RawInput, image_size: int):
         super().__init__()
@@ -93,7 +94,7 @@ def raw_input_of(record: dict) -> RawInput:
 
 def champion_module(record: dict) -> tuple[RawImages, RawInput]:
     """The whole student (EKD: the ensemble, as its accuracy was logged) behind its preprocessing."""
-    from kdray.deploy.branches import deploy_module
+    from kdray.deploy.deployed import deploy_module
 
     raw = raw_input_of(record)
     return RawImages(deploy_module(record, branch="all"), raw, int(record["image_size"])).eval(), raw
@@ -150,25 +151,6 @@ def check_model_name(model_name: str) -> None:
                          "'_', '.', '-', spaces, starting with a letter or digit")
 
 
-class _global_tracking_uri:
-    """``mlflow.pytorch.log_model`` writes through MLflow's global tracking URI (no client
-    argument): set it for the call, then put back what was there."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    def __enter__(self):
-        import mlflow
-
-        self.previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-
-    def __exit__(self, *exc):
-        import mlflow
-
-        mlflow.set_tracking_uri(self.previous)
-
-
 def log_champion_model(uri: str, run, module: nn.Module, example, name: str, facts: dict):
     """A new logged model (source run: the winner) holding the exported program. Created here and
     handed to ``log_model`` by id: given a run instead, MLflow would log to that run (its outputs,
@@ -183,7 +165,7 @@ def log_champion_model(uri: str, run, module: nn.Module, example, name: str, fac
     c = client(uri)
     model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run.info.run_id,
                                   params=dict(run.data.params), tags=facts, model_type="kdray-champion")
-    with _global_tracking_uri(uri):
+    with global_tracking_uri(uri):
         mlflow.pytorch.log_model(module, name=name, model_id=model.model_id, input_example=example,
                                  signature=signature,
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])  # no kdray needed

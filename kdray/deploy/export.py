@@ -38,12 +38,11 @@ from torch import nn
 
 from kdray.core.errors import KdrayError
 from kdray.core.io import first_line, safe_load, sha256_file
-from kdray.deploy.branches import (
+from kdray.deploy.deployed import (
     Branch,
     Deployed,
     branch_accuracies,
     branch_label,
-    check_record,
     deploy_module,
     logged_accuracy,
     num_branches,
@@ -53,6 +52,7 @@ from kdray.deploy.branches import (
 from kdray.deploy.folder import EXPORT_FORMAT, INFO_FILE, check_out, write_beside_and_swap
 from kdray.deploy.latency import LATENCY, cpu_latency_ms
 from kdray.deploy.recheck import load_test_split, recheck_fields
+from kdray.training.student_file import check_record
 
 
 # ---------------------------------------------------------------------------------------------

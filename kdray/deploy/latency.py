@@ -65,7 +65,7 @@ def cpu_latency_ms(module: nn.Module, image_size: int) -> float:
 def student_latency_ms(student_pt: Union[str, Path]) -> float:
     """:data:`LATENCY` of the deployable whole student in ``student.pt`` (what ``kdray export
     --branch all`` exports: normalisation, then every branch)."""
-    from kdray.deploy.branches import deploy_module
+    from kdray.deploy.deployed import deploy_module
 
     record = safe_load(student_pt, "student")
     return cpu_latency_ms(deploy_module(record, "all"), int(record["image_size"]))

@@ -1,5 +1,6 @@
-"""The local Ray of `kdray tune` / `kdray train` (no --address): reachable from this machine only, and
-gone within seconds of its driver's death, however the driver dies.
+"""Ray for a driver: :func:`init_ray` connects to a cluster (``--address``) or starts the local Ray
+of `kdray tune` / `kdray train`, which is reachable from this machine only and gone within
+seconds of its driver's death, however the driver dies.
 
 **Loopback only.** Ray 2.58 binds its listeners to the *node IP* or to every interface: GCS, raylet
 and core workers (gRPC), the dashboard's gRPC server, the autoscaler monitor's metrics, the dashboard
@@ -52,6 +53,7 @@ import subprocess
 import sys
 from typing import Callable, Iterator, Optional
 
+from kdray.core.errors import KdrayError
 from kdray.distributed import watchdog
 from kdray.distributed.watchdog import MARK_VAR, process_id
 
@@ -270,3 +272,56 @@ def start_watchdog(node, token: str) -> None:
         raise RuntimeError("the watchdog did not start within 30 s") from None
     if rc != 0:
         raise RuntimeError(f"the watchdog could not start (exit {rc}; see {log})")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_logs: bool = True) -> None:
+    """Start a local Ray or connect to ``address``. ``env``: environment variables for every Ray
+    worker process of this job (trials, Train controllers, workers), set through the job's
+    runtime_env: os.environ changed after Ray started reaches none of them. ``worker_logs``:
+    whether Ray forwards its workers' output to this console (a sweep reports its trials itself;
+    their output stays in Ray's session logs)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        # the dashboard stays on: Ray Train V2's PlacementGroupCleaner asks the state API (served by
+        # the dashboard) whether a trial's TrainController died; without it, the CPUs of a trial that
+        # ASHA stopped stay reserved and every later trial starves (WorkerGroupStartupTimeoutError)
+        # ... and that state API must be named explicitly: left to find it, the cleaner scans for GCS
+        # processes and fails ("Found multiple active Ray instances") whenever a second Ray runs on
+        # the head's machine (another user's, a test's), with the same starvation as the result.
+        # A local Ray is started by kdray.distributed.local_ray: every listener on loopback (the
+        # dashboard agent takes jobs without authentication), every process ended soon after this
+        # driver ends.
+        from kdray.distributed.local_ray import connect, init_kwargs, is_local, start
+
+        kwargs, env = {}, dict(env or {})
+        local = is_local(address)
+        if local:
+            port = free_port()
+            kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **init_kwargs()}
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        elif "://" not in address and address != "auto":
+            env["RAY_ADDRESS"] = address  # host:port of the GCS
+
+        def init():
+            ray.init(address=address or None, log_to_driver=worker_logs, logging_level="WARNING",
+                     runtime_env={"env_vars": env} if env else None, **kwargs)
+
+        if local:
+            start(init)
+        else:
+            connect(init, address)
+    except ConnectionError as exc:
+        raise KdrayError(f"cannot reach the Ray cluster at {address!r} ({exc})") from None

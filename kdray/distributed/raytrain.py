@@ -1,15 +1,18 @@
 """Ray Train: a run's ``fit`` as a TorchTrainer worker loop (DDP via torch.distributed;
-gloo on CPU, NCCL on GPU), a checkpoint reported each epoch, resume after worker failures."""
+gloo on CPU, NCCL on GPU), a checkpoint reported each epoch, resume after worker failures; the
+resources a worker asks for, a custom method sent to workers by value, and a run's final extras
+(the student's latency)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 from kdray.core.errors import KdrayError
+from kdray.distributed.local_ray import init_ray
+from kdray.tracking.state import RunHandle
 from kdray.training.config import from_dict
 
 # A trial's driver (the Tune function that fits a TorchTrainer) mostly waits: it asks for no CPU, so
@@ -45,7 +48,7 @@ def final_extras(metrics: dict, ckpt_dir: Optional[str]) -> dict:
     return {"latency_ms": student_latency_ms(student)}
 
 
-def _rank0_tracker(track: Optional[dict], cfg, node_ip: str):
+def _rank0_tracker(track: Optional[RunHandle], cfg, node_ip: str):
     """Rank 0 logs the run to MLflow (over HTTP on a cluster); other ranks log nothing."""
     import ray.train
 
@@ -81,7 +84,7 @@ def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet:
     """``fit`` from ``checkpoint`` (Ray's last, or None) with the store behind ``store_ref``; a
     failure is recorded on the run before it propagates."""
     from kdray.core.outcome import failure_reason
-    from kdray.teachers.building_ray import fetch
+    from kdray.distributed.store_tasks import fetch
     from kdray.tracking.store import TrackingLost
     from kdray.training.fit import fit
 
@@ -97,7 +100,7 @@ def _fit_reporting(cfg, tracker, reporter, checkpoint, store_ref, device, quiet:
             raise
 
 
-def fit_in_tune_trial(cfg, *, tracking: Optional[dict], store_ref=None, checkpoint_root: str) -> None:
+def fit_in_tune_trial(cfg, *, tracking: Optional[RunHandle], store_ref=None, checkpoint_root: str) -> None:
     """A 1-worker trial trains in the trial's own process (no Train worker group to start):
     reports and checkpoints go to Tune each epoch, and a retried trial resumes from its last one.
     ``checkpoint_root``: kdray's own checkpoint folder of this trial (its latest names the student)."""
@@ -173,9 +176,21 @@ def register_payload(payload) -> None:
     ensure_models_registered(payload.get("models", {}))
 
 
-def make_trainer(cfg, *, workers: int, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-                 storage_path: str, name: str, max_failures: int = 0, callbacks=(), tracking: Optional[dict] = None,
-                 quiet: bool = False, methods=None, store_ref=None):
+def make_trainer(
+    cfg,
+    *,
+    workers: int,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    storage_path: str,
+    name: str,
+    max_failures: int = 0,
+    callbacks=(),
+    tracking: Optional[RunHandle] = None,
+    quiet: bool = False,
+    methods=None,
+    store_ref=None,
+):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -218,65 +233,12 @@ def check_resources(workers: int, gpus_per_worker: float, cpus_per_worker: float
         )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_logs: bool = True) -> None:
-    """Start a local Ray or connect to ``address``. ``env``: environment variables for every Ray
-    worker process of this job (trials, Train controllers, workers), set through the job's
-    runtime_env: os.environ changed after Ray started reaches none of them. ``worker_logs``:
-    whether Ray forwards its workers' output to this console (a sweep reports its trials itself;
-    their output stays in Ray's session logs)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    try:
-        # the dashboard stays on: Ray Train V2's PlacementGroupCleaner asks the state API (served by
-        # the dashboard) whether a trial's TrainController died; without it, the CPUs of a trial that
-        # ASHA stopped stay reserved and every later trial starves (WorkerGroupStartupTimeoutError)
-        # ... and that state API must be named explicitly: left to find it, the cleaner scans for GCS
-        # processes and fails ("Found multiple active Ray instances") whenever a second Ray runs on
-        # the head's machine (another user's, a test's), with the same starvation as the result.
-        # A local Ray is started by kdray.distributed.local_ray: every listener on loopback (the
-        # dashboard agent takes jobs without authentication), every process ended soon after this
-        # driver ends.
-        from kdray.distributed.local_ray import connect, init_kwargs, is_local, start
-
-        kwargs, env = {}, dict(env or {})
-        local = is_local(address)
-        if local:
-            port = _free_port()
-            kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **init_kwargs()}
-            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        elif "://" not in address and address != "auto":
-            env["RAY_ADDRESS"] = address  # host:port of the GCS
-
-        def init():
-            ray.init(address=address or None, log_to_driver=worker_logs, logging_level="WARNING",
-                     runtime_env={"env_vars": env} if env else None, **kwargs)
-
-        if local:
-            start(init)
-        else:
-            connect(init, address)
-    except ConnectionError as exc:
-        raise KdrayError(f"cannot reach the Ray cluster at {address!r} ({exc})") from None
-
-
 def fit_distributed(cfg, *, workers: int, out: Path, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
                     address: Optional[str] = None, max_failures: int = 0, name: str = "kdray-train",
-                    tracking: Optional[dict] = None, store=None) -> dict:
+                    tracking: Optional[RunHandle] = None, store=None) -> dict:
     """`kdray train --workers W`: one TorchTrainer run; returns the final metrics and checkpoint.
     ``store``: a teacher store, handed to the workers through Ray's object store."""
-    from kdray.teachers.building_ray import share
+    from kdray.distributed.store_tasks import share
     from kdray.tracking.store import bounded_http_env
 
     init_ray(address, env=bounded_http_env())

@@ -14,9 +14,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# evaluation
-# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(student: nn.Module, loader: BatchLoader, autocast) -> dict:
     """Accuracy of the evaluated logits and of every branch, exact across ranks."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from kdray._version import __version__
 from kdray.core.errors import KdrayError
@@ -42,3 +43,13 @@ def write_manifest(folder: Path, cfg, *, image_size: int, classes: list, teacher
     }
     atomic_write(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def teacher_archs(teachers: Optional[str]) -> Optional[list]:
+    """The teachers' architectures for the run's tags (None when there are none or no manifest)."""
+    if not teachers:
+        return None
+    try:
+        return [t["arch"] for t in read_manifest(teachers)["teachers"]]
+    except KdrayError:  # the manifest is verified again, with its own message, when teachers load
+        return None

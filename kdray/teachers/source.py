@@ -15,10 +15,10 @@ from kdray.data.sources import load_data
 from kdray.data.views import ViewKeys
 from kdray.distill import get_method
 from kdray.distill.base import TeacherInfo
-from kdray.teachers.building import StoreRequest, ensure_store
 from kdray.teachers.ensemble import LiveTeacherOutputs, TeacherEnsemble, load_teachers
 from kdray.teachers.manifest import MANIFEST, read_manifest
 from kdray.teachers.store import DEFAULT_BUDGET_GB, TeacherStore, mismatch
+from kdray.teachers.store_fill import StoreRequest, ensure_store
 
 
 def on_device(teachers: TeacherEnsemble, precision: Precision) -> TeacherEnsemble:
@@ -48,7 +48,7 @@ def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, ep
     """The teacher store of ``cfg``'s teachers, data, views and precision (that of ``device``, the
     trials' device type), holding every view of ``seeds`` x ``epochs`` (default: the config's own);
     rows it lacks are computed and saved: by ``builder(ensemble, data, precision, feats)`` (a
-    :data:`~kdray.teachers.building.Builder` factory, e.g. Ray tasks) or else here. None for a method
+    :data:`~kdray.teachers.store_fill.Builder` factory, e.g. Ray tasks) or else here. None for a method
     without teachers."""
     method_cls = get_method(cfg.method)
     if method_cls.min_teachers == 0 or not cfg.teachers:
@@ -66,9 +66,6 @@ def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, ep
     return ensure_store(req, source, build=build, log=log)
 
 
-# ---------------------------------------------------------------------------------------------
-# the engine's source of teacher outputs, from a store
-# ---------------------------------------------------------------------------------------------
 class StoredTeacherOutputs:
     """Teacher outputs looked up by (sample, view); a pair the store lacks is computed by the live
     ensemble (``live()``, built on first need), so a run is exact whatever the store covers.

@@ -1,7 +1,7 @@
 """The teacher-output store: the frozen ensemble's outputs for the training views students see,
 computed once and shared by every trial of a sweep, later sweeps and `kdray train` runs.
 
-Views are replayable (:class:`kdray.data.ViewSpec`): sample i in epoch e is seen as view
+Views are replayable (:class:`kdray.data.views.ViewSpec`): sample i in epoch e is seen as view
 ``view_ids(seed, e, i)``, one of a finite set (crop offset x flip). A store row holds the teachers'
 logits (and, when the budget allows, their last-stage feature maps) for one (sample, view) pair;
 ``index[i, v]`` is that pair's row or -1. Teacher and student always see the same view: a store

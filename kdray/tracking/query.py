@@ -18,9 +18,6 @@ from kdray.tracking.tags import (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# picking and fetching students
-# ---------------------------------------------------------------------------------------------
 def get_run(uri: str, run_id: str):
     from mlflow.exceptions import MlflowException
 

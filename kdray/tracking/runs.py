@@ -1,32 +1,5 @@
-"""MLflow tracking: one parent run per sweep, one child run per trial, one run per `kdray train`.
-
-The store is a local sqlite file in the kdray working directory unless ``--tracking-uri`` or
-``MLFLOW_TRACKING_URI`` names another (an ``mlflow server`` over HTTP on clusters). Every call
-goes through an explicit :class:`mlflow.MlflowClient` for that URI, never MLflow's global state,
-so trial drivers and Ray Train workers on any node log to the same place.
-
-What a user sees, and what ``kdray best`` / ``kdray export`` rely on:
-
-- experiments are tagged ``mlflow.experimentKind = custom_model_development`` (model training, not
-  GenAI); a sweep's experiment has a saved view ``kdray-trials`` (trials ranked by the objective,
-  with state, method, searched parameters, val/test accuracy, size, latency) and a description
-  linking to it;
-- runs: tags ``kdray.kind`` (sweep | trial | train), ``kdray.state`` (running | completed | pruned |
-  failed | interrupted; MLflow's status FINISHED / KILLED / FAILED), ``kdray.failure_reason``,
-  ``kdray.method``, ``kdray.dataset``, ``kdray.student``, ``kdray.teacher_archs``,
-  ``kdray.trial_id``, ``node_ip``; children carry ``mlflow.parentRunId``; a description
-  (``mlflow.note.content``) saying how the run ended; a trial is named after its Optuna trial
-  (``ekd-3``, :func:`name_trial_run`);
-- params: the run config (the run's own method's hyperparameters only, one param per branch for
-  per-branch ones, floats to 4 significant digits, paths relative to the working directory);
-- metrics: everything the engine reports per epoch (step = epoch) except its bookkeeping
-  (:data:`BOOKKEEPING`), plus ``latency_ms`` (:data:`kdray.deploy.latency.LATENCY`);
-- the data set as a run input (``log_input``); the student as a logged model of the run
-  (``ekd-resnet8``, type ``kdray-student``, its metrics linked) and as the run artifact
-  ``student/student.pt``; the teachers' manifest ``teachers/manifest.json``;
-- a sweep's parent: the space file, resolved base config, plots, and at the end the best trial's
-  metrics and params, a description linking to it and ``kdray.best_run_id``.
-"""
+"""One MLflow run: what it logs (params, tags, its data set), starting and finishing it, its
+student as a logged model, and :class:`RunLogger`, which logs each epoch as it ends."""
 
 from __future__ import annotations
 
@@ -34,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -69,15 +41,6 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def git_commit(path: Optional[Path] = None) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def relative_path(value: str, workdir: Optional[Path]) -> str:
@@ -172,20 +135,6 @@ def start_run(uri: str, exp_id: str, *, run_name: str, cfg, kind: str, params: O
     log_batch(c, run.info.run_id, params=config_params(values if params is None else params, workdir))
     c.log_inputs(run.info.run_id, datasets=[dataset_input(values)])
     return run.info.run_id
-
-
-def trial_run_name(method: Optional[str], trial_id: str) -> str:
-    """A trial run's name until its Optuna trial is known (:func:`name_trial_run`): the method and
-    Tune's trial id."""
-    return f"{method or 'trial'}-{trial_id}"
-
-
-def name_trial_run(uri: str, run_id: str, number: int) -> None:
-    """Name a trial's run after its Optuna trial: ``ekd-12`` (method, trial number), the same in
-    every session of a resumed sweep and in the study."""
-    c = client(uri)
-    method = c.get_run(run_id).data.params.get("method")
-    c.set_tag(run_id, "mlflow.runName", f"{method or 'trial'}-{number}")
 
 
 def describe_run(run, state: str, reason: Optional[str] = None) -> str:

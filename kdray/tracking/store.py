@@ -3,6 +3,7 @@ one error a store lost mid-run becomes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import urllib.error
@@ -141,3 +142,29 @@ def is_tracking_lost(reason: Optional[str]) -> bool:
     """Whether a failure's one-line reason (:func:`kdray.core.outcome.failure_reason`) says the
     tracking server was lost: the run did not fail on its own."""
     return (reason or "").startswith(TrackingLost.__name__)
+
+
+def check_readable_store(uri: str) -> None:
+    """For commands that only read (best, export --run, load_student): a sqlite store that does
+    not exist is an error, not an empty store created on the spot (MLflow would create one)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise KdrayError(f"no MLflow store at {path}: nothing was tracked there; run from the folder that holds "
+                             "kdray-work, or pass --workdir DIR or --tracking-uri URI")
+    check_store(uri)
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """MLflow's global tracking URI set to ``uri`` for a call that has no client argument
+    (``mlflow.pytorch.log_model``, ``mlflow.search_runs``), then put back: kdray otherwise
+    never touches MLflow's global state."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -3,6 +3,7 @@ experiment's trials view), closed at its end with the plots, the best trial and 
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -14,7 +15,6 @@ from kdray.tracking.runs import (
     dataset_input,
     find_trial_run,
     finish_run,
-    git_commit,
     log_batch,
     relative_path,
     run_tags,
@@ -209,3 +209,12 @@ def finish_sweep_tracking(track: SweepTracking, *, study_name: str, storage, met
         raise lost(uri, exc) from None
     return SweepRecord(tracking_uri=mask_credentials(uri), experiment_id=track.experiment_id,
                        parent_run_id=parent, plots=tuple(plots), best_run_id=best_run_id)
+
+
+def git_commit(path: Optional[Path] = None) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None

@@ -6,10 +6,17 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from kdray.core.outcome import failure_reason
-from kdray.tracking.runs import find_trial_run, finish_run, log_batch, name_trial_run, start_run, trial_run_name
+from kdray.tracking.runs import find_trial_run, finish_run, log_batch, start_run
 from kdray.tracking.state import RunHandle, SweepTracking
 from kdray.tracking.store import client
-from kdray.tracking.tags import KIND_TAG, OPTUNA_STUDY_TAG, OPTUNA_TRIAL_TAG, STATE_TAG, STORE_TAG, TRIAL_TAG
+from kdray.tracking.tags import (
+    KIND_TAG,
+    OPTUNA_STUDY_TAG,
+    OPTUNA_TRIAL_TAG,
+    STATE_TAG,
+    STORE_TAG,
+    TRIAL_TAG,
+)
 
 Log = Callable[[str], None]
 
@@ -76,3 +83,17 @@ def record_trial_state(track: SweepTracking, trial_id: str, method: Optional[str
             finish_run(track.uri, run_id, state, reason)
     except Exception as exc:  # noqa: BLE001 - the store is down or refuses: say so once per trial
         log(f"tracking: trial {trial_id} could not be recorded as {state} ({failure_reason(exc)})")
+
+
+def trial_run_name(method: Optional[str], trial_id: str) -> str:
+    """A trial run's name until its Optuna trial is known (:func:`name_trial_run`): the method and
+    Tune's trial id."""
+    return f"{method or 'trial'}-{trial_id}"
+
+
+def name_trial_run(uri: str, run_id: str, number: int) -> None:
+    """Name a trial's run after its Optuna trial: ``ekd-12`` (method, trial number), the same in
+    every session of a resumed sweep and in the study."""
+    c = client(uri)
+    method = c.get_run(run_id).data.params.get("method")
+    c.set_tag(run_id, "mlflow.runName", f"{method or 'trial'}-{number}")

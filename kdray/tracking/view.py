@@ -16,9 +16,6 @@ from kdray.tracking.tags import (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# the MLflow UI: links, the trials view
-# ---------------------------------------------------------------------------------------------
 def ui_path(exp_id: str, view: Optional[str] = TRIALS_VIEW) -> str:
     """The UI's address of an experiment's runs page (in ``view``), relative to the UI's root.
 

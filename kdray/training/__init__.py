@@ -1,1 +1,2 @@
-"""One training run: config, prepare, generation, step loop, fit, checkpoints, a run end to end, teacher sets."""
+"""One training run: config, prepare, generation, step loop, fit, checkpoints, the student file,
+a run end to end, and teacher sets trained with the same loop."""

@@ -9,7 +9,6 @@ from pathlib import Path
 from kdray.core.errors import KdrayError
 from kdray.core.io import atomic_save, safe_load
 
-STUDENT_FORMAT = "kdray-student/1"
 CKPT_FORMAT = "kdray-checkpoint/1"
 
 

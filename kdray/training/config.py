@@ -226,3 +226,7 @@ def tracked_config(cfg) -> dict:
         elif key in own:
             out[key] = value
     return out
+
+
+SYNC_BN_NEEDS_CUDA = ("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
+                      "leave sync_bn unset or false on CPU")

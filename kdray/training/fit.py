@@ -12,7 +12,6 @@ resumes from its latest checkpoint.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kdray.core.console import to_stderr
 from kdray.core.errors import KdrayError
 from kdray.data.bundle import DataBundle
 from kdray.distill import Generation, get_method
@@ -35,9 +35,6 @@ from kdray.training.student_file import student_record
 Reporter = Callable[[dict, Optional[str]], None]
 
 
-# ---------------------------------------------------------------------------------------------
-# the run: resume, epochs, generations
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class RunState:
     """What survives from epoch to epoch and across an interruption (saved in each checkpoint)."""
@@ -213,7 +210,7 @@ def fit(
     """
     t_start = time.perf_counter()
     prep = prepare(cfg, data, teachers, device, teacher_store)
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    log = log or to_stderr
     say = log if prep.rank == 0 else (lambda s: None)
     say(_ready_line(prep, time.perf_counter() - t_start))
     if prep.note:

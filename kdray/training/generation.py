@@ -17,13 +17,10 @@ from kdray.distill import Generation, Method, get_method
 from kdray.models import build_student
 from kdray.teachers.ensemble import LiveTeacherOutputs, TeacherEnsemble
 from kdray.teachers.source import StoredTeacherOutputs
+from kdray.training.config import SYNC_BN_NEEDS_CUDA
 from kdray.training.prepare import Prepared
 
 TeacherOutputs = Callable[..., dict]  # (x, view keys) -> {"logits": [K,N,C], "feats": [...]}
-
-
-SYNC_BN_NEEDS_CUDA = ("sync_bn: true needs GPU workers (torch's SyncBatchNorm is CUDA-only); "
-                      "leave sync_bn unset or false on CPU")
 
 
 class TrainModule(nn.Module):
@@ -57,9 +54,6 @@ def make_optimizer(cfg, params):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-# ---------------------------------------------------------------------------------------------
-# one generation: student, method, optimizer, schedule, DDP
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class StepParts:
     """Everything one training step touches. ``wrapped`` is ``module`` or its DDP wrapper."""

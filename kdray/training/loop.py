@@ -56,9 +56,6 @@ def _average_bn_buffers_across_ranks(bns: list) -> None:
             buf.div_(world)
 
 
-# ---------------------------------------------------------------------------------------------
-# the step loop
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class EpochTotals:
     """Per-epoch sums kept on the device: no host sync per step, one read at the epoch's end."""

@@ -14,21 +14,10 @@ from kdray.core.errors import KdrayError
 from kdray.core.guards import Interrupted
 from kdray.core.io import safe_load
 from kdray.core.values import mask_credentials
+from kdray.teachers.manifest import teacher_archs
 from kdray.tracking.state import RunHandle, TrackingSettings
 from kdray.training.checkpoint import latest_checkpoint
 from kdray.training.config import tracked_config
-
-
-def teacher_archs(teachers: Optional[str]) -> Optional[list]:
-    """The teachers' architectures for the run's tags (None when there are none or no manifest)."""
-    if not teachers:
-        return None
-    from kdray.teachers.manifest import read_manifest
-
-    try:
-        return [t["arch"] for t in read_manifest(teachers)["teachers"]]
-    except KdrayError:  # the manifest is verified again, with its own message, when teachers load
-        return None
 
 
 def check_inputs(cfg) -> None:
@@ -116,7 +105,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[TrackingSe
     if cfg.workers > 1 and fit_distributed is None:
         raise KdrayError(f"workers={cfg.workers} needs Ray Train: run it with kdray.train or `kdray train`")
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
-        from kdray.training.generation import SYNC_BN_NEEDS_CUDA
+        from kdray.training.config import SYNC_BN_NEEDS_CUDA
 
         raise KdrayError(SYNC_BN_NEEDS_CUDA)
     t0 = time.perf_counter()

@@ -1,13 +1,13 @@
 """The deployable student file (``student.pt``): a self-describing record loadable with
-``weights_only=True``, and its inverse. Below the engine: the engine writes it, export, the
-registry and latency measurement read it."""
+``weights_only=True``, its check, and its inverse. Written each epoch by :mod:`kdray.training.fit`;
+read by ``kdray.load_student`` and by deploy (export, the champion model, latency)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from kdray.core.errors import KdrayError
 from kdray.models import build_student
-from kdray.training.checkpoint import STUDENT_FORMAT
 
 
 def student_record(student: nn.Module, cfg, data, metrics: dict, *, multi_branch: bool) -> dict:
@@ -40,3 +40,23 @@ def rebuild_student(record: dict) -> nn.Module:
     )
     student.load_state_dict(record["state_dict"])
     return student.eval()
+
+
+#: the keys every ``student.pt`` record holds
+_RECORD_KEYS = ("arch", "num_classes", "multi_branch", "branches", "split_stage", "classes", "mean", "std",
+                "image_size", "config", "metrics", "state_dict")
+
+
+def check_record(record, where: str = "student record") -> dict:
+    """``record`` if it is a kdray ``student.pt`` dict, else a KdrayError naming what is missing."""
+    if not isinstance(record, dict):
+        raise KdrayError(f"{where}: not a kdray student (expected a dict, got {type(record).__name__})")
+    if record.get("format") not in (None, STUDENT_FORMAT):
+        raise KdrayError(f"{where}: format {record.get('format')!r} is not {STUDENT_FORMAT!r}")
+    missing = [k for k in _RECORD_KEYS if k not in record]
+    if missing:
+        raise KdrayError(f"{where}: not a kdray student (missing {', '.join(missing)})")
+    return record
+
+
+STUDENT_FORMAT = "kdray-student/1"

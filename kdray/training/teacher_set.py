@@ -15,6 +15,7 @@ from kdray.core.errors import KdrayError
 from kdray.core.io import atomic_save, atomic_write, sha256_file
 from kdray.models import build_model
 from kdray.teachers.manifest import MANIFEST, write_manifest
+from kdray.tracking.state import TrackingSettings
 from kdray.training.config import tracked_config
 from kdray.training.fit import fit
 
@@ -56,7 +57,7 @@ def _finished(out: Path, index: int, key: str) -> dict | None:
 TEACHER_EXPERIMENT = "kdray-teachers"
 
 
-def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
+def _open_teacher_run(tracking: Optional[TrackingSettings], tcfg, name: str, log):
     """An MLflow run (kind ``teacher``) for one teacher, in ``tracking``'s experiment (default
     kdray-teachers, apart from the students' sweeps); None when tracking is off."""
     if not tracking:
@@ -66,13 +67,13 @@ def _open_teacher_run(tracking: Optional[dict], tcfg, name: str, log):
 
     exp_id = experiment_id(tracking.uri, tracking.experiment or TEACHER_EXPERIMENT, tracking.workdir)
     run_id = start_run(tracking.uri, exp_id, run_name=name, cfg=tcfg, kind="teacher",
-                          params=tracked_config(tcfg), extra_tags=versions())
+                       params=tracked_config(tcfg), extra_tags=versions())
     log(f"tracking: teacher run {run_id}")
     return RunLogger(tracking.uri, run_id)
 
 
 def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
-               tracking: Optional[dict] = None) -> dict:
+               tracking: Optional[TrackingSettings] = None) -> dict:
     done = _finished(out, index, key)
     if done is not None:
         log(f"teacher {index + 1}/{count}: {arch} already trained (test acc {done['entry']['test_acc']:.4f}); kept")
@@ -107,7 +108,7 @@ def _train_one(cfg, arch: str, index: int, count: int, out: Path, key: str, log,
 
 
 def train_teachers(cfg, archs: list[str], count: int, out: str | Path, log: Callable[[str], None] = print,
-                   tracking: Optional[dict] = None) -> dict:
+                   tracking: Optional[TrackingSettings] = None) -> dict:
     """Train ``count`` teachers (archs cycled, seed cfg.seed + i) with plain CE; write the manifest.
 
     Interrupted, it continues where it stopped when run again with the same recipe: finished

@@ -202,9 +202,6 @@ def make_tracking_callback(track: SweepTracking, log: Callable[[str], None]):
     return TrialStateCallback()
 
 
-# ---------------------------------------------------------------------------------------------
-# the summary
-# ---------------------------------------------------------------------------------------------
 def result_rows(grid, progress) -> list:
     rows = []
     for r in grid:

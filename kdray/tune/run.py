@@ -21,7 +21,7 @@ from kdray.core.guards import Interrupted, rearm_stop_signals, tune_stops_gracef
 from kdray.core.values import mask_credentials
 from kdray.tracking.state import TrackingSettings
 from kdray.tune.options import SweepOptions, fit_concurrency
-from kdray.tune.records import finish_tracking, start_tracking
+from kdray.tune.parent_run import finish_tracking, start_tracking
 from kdray.tune.seeds import SweepSeed, sweep_seed
 from kdray.tune.space import Space, load_space
 from kdray.tune.state import SweepOutcome, SweepState
@@ -67,7 +67,8 @@ def open_storage(opts: SweepOptions, workdir: Path):
 
 def start_ray(opts: SweepOptions, log) -> int:
     """Ray up (local or the given cluster), checked to host one trial; the concurrency it can host."""
-    from kdray.distributed.raytrain import check_resources, init_ray
+    from kdray.distributed.local_ray import init_ray
+    from kdray.distributed.raytrain import check_resources
 
     init_ray(opts.address, env=trial_env(local=opts.local), worker_logs=False)  # trials report through kdray's lines
     rearm_stop_signals()  # after Ray's own SIGTERM handler

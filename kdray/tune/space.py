@@ -60,7 +60,7 @@ class Space:
     teachers: dict
     scheduler: dict
     samples: int
-    seed: Optional[int] = None  # the TPE sampler's; None: each sweep draws one (kdray.tune.sweep_seed)
+    seed: Optional[int] = None  # the TPE sampler's; None: each sweep draws one (kdray.tune.seeds.sweep_seed)
 
     @property
     def multi_objective(self) -> bool:

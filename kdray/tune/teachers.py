@@ -79,7 +79,7 @@ def sweep_teacher_store(space: Space, opts: SweepOptions, log):
     if why:
         log(f"teacher store: off ({why}); the teachers run live in every trial")
         return None, f"off ({why})"
-    from kdray.teachers.building_ray import ray_builder, share
+    from kdray.distributed.store_tasks import ray_builder, share
     from kdray.teachers.source import open_teacher_store
 
     store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=opts.teacher_store_dir,

@@ -56,7 +56,7 @@ def compute_rows(source, data: DataBundle, views: ViewSpec, codes: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
-# budget, disk and files
+# the budget
 # ---------------------------------------------------------------------------------------------
 def row_bytes(sample: dict, feats: bool) -> tuple[int, int]:
     """(bytes of one row's logits, bytes of its feature maps)."""

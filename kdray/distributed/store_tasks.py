@@ -11,10 +11,10 @@ import torch
 from kdray.data.bundle import DataBundle
 from kdray.data.splits import Split
 from kdray.data.views import ViewSpec
-from kdray.teachers.building import Builder, compute_rows
 from kdray.teachers.store import (
     TeacherStore,
 )
+from kdray.teachers.store_fill import Builder, compute_rows
 
 CHUNKS_PER_TASK_SLOT = 2  # more chunks than slots: progress and load balance without much overhead
 
@@ -23,12 +23,11 @@ def _rows_task(ensemble, data: DataBundle, precision, feats: bool, codes: torch.
     """One Ray task: the teachers' outputs of ``codes`` on this task's device."""
     from kdray.core.device import Precision
     from kdray.teachers.ensemble import LiveTeacherOutputs
+    from kdray.teachers.source import on_device
 
     device = torch.device("cuda" if precision.device.type == "cuda" and torch.cuda.is_available() else "cpu")
     here = Precision(device, precision.use_amp, precision.channels_last)
-    ensemble = ensemble.to(device)
-    if here.channels_last:
-        ensemble = ensemble.to(memory_format=torch.channels_last)
+    ensemble = on_device(ensemble, here)
     source = LiveTeacherOutputs(ensemble, here.autocast, feats)
     return compute_rows(source, data, ViewSpec(data.crop_padding, data.hflip), codes, here.channels_last)
 

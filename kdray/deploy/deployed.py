@@ -1,5 +1,5 @@
-"""What a student record deploys as: the record checked, the branch chosen (``best``, ``all`` or a
-number) and the deploy module built from it (:class:`Deployed`: the data set's normalisation
+"""What a student record deploys as: the branch chosen (``best``, ``all`` or a number) and the
+deploy module built from it (:class:`Deployed`: the data set's normalisation
 inside, then the whole student or one branch)."""
 
 from __future__ import annotations
@@ -11,11 +11,7 @@ from torch import nn
 
 from kdray.core.errors import KdrayError
 from kdray.core.io import first_line
-from kdray.training.checkpoint import STUDENT_FORMAT
-
-#: the keys every ``student.pt`` record holds
-_RECORD_KEYS = ("arch", "num_classes", "multi_branch", "branches", "split_stage", "classes", "mean", "std",
-                "image_size", "config", "metrics", "state_dict")
+from kdray.training.student_file import check_record
 
 #: "best", "all" or a branch number (the CLI's strings such as "2" too: see :func:`parse_branch`)
 Branch = Union[str, int]
@@ -36,18 +32,6 @@ class Deployed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.mul(255.0).mul(self.scale).sub(self.shift))
-
-
-def check_record(record, where: str = "student record") -> dict:
-    """``record`` if it is a kdray ``student.pt`` dict, else a KdrayError naming what is missing."""
-    if not isinstance(record, dict):
-        raise KdrayError(f"{where}: not a kdray student (expected a dict, got {type(record).__name__})")
-    if record.get("format") not in (None, STUDENT_FORMAT):
-        raise KdrayError(f"{where}: format {record.get('format')!r} is not {STUDENT_FORMAT!r}")
-    missing = [k for k in _RECORD_KEYS if k not in record]
-    if missing:
-        raise KdrayError(f"{where}: not a kdray student (missing {', '.join(missing)})")
-    return record
 
 
 def num_branches(record: dict) -> int:

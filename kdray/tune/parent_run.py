@@ -20,8 +20,8 @@ def start_tracking(sweep: SweepState, settings: TrackingSettings) -> SweepTracki
     every trial gets."""
     import ray
 
+    from kdray.teachers.manifest import teacher_archs
     from kdray.tracking.sweeps import record_sweep_seed, start_sweep_tracking
-    from kdray.training.run import teacher_archs
 
     space = sweep.space
     track = start_sweep_tracking(
