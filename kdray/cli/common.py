@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from kdray.api import DEFAULT_WORKDIR
+from kdray.api import DEFAULT_WORKDIR, resolve_workdir
 from kdray.core.console import to_stderr
 from kdray.core.errors import KdrayError
 
@@ -17,8 +17,6 @@ log = to_stderr  # every command's progress lines go to stderr (stdout is for re
 
 
 def workdir(args) -> Path:
-    from kdray.api import resolve_workdir
-
     return resolve_workdir(getattr(args, "workdir", None))
 
 

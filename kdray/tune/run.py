@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kdray.core.guards import Interrupted, rearm_stop_signals, tune_stops_gracefully
-from kdray.core.values import mask_credentials
 from kdray.tracking.state import TrackingSettings
 from kdray.tune.options import SweepOptions, fit_concurrency
-from kdray.tune.parent_run import finish_tracking, start_tracking
+from kdray.tune.parent_run import finish_tracking, start_tracking, storage_url
 from kdray.tune.seeds import SweepSeed, sweep_seed
 from kdray.tune.space import Space, load_space
 from kdray.tune.state import SweepOutcome, SweepState
@@ -177,7 +176,7 @@ def _run_trials(sweep: SweepState) -> SweepOutcome:
     progress = make_progress_callback(log, space.metrics[0][0], space.metrics[0][1], total=sweep.left)
     tuner = make_tuner(sweep, progress)
     log(f"sweep {name!r}: {sweep.left} trial(s), {sweep.concurrency} at a time, {sweep.options.workers} worker(s) "
-        f"each; study in {mask_credentials(getattr(storage, 'url', 'optuna storage'))}")
+        f"each; study in {storage_url(storage)}")
     t_fit = time.time()
     try:
         with tune_stops_gracefully():  # Tune's prints go to the sweep's log file (library_output_to)
