@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from kdray.data.splits import Split
 
 DEFAULT_IMAGE_SIZE = 32
+VIEW_KINDS = ("auto", "pad_crop", "resized_crop")  # auto: pad_crop up to 64 px, resized_crop above
+PAD_CROP_MAX_SIZE = 64
+DATA_PATHS = ("auto", "memory", "stream")
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
 @dataclass
@@ -28,12 +32,26 @@ class DataBundle:
     mean: tuple[float, float, float]  # per channel, [0,1] pixel units, from the train split
     std: tuple[float, float, float]
     image_size: int
-    crop_padding: int
-    hflip: bool
+    views: object  # ViewSpec (pad-and-crop) or ResizedCropViews: the training views and the eval transform
+    path: str = "memory"  # "memory": splits hold decoded tensors; "stream": Ray Data decodes them per batch
+    fingerprint: str = ""  # the source's files and the splits, where known without hashing pixels
+    reader: object = None  # streamed: the ImageReader that fetches and decodes a split's records
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def crop_padding(self) -> int:
+        return int(getattr(self.views, "crop_padding", 0))
+
+    @property
+    def hflip(self) -> bool:
+        return bool(self.views.hflip)
+
+    @property
+    def streamed(self) -> bool:
+        return self.path == "stream"
 
 
 def resize_batch(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:

@@ -82,20 +82,27 @@ def _as_tensor(raw: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def _decode_one(path: str, raw: bytes, tv) -> torch.Tensor:
-    """Decode one file's bytes to uint8 [3,H,W] RGB: torchvision.io first, PIL as the fallback."""
+def decode_image_bytes(raw: bytes, tv="load") -> torch.Tensor:
+    """One encoded image to uint8 [3,H,W] RGB: torchvision.io first, PIL as the fallback; raises
+    when neither can decode it."""
+    tv = _tv_decoders() if tv == "load" else tv
     if tv is not None and raw:
         try:
             return tv[1](_as_tensor(raw), mode=tv[0].RGB)
         except Exception:
             pass
-    try:
-        import numpy as np
-        from PIL import Image
+    import numpy as np
+    from PIL import Image
 
-        with Image.open(io.BytesIO(raw)) as im:
-            arr = np.array(im.convert("RGB"))
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    with Image.open(io.BytesIO(raw)) as im:
+        arr = np.array(im.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _decode_one(path: str, raw: bytes, tv) -> torch.Tensor:
+    """Decode one file's bytes to uint8 [3,H,W] RGB, or a KdrayError naming the file."""
+    try:
+        return decode_image_bytes(raw, tv)
     except Exception as exc:
         raise KdrayError(f"imagefolder: cannot decode image {path} ({first_line(exc, 200)})") from None
 
@@ -219,8 +226,10 @@ def _write_cache(root: Path, name: str, obj) -> Optional[Path]:
     return None
 
 
-def load_imagefolder(cfg, size):
-    data_dir = getattr(cfg, "data_dir", None)
+def tree_parts(data_dir) -> dict:
+    """{"train": (classes, files)[, "test": (classes, files)]} of a class-per-folder tree, its
+    ``train/`` and ``test/`` halves checked to name the same classes; files are (path, label,
+    size, mtime_ns) in a stable order."""
     if not data_dir:
         raise KdrayError("imagefolder: --data-dir is required: a tree DIR/<class>/<image> "
                          "or DIR/train/<class>/... plus DIR/test/<class>/...")
@@ -238,7 +247,14 @@ def load_imagefolder(cfg, size):
     classes = parts["train"][0]
     if len(classes) < 2:
         raise KdrayError(f"imagefolder: found only one class folder ({classes[0]}) in {root}; need at least 2")
+    return parts
 
+
+def load_imagefolder(cfg, size):
+    """The tree at ``cfg.data_dir`` decoded at ``size`` (from the decode cache where it is current)."""
+    parts = tree_parts(getattr(cfg, "data_dir", None))
+    root = Path(cfg.data_dir).expanduser().resolve()
+    classes = parts["train"][0]
     root_id = hashlib.sha256(str(root).encode()).hexdigest()[:8]
     name = f"imagefolder-{root_id}-{size}px-{_cache_key(root, parts, size)}.pt"
     obj = _read_cache(root, name, parts, size)

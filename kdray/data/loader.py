@@ -12,11 +12,43 @@ from kdray.data.splits import Split, seeded_generator
 from kdray.data.views import ViewKeys, ViewSpec, normalisation, to_float
 
 
+def shard_size(n: int, train: bool, rank: int, world_size: int) -> int:
+    """How many samples rank ``rank`` sees per epoch (training pads every rank to the same count)."""
+    return math.ceil(n / world_size) if train else len(range(rank, n, world_size))
+
+
+def rank_order(n: int, train: bool, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s sample indices in batch order, as ``DistributedSampler`` gives them: training
+    takes a permutation seeded by (seed, epoch), the same on every rank, padded to a multiple of
+    ``world_size`` by repeating its start, then every ``world_size``-th; eval takes r, r+world, ..."""
+    if not train:
+        return torch.arange(rank, n, world_size)
+    perm = torch.randperm(n, generator=seeded_generator("shuffle", seed, epoch))
+    total = shard_size(n, True, rank, world_size) * world_size
+    if total > n:
+        perm = perm.repeat(math.ceil(total / n))[:total]
+    return perm[rank:total:world_size]
+
+
+def check_shard(batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise KdrayError(f"batch_size={batch_size!r} is out of range; allowed: >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world_size {world_size} is not a valid shard")
+
+
+def view_images(views, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor, train: bool) -> torch.Tensor:
+    """Stored uint8 images ``x`` of samples ``index`` as a model sees them: each as its training
+    view ``view`` (where the views augment), else the evaluation image."""
+    if train and views.augments:
+        return views.apply(x, view, index)
+    return views.eval(x)
+
+
 class BatchLoader:
     """Batches from a whole split held on ``device``; DistributedSampler-style sharding.
 
-    Training: a permutation seeded by (seed, epoch), identical on every rank, padded to a multiple
-    of ``world_size`` by repeating its start, then ``perm[rank::world_size]``; each sample is seen as
+    Training: :func:`rank_order` of the epoch; each sample is seen as
     the view :meth:`ViewSpec.view_ids` gives it (a pure function of seed, epoch and sample index).
     Call :meth:`set_epoch` before each epoch. Eval: no shuffle, no augmentation, no duplicates: rank
     r takes samples r, r+world_size, ... Iterating yields ``(x float32 normalised [B,3,H,W], y
@@ -25,23 +57,19 @@ class BatchLoader:
     """
 
     def __init__(self, split: Split, batch_size: int, *, mean, std, device="cpu", train: bool,
-                 crop_padding=0, hflip=False, seed=0, rank=0, world_size=1, channels_last=False):
-        if batch_size < 1:
-            raise KdrayError(f"batch_size={batch_size!r} is out of range; allowed: >= 1")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} / world_size {world_size} is not a valid shard")
+                 crop_padding=0, hflip=False, views=None, seed=0, rank=0, world_size=1, channels_last=False):
+        check_shard(batch_size, rank, world_size)
         self.device = torch.device(device)
         self.x = split.x.to(self.device)
         self.y = split.y.to(self.device)
         self.batch_size = int(batch_size)
         self.train = bool(train)
-        self.views = ViewSpec(int(crop_padding), bool(hflip))
+        self.views = views if views is not None else ViewSpec(int(crop_padding), bool(hflip))
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.channels_last = bool(channels_last)
         self.epoch = 0
-        n = len(self.y)
-        self.num_samples = math.ceil(n / self.world_size) if self.train else len(range(self.rank, n, self.world_size))
+        self.num_samples = shard_size(len(self.y), self.train, self.rank, self.world_size)
         self._scale, self._shift = normalisation(mean, std, self.device)
 
     def set_epoch(self, epoch: int) -> None:
@@ -53,14 +81,7 @@ class BatchLoader:
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in batch order (CPU int64)."""
-        n = len(self.y)
-        if not self.train:
-            return torch.arange(self.rank, n, self.world_size)
-        perm = torch.randperm(n, generator=seeded_generator("shuffle", self.seed, self.epoch))
-        total = self.num_samples * self.world_size
-        if total > n:
-            perm = perm.repeat(math.ceil(total / n))[:total]
-        return perm[self.rank : total : self.world_size]
+        return rank_order(len(self.y), self.train, self.seed, self.epoch, self.rank, self.world_size)
 
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
         return to_float(xb, self._scale, self._shift, self.channels_last)
@@ -73,9 +94,7 @@ class BatchLoader:
         idx_dev, views_dev = idx.to(self.device), views.to(self.device)
         for start in range(0, len(idx), self.batch_size):
             b, v = idx_dev[start : start + self.batch_size], views_dev[start : start + self.batch_size]
-            xb = self.x.index_select(0, b)
-            if augment:
-                xb = self.views.apply(xb, v)
+            xb = view_images(self.views, self.x.index_select(0, b), b, v, self.train)
             yield self.normalise(xb), self.y.index_select(0, b), ViewKeys(b, v)
 
     def __iter__(self):

@@ -16,10 +16,20 @@ import torch.nn.functional as F
 
 from kdray.core.errors import KdrayError, choice_error
 from kdray.core.io import first_line
-from kdray.data.bundle import DEFAULT_IMAGE_SIZE, DataBundle, channel_stats, resize_batch
+from kdray.data.access import (
+    CATALOGS,
+    bundle_fingerprint,
+    choose_path,
+    decode_catalog,
+    stats_sample_of,
+    streamed_bundle,
+)
+from kdray.data.bundle import DEFAULT_IMAGE_SIZE, PAD_CROP_MAX_SIZE, DataBundle, channel_stats, resize_batch
+from kdray.data.catalog import ImageReader
 from kdray.data.imagefolder import load_imagefolder
+from kdray.data.resized_crop import DEFAULT_RATIO, DEFAULT_SCALE, DEFAULT_VIEW_COUNT, ResizedCropViews
 from kdray.data.splits import TEST_FRACTION, Split, seeded_generator, split_indices
-from kdray.data.views import default_crop_padding
+from kdray.data.views import ViewSpec, default_crop_padding
 
 _DOWNLOAD_SOCKET_TIMEOUT = 60.0  # seconds per socket operation while torchvision downloads
 
@@ -109,6 +119,12 @@ def _load_cifar100(cfg, size):
 source("imagefolder")(load_imagefolder)
 
 
+@source("webdataset")
+def _load_webdataset(cfg, size):
+    """WebDataset-style tar shards (KEY.jpg + KEY.cls) at ``cfg.data_dir`` (decoded through the catalog)."""
+    raise AssertionError("webdataset is read through its catalog")  # load_data never calls this
+
+
 @source("fake", hflip=False)
 def _load_fake(cfg, size, n_train=600, n_test=200, num_classes=10):
     """Synthetic images: a colour and a coarse pattern per class plus noise (seeded, no files)."""
@@ -146,8 +162,35 @@ def _check_load_options(val_fraction: float, train_fraction: float, size: int) -
         raise KdrayError(f"image_size={size!r} is out of range; allowed: >= 8")
 
 
+def make_views(cfg, size: int, hflip_default: bool):
+    """The training views of ``cfg`` at ``size`` px: pad-and-crop up to 64 px (CIFAR-size), else
+    RandomResizedCrop (``views: auto``), or the kind ``cfg.views`` names."""
+    hflip = getattr(cfg, "hflip", None)
+    hflip = hflip_default if hflip is None else bool(hflip)
+    kind = getattr(cfg, "views", "auto")
+    if kind == "auto":
+        kind = "pad_crop" if size <= PAD_CROP_MAX_SIZE else "resized_crop"
+    if kind == "resized_crop":
+        count = int(getattr(cfg, "view_count", DEFAULT_VIEW_COUNT))
+        if count < 1:
+            raise KdrayError(f"view_count={count!r} is out of range; allowed: >= 1")
+        return ResizedCropViews(size, count, tuple(getattr(cfg, "crop_scale", DEFAULT_SCALE)),
+                                tuple(getattr(cfg, "crop_ratio", DEFAULT_RATIO)), hflip)
+    crop = getattr(cfg, "crop_padding", None)
+    return ViewSpec(default_crop_padding(size) if crop is None else int(crop), hflip)
+
+
+def _tensors_of(cfg, name: str, side: int, catalog):
+    """(classes, x, y, test_x, test_y) decoded at ``side``: a catalog through its reader (image
+    folders through their decode cache), any other source through its loader."""
+    if catalog is None or name == "imagefolder":
+        return SOURCES[name].load(cfg, side)
+    return decode_catalog(catalog, ImageReader(catalog.kind, side, getattr(cfg, "bad_images", "fail")))
+
+
 def load_data(cfg) -> DataBundle:
-    """Load ``cfg.dataset`` as uint8 tensors, split train/val/test and compute train statistics."""
+    """Load ``cfg.dataset``: split train/val/test, compute train statistics, and hold the splits
+    decoded in memory or stream them (:func:`kdray.data.access.choose_path`)."""
     name = getattr(cfg, "dataset", "digits")
     if name not in SOURCES:
         raise choice_error("dataset", name, tuple(SOURCES))
@@ -155,8 +198,13 @@ def load_data(cfg) -> DataBundle:
     val_fraction = float(getattr(cfg, "val_fraction", 0.1))
     train_fraction = float(getattr(cfg, "train_fraction", 1.0))
     _check_load_options(val_fraction, train_fraction, size)
-    classes, x, y, test_x, test_y = SOURCES[name].load(cfg, size)
-
+    views = make_views(cfg, size, SOURCES[name].hflip)
+    side = views.base_size or size
+    catalog = CATALOGS[name](cfg) if name in CATALOGS else None
+    path = choose_path(cfg, catalog, side) if catalog is not None else "memory"
+    if path == "stream":
+        return streamed_bundle(cfg, name, catalog, views, size, val_fraction, train_fraction)
+    classes, x, y, test_x, test_y = _tensors_of(cfg, name, side, catalog)
     idx = split_indices(y, val_fraction=val_fraction, train_fraction=train_fraction,
                         data_seed=int(getattr(cfg, "data_seed", 0) or 0),
                         test_fraction=TEST_FRACTION if test_x is None else None)
@@ -164,19 +212,9 @@ def load_data(cfg) -> DataBundle:
         test_x, test_y = x[idx["test"]], y[idx["test"]]
     split = lambda i: Split(x[i].contiguous(), y[i].contiguous())
     train = split(idx["train"])
-    mean, std = channel_stats(train.x)
-    crop = getattr(cfg, "crop_padding", None)
-    hflip = getattr(cfg, "hflip", None)
+    mean, std = stats_sample_of(train.x) if catalog is not None else channel_stats(train.x)
     return DataBundle(
-        name=name,
-        classes=list(classes),
-        train=train,
-        val=split(idx["val"]),
-        test=Split(test_x.contiguous(), test_y.long().contiguous()),
-        mean=mean,
-        std=std,
-        image_size=size,
-        crop_padding=default_crop_padding(size) if crop is None else int(crop),
-        hflip=SOURCES[name].hflip if hflip is None else bool(hflip),
+        name=name, classes=list(classes), train=train, val=split(idx["val"]),
+        test=Split(test_x.contiguous(), test_y.long().contiguous()), mean=mean, std=std, image_size=size,
+        views=views, fingerprint=bundle_fingerprint(catalog, idx, side) if catalog is not None else "",
     )
-

@@ -18,10 +18,12 @@ _TEST_SPLIT_SEED = 20240601  # fixed forever: the test split never changes
 
 @dataclass
 class Split:
-    """One split: ``x`` uint8 [N,3,H,W] (CPU, contiguous) and ``y`` int64 [N]."""
+    """One split: ``x`` uint8 [N,3,H,W] (CPU, contiguous) and ``y`` int64 [N]; a streamed split has
+    no ``x`` but ``records``, each sample's locator (see :mod:`kdray.data.catalog`)."""
 
-    x: torch.Tensor
+    x: Optional[torch.Tensor]
     y: torch.Tensor
+    records: Optional[list] = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -37,6 +37,22 @@ def crop_and_flip(x: torch.Tensor, crop_padding: int, dy: torch.Tensor, dx: torc
     return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors (products stay below 2^62: no int64 overflow)."""
+    x = x & 0xFFFFFFFF
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def view_ids(count: int, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """The view (of ``count``) each sample ``index`` is seen as in ``epoch``: a pure function of
+    (seed, epoch, sample index), independent of batch size, rank, worker count, shard assignment and
+    shuffle order, so a teacher's output for it can be recomputed or looked up anywhere."""
+    x = index.to(torch.int64) + mixed_seed("view", seed, epoch) % (1 << 31)
+    return mix32(x) % count
+
+
 @dataclass(frozen=True)
 class ViewSpec:
     """The finite set of training views: every crop offset of a ``crop_padding``-padded image, each
@@ -57,18 +73,22 @@ class ViewSpec:
     def to_dict(self) -> dict:
         return {"crop_padding": self.crop_padding, "hflip": self.hflip}
 
-    def view_ids(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
-        """The view of each sample ``index`` in ``epoch``: a pure function of (seed, epoch, sample
-        index), independent of batch size, rank, worker count and shuffle order, so a teacher's
-        output for it can be recomputed or looked up anywhere."""
-        x = index.to(torch.int64) + mixed_seed("view", seed, epoch) % (1 << 31)
-        for _ in range(2):  # a 32-bit integer mixer; products stay below 2^62, no int64 overflow
-            x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
-        x = (x >> 16) ^ x
-        return x % self.count
+    def eval(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation image: the stored image itself."""
+        return x
 
-    def apply(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """The uint8 batch ``x`` (sample b seen as view ``views[b]``)."""
+    @property
+    def base_size(self) -> Optional[int]:
+        """Side of the stored images these views are cut from (None: the input size itself)."""
+        return None
+
+    def view_ids(self, seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """The view of each sample ``index`` in ``epoch`` (see :func:`view_ids`)."""
+        return view_ids(self.count, seed, epoch, index)
+
+    def apply(self, x: torch.Tensor, views: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The uint8 batch ``x`` (sample b seen as view ``views[b]``; ``index`` is not needed:
+        every sample has the same set of crop offsets)."""
         if not self.augments:
             return x
         flip = None

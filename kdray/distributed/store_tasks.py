@@ -10,7 +10,6 @@ import torch
 
 from kdray.data.bundle import DataBundle
 from kdray.data.splits import Split
-from kdray.data.views import ViewSpec
 from kdray.teachers.store import (
     TeacherStore,
 )
@@ -29,7 +28,7 @@ def _rows_task(ensemble, data: DataBundle, precision, feats: bool, codes: torch.
     here = Precision(device, precision.use_amp, precision.channels_last)
     ensemble = on_device(ensemble, here)
     source = LiveTeacherOutputs(ensemble, here.autocast, feats)
-    return compute_rows(source, data, ViewSpec(data.crop_padding, data.hflip), codes, here.channels_last)
+    return compute_rows(source, data, data.views, codes, here.channels_last)
 
 
 def ray_builder(cpus: float = 1.0, gpus: float = 0.0, slots: Optional[int] = None) -> Callable[..., Builder]:
@@ -64,7 +63,7 @@ def ray_builder(cpus: float = 1.0, gpus: float = 0.0, slots: Optional[int] = Non
 
 
 def _empty(split: Split) -> Split:
-    return Split(split.x[:0], split.y[:0])
+    return Split(split.x[:0] if split.x is not None else None, split.y[:0], [] if split.records is not None else None)
 
 
 def share(store: Optional[TeacherStore]):

@@ -42,6 +42,8 @@ FORMAT = 1
 # ---------------------------------------------------------------------------------------------
 def data_fingerprint(data: DataBundle) -> str:
     """The train split's images and labels, in order (row i of a store is train sample i)."""
+    if data.fingerprint:  # a catalogued set: its files and split, without hashing every pixel
+        return f"{data.fingerprint}|{data.mean}|{data.std}"
     h = hashlib.blake2b(digest_size=16)
     for t in (data.train.x, data.train.y):
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
@@ -50,7 +52,7 @@ def data_fingerprint(data: DataBundle) -> str:
     return h.hexdigest()
 
 
-def store_key(manifest: dict, data: DataBundle, views: ViewSpec, precision) -> dict:
+def store_key(manifest: dict, data: DataBundle, views, precision) -> dict:
     return {
         "format": FORMAT,
         "teachers": [t.get("sha256") for t in manifest["teachers"]],
@@ -71,7 +73,7 @@ def mismatch(store: "TeacherStore", manifest: Optional[dict], data: DataBundle, 
     """Why ``store`` cannot serve a run on ``data`` in ``precision`` (None when it can): another
     data set, split, view set, precision or teacher set gives other outputs, or other rows."""
     key = store.key
-    views = ViewSpec(data.crop_padding, data.hflip)
+    views = data.views
     want = {"dataset": data.name, "image_size": data.image_size, "views": views.to_dict(),
             "precision": precision_key(precision)}
     for name, value in want.items():

@@ -14,8 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from kdray.core.errors import KdrayError
+from kdray.data.access import train_view_images
 from kdray.data.bundle import DataBundle
-from kdray.data.views import ViewSpec, normalisation, to_float
+from kdray.data.views import normalisation, to_float
 from kdray.teachers.store import (
     DEFAULT_BUDGET_GB,
     STORES,
@@ -34,16 +35,13 @@ from kdray.teachers.store import (
 # ---------------------------------------------------------------------------------------------
 # computing rows
 # ---------------------------------------------------------------------------------------------
-def view_batch(data: DataBundle, views: ViewSpec, codes: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def view_batch(data: DataBundle, views, codes: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """The normalised float images of pairs ``codes``, exactly as the train loader makes them."""
     idx, v = codes // views.count, codes % views.count
-    x = data.train.x.index_select(0, idx)
-    if views.augments:
-        x = views.apply(x, v)
-    return to_float(x, *normalisation(data.mean, data.std), channels_last)
+    return to_float(train_view_images(data, idx, v), *normalisation(data.mean, data.std), channels_last)
 
 
-def compute_rows(source, data: DataBundle, views: ViewSpec, codes: torch.Tensor, channels_last: bool,
+def compute_rows(source, data: DataBundle, views, codes: torch.Tensor, channels_last: bool,
                  batch: int = 256) -> tuple:
     """Teacher outputs of ``codes`` in batches: (logits [R,K,C], feats per teacher or None)."""
     logits, feats = [], []
@@ -94,8 +92,8 @@ class StoreRequest:
     root: Optional[Path] = None
 
     @property
-    def views(self) -> ViewSpec:
-        return ViewSpec(self.data.crop_padding, self.data.hflip)
+    def views(self):
+        return self.data.views
 
     def folder(self, key: dict) -> Path:
         return Path(self.root or Path(self.teachers_dir) / STORES) / key_digest(key)

@@ -18,6 +18,7 @@ import yaml
 from kdray.core.errors import KdrayError
 from kdray.core.io import first_line
 from kdray.core.values import coerce_value
+from kdray.data.bundle import BAD_IMAGE_POLICIES, DATA_PATHS, VIEW_KINDS
 from kdray.distill import HPARAMS, RESERVED_NAMES
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -44,6 +45,13 @@ class RunConfig:
     image_size: Optional[int] = None  # None: the dataset's own default
     crop_padding: Optional[int] = None  # None: the dataset's default (4 at 32 px)
     hflip: Optional[bool] = None  # None: the dataset's default (off for digits)
+    views: str = "auto"  # auto: pad_crop up to 64 px, resized_crop (ImageNet-style) above
+    view_count: int = 256  # resized_crop: the finite set of views each sample owns (V)
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # resized_crop: area share range
+    crop_ratio: list = field(default_factory=lambda: [0.75, 4 / 3])  # resized_crop: aspect range
+    data_path: str = "auto"  # auto: in memory when the decoded set fits in_memory_limit_gb, else streamed
+    in_memory_limit_gb: float = 4.0
+    bad_images: str = "fail"  # an undecodable image: fail the run, or skip it (counted and said)
     student: str = "resnet8"
     teachers: Optional[str] = None  # a directory written by `kdray teachers train`
     # --- optimisation --------------------------------------------------------------------
@@ -91,7 +99,8 @@ class RunConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "hparams"}
 _HINTS = typing.get_type_hints(RunConfig)
 RESERVED_NAMES.update(FIELDS, {"hparams"})  # a method may not declare a run-config key
-CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES}
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "views": VIEW_KINDS,
+           "data_path": DATA_PATHS, "bad_images": BAD_IMAGE_POLICIES}
 #: the range of each numeric field: (test, what is allowed)
 RANGES = {
     "train_fraction": (lambda v: 0 < v <= 1, "0 < train_fraction <= 1"),
@@ -105,6 +114,10 @@ RANGES = {
     "workers": (lambda v: v >= 1, ">= 1"),
     "image_size": (lambda v: v is None or v >= 8, ">= 8"),
     "crop_padding": (lambda v: v is None or v >= 0, ">= 0"),
+    "view_count": (lambda v: v >= 1, ">= 1"),
+    "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1"),
+    "crop_ratio": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
+    "in_memory_limit_gb": (lambda v: v >= 0, ">= 0"),
 }
 
 

@@ -65,17 +65,22 @@ def _resolve_teachers(cfg, method_cls, data: DataBundle, teachers, precision: Pr
 
 
 def make_loaders(cfg, data: DataBundle, precision: Precision, rank: int, world: int) -> Loaders:
-    """The loaders of this rank: the global batch split evenly across ``world`` ranks."""
+    """The loaders of this rank: the global batch split evenly across ``world`` ranks; a streamed
+    bundle's through Ray Data (:class:`~kdray.data.stream.StreamLoader`), else from memory."""
     per_rank_batch = cfg.batch_size // world
     shard = dict(mean=data.mean, std=data.std, device=precision.device, rank=rank, world_size=world,
-                 channels_last=precision.channels_last)
-    train = BatchLoader(data.train, per_rank_batch, train=True, crop_padding=data.crop_padding,
-                        hflip=data.hflip, seed=cfg.seed, **shard)
+                 channels_last=precision.channels_last, views=data.views)
+    if data.streamed:
+        from kdray.data.stream import StreamLoader
+
+        loader = lambda split, batch, **kw: StreamLoader(split, data.reader, batch, **kw, **shard)
+    else:
+        loader = lambda split, batch, **kw: BatchLoader(split, batch, **kw, **shard)
     return Loaders(
-        train=train,
-        val=BatchLoader(data.val, cfg.eval_batch_size, train=False, **shard),
-        test=BatchLoader(data.test, cfg.eval_batch_size, train=False, **shard),
-        bn=BatchLoader(data.train, per_rank_batch, train=False, **shard) if cfg.precise_bn else None,
+        train=loader(data.train, per_rank_batch, train=True, seed=cfg.seed),
+        val=loader(data.val, cfg.eval_batch_size, train=False),
+        test=loader(data.test, cfg.eval_batch_size, train=False),
+        bn=loader(data.train, per_rank_batch, train=False) if cfg.precise_bn else None,
     )
 
 

@@ -1,0 +1,117 @@
+"""The streaming path: a split too large to hold decoded is read, decoded and cut into its views by
+Ray Data tasks spread over the cluster's CPUs, one epoch of one rank's shard at a time.
+
+Each Train worker streams exactly the samples :func:`kdray.data.loader.rank_order` gives its rank
+(the shard ``DistributedSampler`` and the in-memory loader give it), each seen as the view of
+(seed, epoch, index), in the same order: a streamed run sees the batches an in-memory run sees.
+What a worker holds is bounded by Ray Data's streaming executor (its backpressure keeps the blocks
+in flight within the object store's budget, spilling beyond it), not by the set: one epoch's list
+of this rank's locators, and a few batches in flight.
+
+Why a dataset per epoch and rank rather than Ray Train's ``datasets=`` / ``get_dataset_shard``:
+the view of a sample depends on the epoch, which a dataset handed to the trainer once cannot know
+inside its map tasks; building the epoch's dataset in the worker passes it in, and keeps the shard
+assignment independent of Ray's block placement, so teacher outputs stored by (sample, view) match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kdray.data.bundle import log
+from kdray.data.catalog import ImageReader, display
+from kdray.data.loader import check_shard, rank_order, shard_size, view_images
+from kdray.data.splits import Split
+from kdray.data.views import ViewKeys, normalisation, to_float
+
+ROWS_PER_TASK = 64  # images one Ray Data task decodes: enough to amortise a task, small enough to spread
+
+
+def decode_batch(batch: dict, reader: ImageReader, views, train: bool) -> dict:
+    """A Ray Data task's work: fetch and decode ``batch["loc"]``, cut each sample's view."""
+    x, ok = reader.decode(list(batch["loc"]))
+    index, view = torch.from_numpy(batch["index"]), torch.from_numpy(batch["view"])
+    x = view_images(views, x, index, view, train)
+    return {"x": x.numpy(), "ok": ok.numpy(), "index": batch["index"], "view": batch["view"],
+            "loc": batch["loc"]}
+
+
+def _epoch_dataset(records, index: torch.Tensor, view: torch.Tensor, fn_kwargs: dict):
+    """The Ray Dataset of one epoch of one rank: blocks of ``ROWS_PER_TASK`` locators in order."""
+    import pyarrow as pa
+    import ray.data
+
+    locs = pa.array(records).take(pa.array(index.numpy()))
+    tables = [pa.table({"index": index[s : s + ROWS_PER_TASK].numpy(), "view": view[s : s + ROWS_PER_TASK].numpy(),
+                        "loc": locs[s : s + ROWS_PER_TASK]})
+              for s in range(0, len(index), ROWS_PER_TASK)]
+    # order matters: the batches must be the rank's shard in its order (Ray Data may reorder
+    # otherwise). The setting is the process's current DataContext, which a dataset copies when made.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_arrow(tables)
+    return ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs)
+
+
+class StreamLoader:
+    """A split's batches streamed through Ray Data; the interface of
+    :class:`kdray.data.loader.BatchLoader` (``set_epoch``, ``with_views``, iteration, ``len``).
+
+    ``skipped`` counts the undecodable images dropped this epoch (``bad_images: skip``); the first
+    is named in the log line at the epoch's end."""
+
+    def __init__(self, split: Split, reader: ImageReader, batch_size: int, *, mean, std, views, device="cpu",
+                 train: bool, seed=0, rank=0, world_size=1, channels_last=False, prefetch: int = 4):
+        check_shard(batch_size, rank, world_size)
+        self.records, self.y = split.records, split.y
+        self.reader, self.views = reader, views
+        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.device, self.channels_last, self.prefetch = torch.device(device), bool(channels_last), prefetch
+        self.epoch, self.skipped = 0, 0
+        self.num_samples = shard_size(len(self.y), self.train, self.rank, self.world_size)
+        self._scale, self._shift = normalisation(mean, std, self.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        return rank_order(len(self.y), self.train, self.seed, self.epoch, self.rank, self.world_size)
+
+    def _views(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.train and self.views.augments:
+            return self.views.view_ids(self.seed, self.epoch, idx)
+        return torch.zeros_like(idx)
+
+    def uint8_batches(self):
+        """``(uint8 x, index, view)`` of each batch of the epoch, on the CPU, undecodable images dropped."""
+        idx = self.indices()
+        ds = _epoch_dataset(self.records, idx, self._views(idx),
+                            {"reader": self.reader, "views": self.views, "train": self.train})
+        self.skipped, first_bad = 0, None
+        for b in ds.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=self.prefetch):
+            ok = b["ok"]
+            if not ok.all():
+                self.skipped += int((~ok).sum())
+                first_bad = first_bad or display(str(b["loc"][~ok][0]))
+            yield (torch.from_numpy(np.ascontiguousarray(b["x"][ok])), torch.from_numpy(b["index"][ok]),
+                   torch.from_numpy(b["view"][ok]))
+        if self.skipped:
+            log(f"skipped {self.skipped} undecodable image(s) in this epoch (bad_images: skip; first: {first_bad})")
+
+    def with_views(self):
+        for x, index, view in self.uint8_batches():
+            if len(index) == 0:
+                continue
+            idx_dev, view_dev = index.to(self.device), view.to(self.device)
+            xb = to_float(x.to(self.device, non_blocking=True), self._scale, self._shift, self.channels_last)
+            yield xb, self.y.index_select(0, index).to(self.device), ViewKeys(idx_dev, view_dev)
+
+    def __iter__(self):
+        for x, y, _ in self.with_views():
+            yield x, y

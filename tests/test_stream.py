@@ -1,0 +1,157 @@
+"""The streaming data path (Ray Data) against the in-memory one: the same splits, statistics and
+views bit for bit, at any world size; WebDataset tar shards; ImageNet-style views; bad input."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from datahelpers import write_image, write_tree
+from kdray.core.errors import KdrayError
+from kdray.data.resized_crop import ResizedCropViews, base_size_for
+from kdray.data.sources import load_data
+from kdray.training.config import RunConfig, from_dict
+
+
+def tree_cfg(root, **kw) -> RunConfig:
+    base = dict(dataset="imagefolder", data_dir=str(root), image_size=72, val_fraction=0.2, view_count=8)
+    return from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return write_tree(tmp_path_factory.mktemp("tree") / "t", per_class=10)
+
+
+def _uint8_epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    if hasattr(loader, "uint8_batches"):
+        return [(x, i, v) for x, i, v in loader.uint8_batches()]
+    from kdray.data.loader import view_images
+
+    idx = loader.indices()
+    views = loader.views.view_ids(loader.seed, epoch, idx) if loader.train else torch.zeros_like(idx)
+    out = []
+    for s in range(0, len(idx), loader.batch_size):
+        b, v = idx[s : s + loader.batch_size], views[s : s + loader.batch_size]
+        out.append((view_images(loader.views, loader.x.index_select(0, b), b, v, loader.train), b, v))
+    return out
+
+
+def test_resized_crop_views_are_a_finite_replayable_set():
+    views = ResizedCropViews(64, count=5, scale=(0.2, 1.0), ratio=(0.5, 2.0))
+    idx = torch.arange(400)
+    ids = views.view_ids(3, 7, idx)
+    assert ids.min() >= 0 and ids.max() < 5 and torch.equal(ids, views.view_ids(3, 7, idx.flip(0)).flip(0))
+    boxes = views.boxes(idx.repeat_interleave(5), torch.arange(5).repeat(400))
+    side = base_size_for(64)
+    top, left, h, w, flip = boxes.T
+    assert side == 73 and (top >= 0).all() and (left >= 0).all() and (top + h <= side).all() and (left + w <= side).all()
+    area = (h * w).double() / side**2
+    assert area.min() >= 0.15 and area.max() <= 1.0 and 0.3 < flip.double().mean() < 0.7
+    assert len({tuple(b) for b in boxes.tolist()}) > 1800  # distinct crops per (sample, view)
+    x = torch.randint(0, 256, (3, 3, side, side), dtype=torch.uint8)
+    out = views.apply(x, torch.tensor([0, 1, 2]), torch.tensor([4, 5, 6]))
+    assert out.shape == (3, 3, 64, 64) and out.dtype == torch.uint8
+    assert torch.equal(views.eval(x), x[..., 4:68, 4:68])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_streamed_views_equal_the_in_memory_ones_at_any_world_size(tree, world, local_ray):
+    from kdray.core.device import Precision
+    from kdray.training.prepare import make_loaders
+
+    mem = load_data(tree_cfg(tree, data_path="memory"))
+    stream = load_data(tree_cfg(tree, data_path="stream"))
+    assert stream.streamed and not mem.streamed and isinstance(mem.views, ResizedCropViews)
+    assert stream.mean == mem.mean and stream.std == mem.std and stream.fingerprint == mem.fingerprint
+    for part in ("train", "val", "test"):
+        assert torch.equal(getattr(stream, part).y, getattr(mem, part).y)
+    cfg = tree_cfg(tree, batch_size=6 * world, eval_batch_size=5)
+    prec = Precision(torch.device("cpu"), False, False)
+    for rank in range(world):
+        a, b = make_loaders(cfg, mem, prec, rank, world), make_loaders(cfg, stream, prec, rank, world)
+        for ld_a, ld_b, epoch in ((a.train, b.train, 0), (a.train, b.train, 3), (a.val, b.val, 0)):
+            got, want = _uint8_epoch(ld_b, epoch), _uint8_epoch(ld_a, epoch)
+            assert len(got) == len(want)
+            for (xg, ig, vg), (xw, iw, vw) in zip(got, want):
+                assert torch.equal(ig, iw) and torch.equal(vg, vw) and torch.equal(xg, xw)
+        xs = [x for x, _ in b.train]
+        assert xs[0].dtype == torch.float32 and xs[0].shape[-1] == 72
+
+
+def write_shards(folder: Path, tree: Path, per_shard: int = 7) -> list:
+    """WebDataset-style shards of ``tree``'s images (KEY.ext + KEY.cls), and classes.txt."""
+    classes = sorted(p.name for p in tree.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((tree / name).iterdir())
+             if f.suffix in (".jpg", ".png")]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("\n".join(classes) + "\n")
+    for s in range(0, len(files), per_shard):
+        with tarfile.open(folder / f"shard-{s // per_shard:05d}.tar", "w") as tar:
+            for k, (f, c) in enumerate(files[s : s + per_shard]):
+                key = f"s{s + k:06d}"
+                tar.add(f, arcname=key + f.suffix)
+                data = str(c).encode()
+                info = tarfile.TarInfo(key + ".cls")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return files
+
+
+def test_webdataset_shards_stream_and_load_the_same_images(tree, tmp_path, local_ray):
+    files = write_shards(tmp_path / "shards", tree)
+    mem = load_data(tree_cfg(tmp_path / "shards", dataset="webdataset", data_path="memory"))
+    stream = load_data(tree_cfg(tmp_path / "shards", dataset="webdataset", data_path="stream"))
+    assert mem.classes == ["cat", "dog", "emu"] and len(mem.train) + len(mem.val) + len(mem.test) == len(files)
+    assert torch.equal(mem.train.y, stream.train.y) and stream.mean == mem.mean
+    from kdray.data.stream import StreamLoader
+
+    ld = StreamLoader(stream.test, stream.reader, 4, mean=stream.mean, std=stream.std, views=stream.views, train=False)
+    got = torch.cat([x for x, _, _ in ld.uint8_batches()])
+    assert torch.equal(got, stream.views.eval(mem.test.x))
+
+
+def test_bad_inputs_get_one_line(tree, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with tarfile.open(empty / "a.tar", "w") as tar:
+        info = tarfile.TarInfo("x.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"0"))
+    with pytest.raises(KdrayError, match="holds no images"):
+        load_data(tree_cfg(empty, dataset="webdataset"))
+    with pytest.raises(KdrayError, match="no .tar shards"):
+        load_data(tree_cfg(tmp_path, dataset="webdataset"))
+    with pytest.raises(KdrayError, match="view_count"):
+        tree_cfg(tree, view_count=0)
+    with pytest.raises(KdrayError, match="cannot reach|cannot list"):
+        load_data(tree_cfg("nosuchscheme://bucket/set"))
+
+
+def test_an_undecodable_image_fails_or_is_skipped_and_counted(tmp_path, local_ray, capsys):
+    root = write_tree(tmp_path / "t", per_class=8)
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(KdrayError, match="cannot decode image .*broken.jpg"):
+        load_data(tree_cfg(root, data_path="memory", bad_images="fail"))
+    data = load_data(tree_cfg(root, data_path="stream", bad_images="skip", val_fraction=0.5))
+    from kdray.data.stream import StreamLoader
+
+    seen = 0
+    for split in (data.train, data.val, data.test):
+        ld = StreamLoader(split, data.reader, 4, mean=data.mean, std=data.std, views=data.views, train=False)
+        seen += sum(len(i) for _, i, _ in ld.uint8_batches())
+    assert seen == 3 * 8  # the broken image dropped
+    assert "skipped 1 undecodable image" in capsys.readouterr().err
+
+
+def test_auto_path_follows_the_decoded_size_and_says_why(tree, capsys):
+    load_data(tree_cfg(tree, in_memory_limit_gb=1.0))
+    assert "data path: memory" in capsys.readouterr().err
+    small = load_data(tree_cfg(tree, in_memory_limit_gb=1e-6))
+    err = capsys.readouterr().err
+    assert small.streamed and "data path: stream" in err and "in_memory_limit_gb" in err
