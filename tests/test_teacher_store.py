@@ -133,7 +133,8 @@ def test_store_is_reused_extended_and_verified(fake_teachers, tmp_path):
     assert again.rows == first.rows and "covers the run" in logs[-1]
     longer = open_teacher_store(cfg.replace(epochs=4), root=tmp_path, log=logs.append)
     assert longer.rows > first.rows and longer.meta["digest"] == first.meta["digest"]
-    assert torch.equal(longer.logits[: first.rows], first.logits)  # old rows kept, new ones appended
+    kept = longer.lookup(first.codes)  # old rows kept, new ones merged in code order
+    assert bool((kept >= 0).all()) and torch.equal(longer.logits_of(kept), first.logits_of(torch.arange(first.rows)))
     # another data split is another key
     other = open_teacher_store(cfg.replace(train_fraction=0.5), root=tmp_path, **QUIET)
     assert other.meta["digest"] != first.meta["digest"] and len(list_stores(tmp_path)) == 2
@@ -165,7 +166,8 @@ def test_extending_a_store_with_feature_maps_from_a_run_without_them(fake_teache
     assert open_teacher_store(feed, root=tmp_path, **QUIET).feats is not None
     logs = []
     kd = open_teacher_store(feed.replace(method="kd", epochs=3), root=tmp_path, log=logs.append)
-    assert kd.feats is None and int((kd.index >= 0).sum()) == kd.rows and any("logits only" in x for x in logs)
+    assert kd.feats is None and len(kd.codes) == len(kd.parts["logits"]) == kd.rows
+    assert any("logits only" in x for x in logs)
     res = fit(feed, checkpoint_root=str(tmp_path / "f"), teacher_store=kd, **QUIET)  # feature maps online
     assert res["metrics"]["teacher_images"] > 0
 

@@ -18,6 +18,7 @@ from kdray.distill.base import TeacherInfo
 from kdray.teachers.ensemble import LiveTeacherOutputs, TeacherEnsemble, load_teachers
 from kdray.teachers.manifest import MANIFEST, read_manifest
 from kdray.teachers.store import DEFAULT_BUDGET_GB, TeacherStore, mismatch
+from kdray.teachers.store_codec import LogitEncoding
 from kdray.teachers.store_fill import StoreRequest, ensure_store
 
 
@@ -44,15 +45,16 @@ def teacher_view_epochs(cfg) -> tuple:
 
 def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, epochs=None, feats=None,
                        root=None, budget_gb: float = DEFAULT_BUDGET_GB, builder=None, device=None,
-                       log=print) -> Optional[TeacherStore]:
+                       encoding: LogitEncoding = LogitEncoding(), log=print) -> Optional[TeacherStore]:
     """The teacher store of ``cfg``'s teachers, data, views and precision (that of ``device``, the
-    trials' device type), holding every view of ``seeds`` x ``epochs`` (default: the config's own);
-    rows it lacks are computed and saved: by ``builder(ensemble, data, precision, feats)`` (a
-    :data:`~kdray.teachers.store_fill.Builder` factory, e.g. Ray tasks) or else here. None for a method
-    without teachers."""
+    trials' device type), its logits kept as ``encoding`` says, holding every view of ``seeds`` x
+    ``epochs`` (default: the config's own); rows it lacks are computed and saved: by
+    ``builder(ensemble, data, precision, feats)`` (a :data:`~kdray.teachers.store_fill.Builder`
+    factory, e.g. a Ray Data pipeline) or else here. None for a method without teachers."""
     method_cls = get_method(cfg.method)
     if method_cls.min_teachers == 0 or not cfg.teachers:
         return None
+    encoding.check()  # a bad option stops here, before the data and teachers load
     precision = Precision.for_config(cfg, torch.device(device) if device else pick_device(cfg))
     here = precision if builder is None else Precision(torch.device("cpu"), precision.use_amp, precision.channels_last)
     data = data or load_data(cfg)
@@ -61,7 +63,7 @@ def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, ep
     source = LiveTeacherOutputs(ensemble, here.autocast, want_feats)
     req = StoreRequest(Path(cfg.teachers), data, precision, tuple(seeds or (cfg.seed,)),
                        tuple(epochs or teacher_view_epochs(cfg)), want_feats, budget_gb,
-                       Path(root) if root else None)
+                       Path(root) if root else None, encoding)
     build = builder(ensemble, data, precision, want_feats) if builder is not None else None
     return ensure_store(req, source, build=build, log=log)
 
@@ -83,17 +85,17 @@ class StoredTeacherOutputs:
         return self.store.info
 
     def __call__(self, x: torch.Tensor, keys: ViewKeys) -> dict:
-        codes = keys.index.cpu() * self.store.index.shape[1] + keys.view.cpu()
-        rows = self.store.index.view(-1)[codes].long()
+        codes = keys.index.cpu().long() * self.store.view_count + keys.view.cpu().long()
+        rows = self.store.lookup(codes)
         miss = rows < 0
         if miss.any():
             return self._with_live(x, rows, miss)
         return self._gather(rows)
 
     def _gather(self, rows: torch.Tensor) -> dict:
-        logits = self.store.logits.index_select(0, rows).transpose(0, 1)
+        logits = self.store.logits_of(rows, self.device).transpose(0, 1)
         feats = [f.index_select(0, rows).to(self.device) for f in self.store.feats] if self.feats else []
-        return {"logits": logits.to(self.device), "feats": feats}
+        return {"logits": logits, "feats": feats}
 
     def _with_live(self, x: torch.Tensor, rows: torch.Tensor, miss: torch.Tensor) -> dict:
         if self._live is None:

@@ -1,6 +1,6 @@
 """Completing a teacher store: which (sample, view) rows a run or sweep needs, whether logits and
 feature maps fit the budget and the disk, the missing rows computed (here, or by a builder such
-as Ray tasks) and the store saved; read-only folders keep it in memory for the run."""
+as a Ray Data pipeline) and the store saved; read-only folders keep it in memory for the run."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from kdray.data.bundle import DataBundle
 from kdray.data.views import normalisation, to_float
 from kdray.teachers.store import (
     DEFAULT_BUDGET_GB,
+    FORMAT,
     STORES,
     TeacherStore,
     check_disk,
@@ -26,10 +27,12 @@ from kdray.teachers.store import (
     gb,
     key_digest,
     load_or_rebuild,
+    outdated_stores,
     pair_codes,
     save,
     store_key,
 )
+from kdray.teachers.store_codec import CODE_BYTES, LogitCodec, LogitEncoding
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,22 +59,22 @@ def compute_rows(source, data: DataBundle, views, codes: torch.Tensor, channels_
 # ---------------------------------------------------------------------------------------------
 # the budget
 # ---------------------------------------------------------------------------------------------
-def row_bytes(sample: dict, feats: bool) -> tuple[int, int]:
-    """(bytes of one row's logits, bytes of its feature maps)."""
-    lg = sample["logits"]
+def row_bytes(sample: dict, codec: LogitCodec, feats: bool) -> tuple[int, int]:
+    """(bytes of one row's encoded logits and its code in the index, bytes of its feature maps)."""
     fb = sum(f[0].numel() * f.element_size() for f in sample["feats"]) if feats else 0
-    return lg.shape[0] * lg.shape[2] * lg.element_size(), fb
+    return CODE_BYTES + codec.row_bytes(sample["logits"].shape[0]), fb
 
 
-def plan_features(rows: int, index_bytes: int, sample: dict, want_feats: bool, budget_gb: float) -> bool:
+def plan_features(rows: int, codec: LogitCodec, sample: dict, want_feats: bool, budget_gb: float) -> bool:
     """Whether feature maps are stored; KdrayError when not even the logits fit ``budget_gb``."""
-    lb, fb = row_bytes(sample, want_feats)
+    lb, fb = row_bytes(sample, codec, want_feats)
     budget = budget_gb * 1024**3
-    need = rows * lb + index_bytes
+    need = rows * lb
     if need > budget:
         raise KdrayError(
-            f"teacher store: {rows} views x {lb} bytes of logits = {gb(need)} exceeds the budget of {budget_gb:g} GB; "
-            "raise --teacher-store-budget or pass --no-teacher-store (teachers run live on every batch)")
+            f"teacher store: {rows} views x {lb} bytes ({codec.describe()}) = {gb(need)} exceeds the budget of "
+            f"{budget_gb:g} GB; raise --teacher-store-budget, choose a smaller --teacher-store-logits (fp16, topk) "
+            "or pass --no-teacher-store (teachers run live on every batch)")
     return want_feats and need + rows * fb <= budget
 
 
@@ -80,7 +83,8 @@ def plan_features(rows: int, index_bytes: int, sample: dict, want_feats: bool, b
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class StoreRequest:
-    """What a run or sweep needs: the teacher set, the data, the views of ``seeds`` x ``epochs``."""
+    """What a run or sweep needs: the teacher set, the data, the views of ``seeds`` x ``epochs``,
+    and how the store keeps logits (``encoding``: part of its key)."""
 
     teachers_dir: Path
     data: DataBundle
@@ -90,16 +94,38 @@ class StoreRequest:
     feats: bool = False
     budget_gb: float = DEFAULT_BUDGET_GB
     root: Optional[Path] = None
+    encoding: LogitEncoding = LogitEncoding()
 
     @property
     def views(self):
         return self.data.views
 
+    @property
+    def root_dir(self) -> Path:
+        return Path(self.root or Path(self.teachers_dir) / STORES)
+
     def folder(self, key: dict) -> Path:
-        return Path(self.root or Path(self.teachers_dir) / STORES) / key_digest(key)
+        return self.root_dir / key_digest(key)
+
+
+@dataclass(frozen=True)
+class StoreChoice:
+    """``--teacher-store DIR|auto`` with its logit encoding, as one value: what ``kdray train`` hands
+    through :func:`kdray.api.train`'s ``teacher_store`` argument to the run's ``open_store`` (a
+    plain folder or "auto" there means encoding auto)."""
+
+    root: str
+    encoding: LogitEncoding = LogitEncoding()
+
+    @classmethod
+    def of(cls, value) -> Optional["StoreChoice"]:
+        if not value:
+            return None
+        return value if isinstance(value, StoreChoice) else cls(str(value))
 
 
 Builder = Callable[[torch.Tensor, Callable[[int, int], None]], tuple]
+BUILD_CHUNK_BYTES = 2 * 1024**3  # fp32 logits one build call returns at most: bounds a build's memory
 
 
 def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log=print) -> TeacherStore:
@@ -108,52 +134,78 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     A store without feature maps is rebuilt with them when a run needs them and the budget allows."""
     from kdray.teachers.manifest import read_manifest
 
-    views = req.views
-    key = store_key(read_manifest(req.teachers_dir), req.data, views, req.precision)
+    codes = pair_codes(len(req.data.train.y), req.views, req.seeds, req.epochs)
+    sample = source(view_batch(req.data, req.views, codes[:1], req.precision.channels_last).to(source.device))
+    codec = req.encoding.resolve(int(sample["logits"].shape[-1]), sample["logits"].dtype)
+    key = store_key(read_manifest(req.teachers_dir), req.data, req.views, req.precision, codec)
     folder = req.folder(key)
+    store, codes = _open(req, key, folder, codes, sample, source.info, log)
+    todo = store.missing(codes)
+    if len(todo) == 0:
+        log(f"teacher store: {folder} covers the run ({store.coverage()}, {gb(store.nbytes)})")
+        return store
+    if store.feats is not None and not plan_features(store.rows + len(todo), codec, sample, True, req.budget_gb):
+        log("teacher store: feature maps for the added views do not fit the budget; they are computed online")
+        store.feats = None
+    lb, fb = row_bytes(sample, codec, store.feats is not None)
+    check_disk(folder.parent, store.nbytes + len(todo) * (lb + fb))  # before the teachers run, not after
+    log(f"teacher store: computing {len(todo)} views x {source.info.count} teachers ({codec.describe()}) into "
+        f"{folder}")
+    t0 = time.perf_counter()
+    _compute_into(store, todo, source, req, build, log)
+    return _save_or_keep(store, folder, time.perf_counter() - t0, log)
+
+
+def _open(req: StoreRequest, key: dict, folder: Path, codes: torch.Tensor, sample: dict, info, log) -> tuple:
+    """The store in ``folder`` (or a new empty one), with feature maps as the request and budget
+    allow, and the codes it must hold (a store rebuilt to add feature maps keeps all its views)."""
     store = load_or_rebuild(folder, log)
-    codes = pair_codes(len(req.data.train.y), views, req.seeds, req.epochs)
-    sample = source(view_batch(req.data, views, codes[:1], req.precision.channels_last).to(source.device))
-    index_bytes = len(req.data.train.y) * views.count * 4
+    codec = LogitCodec.from_key(key["logits"])
+    if store is None:
+        for old in outdated_stores(req.root_dir, key):
+            log(f"teacher store: {old['path']} is in format {old['key'].get('format')} (this kdray writes format "
+                f"{FORMAT}: a sparse index and encoded logits); building a new store (the old folder can be deleted)")
     if store is not None and store.feats is not None and not req.feats and len(store.missing(codes)):
         # this run's source computes no feature maps: new rows would have logits only
         log("teacher store: keeping logits only (this run adds views without computing feature maps)")
         store.feats = None
     if store is not None and req.feats and store.feats is None:
         codes = torch.unique(torch.cat([codes, store.stored_codes()]))
-        if plan_features(len(codes), index_bytes, sample, True, req.budget_gb):
+        if plan_features(len(codes), codec, sample, True, req.budget_gb):
             log("teacher store: adding feature maps (the store held logits only); recomputing its views")
             store = None
     if store is None:
-        feats = plan_features(len(codes), index_bytes, sample, req.feats, req.budget_gb)
-        store = empty_store(key, source.info, len(req.data.train.y), views, sample, feats)
+        feats = plan_features(len(codes), codec, sample, req.feats, req.budget_gb)
+        store = empty_store(key, info, len(req.data.train.y), req.views, sample, feats)
     if req.feats and store.feats is None:
         log("teacher store: feature maps do not fit the budget; they are computed online")
-    todo = store.missing(codes)
-    if len(todo) == 0:
-        log(f"teacher store: {folder} covers the run ({store.coverage()}, {gb(store.nbytes)})")
-        return store
-    if store.feats is not None and not plan_features(store.rows + len(todo), index_bytes, sample, True, req.budget_gb):
-        log("teacher store: feature maps for the added views do not fit the budget; they are computed online")
-        store.feats = None
-    lb, fb = row_bytes(sample, store.feats is not None)
-    check_disk(folder.parent, store.nbytes + len(todo) * (lb + fb))  # before the teachers run, not after
-    log(f"teacher store: computing {len(todo)} views x {source.info.count} teachers into {folder}")
-    t0 = time.perf_counter()
+    return store, codes
+
+
+def _compute_into(store: TeacherStore, todo: torch.Tensor, source, req: StoreRequest, build: Optional[Builder],
+                  log) -> None:
+    """Rows of ``todo`` computed in chunks of at most BUILD_CHUNK_BYTES of fp32 logits, each encoded
+    and added as it comes (a build never holds all rows' raw logits at once)."""
     progress = _progress_line(len(todo), log)
-    if build is None:
-        logits, feats = compute_rows(source, req.data, views, todo, req.precision.channels_last)
-        progress(len(todo), len(todo))
-    else:
-        logits, feats = build(todo, progress)
-    store.add(todo, logits, feats)
-    build_s = time.perf_counter() - t0
+    step = max(1, BUILD_CHUNK_BYTES // (4 * store.info.count * store.codec.classes))
+    for s in range(0, len(todo), step):
+        part = todo[s : s + step]
+        if build is None:
+            logits, feats = compute_rows(source, req.data, req.views, part, req.precision.channels_last)
+        else:
+            logits, feats = build(part, lambda done, _total, base=s: progress(base + done, len(todo)))
+        store.add(part, logits, feats if store.feats is not None else None)
+        progress(s + len(part), len(todo))
+
+
+def _save_or_keep(store: TeacherStore, folder: Path, build_s: float, log) -> TeacherStore:
+    """Saved to ``folder``; a folder that cannot be written keeps the store in memory for this run."""
     try:
         save(store, folder, build_s)
     except (PermissionError, OSError) as exc:  # e.g. a read-only teacher set: the store serves this run from memory
         if getattr(exc, "errno", None) == errno.ENOSPC:  # no space: said (kdray's disk-full line), not hidden
             raise
-        store.meta = {"digest": key_digest(key), "build_s": round(build_s, 2)}
+        store.meta = {"digest": key_digest(store.key), "build_s": round(build_s, 2)}
         log(f"teacher store: cannot write {folder} ({exc.strerror}); kept in memory for this run only "
             "(--teacher-store DIR puts stores elsewhere)")
         return store
