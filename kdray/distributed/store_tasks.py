@@ -1,65 +1,123 @@
-"""The teacher store over Ray: its missing rows computed by Ray tasks spread over the cluster, and
-the finished store shared through Ray's object store so trials on every node read the same arrays."""
+"""The teacher store over Ray: its missing rows computed by a Ray Data batch-inference pipeline
+spread over the cluster, and the finished store shared through Ray's object store so trials on
+every node read the same arrays.
+
+The pipeline: blocks of pair codes -> CPU tasks cutting each pair's uint8 view exactly as the train
+loader does (:func:`kdray.data.access.train_view_images`: in-memory or streamed bundles alike) -> a
+pool of actors, each holding the frozen ensemble on its device (one GPU per actor when the store's
+precision is CUDA), that normalise the views and run the teachers. Cutting and inference overlap,
+the images travel as uint8, and the rows come back in code order."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
+from kdray.data.access import train_view_images
 from kdray.data.bundle import DataBundle
 from kdray.data.splits import Split
-from kdray.teachers.store import (
-    TeacherStore,
-)
-from kdray.teachers.store_fill import Builder, compute_rows
+from kdray.data.views import normalisation, to_float
+from kdray.teachers.store import TeacherStore
+from kdray.teachers.store_fill import Builder
 
-CHUNKS_PER_TASK_SLOT = 2  # more chunks than slots: progress and load balance without much overhead
-
-
-def _rows_task(ensemble, data: DataBundle, precision, feats: bool, codes: torch.Tensor) -> tuple:
-    """One Ray task: the teachers' outputs of ``codes`` on this task's device."""
-    from kdray.core.device import Precision
-    from kdray.teachers.ensemble import LiveTeacherOutputs
-    from kdray.teachers.source import on_device
-
-    device = torch.device("cuda" if precision.device.type == "cuda" and torch.cuda.is_available() else "cpu")
-    here = Precision(device, precision.use_amp, precision.channels_last)
-    ensemble = on_device(ensemble, here)
-    source = LiveTeacherOutputs(ensemble, here.autocast, feats)
-    return compute_rows(source, data, data.views, codes, here.channels_last)
+CODES_PER_BLOCK = 256  # pairs per Ray Data block: one image-cutting task, one actor batch
 
 
-def ray_builder(cpus: float = 1.0, gpus: float = 0.0, slots: Optional[int] = None) -> Callable[..., Builder]:
-    """A builder factory for :func:`kdray.teachers.source.open_teacher_store`: chunks of the missing views,
-    one Ray task each (``cpus``/``gpus`` per task, like a trial's worker), as many at once as the
-    cluster has room for."""
-    import ray
+def cut_views(batch: dict, data: DataBundle) -> dict:
+    """A Ray Data task's work: the uint8 training views of the batch's pair codes."""
+    codes = torch.from_numpy(np.array(batch["code"], dtype=np.int64))  # Ray's arrays are read-only
+    count = data.views.count
+    x = train_view_images(data, codes // count, codes % count)
+    return {"code": codes.numpy(), "image": x.numpy()}
+
+
+class TeacherRows:
+    """A Ray Data actor: the frozen ensemble on this actor's device; a batch of uint8 views ->
+    its logits ``[B, K, C]`` and feature maps (``feat<i>``), in fp32 (exact for bf16 outputs; the
+    store casts them back to its encoding)."""
+
+    def __init__(self, ensemble, precision, feats: bool, mean, std):
+        from kdray.core.device import Precision
+        from kdray.teachers.ensemble import LiveTeacherOutputs
+        from kdray.teachers.source import on_device
+
+        cuda = precision.device.type == "cuda" and torch.cuda.is_available()
+        self.here = Precision(torch.device("cuda" if cuda else "cpu"), precision.use_amp, precision.channels_last)
+        self.source = LiveTeacherOutputs(on_device(ensemble, self.here), self.here.autocast, feats)
+        self.scale, self.shift = normalisation(mean, std, self.here.device)
+
+    def __call__(self, batch: dict) -> dict:
+        x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.here.device)
+        out = self.source(to_float(x, self.scale, self.shift, self.here.channels_last))
+        rows = {"code": batch["code"], "logits": out["logits"].transpose(0, 1).float().cpu().numpy()}
+        rows.update({f"feat{i}": f.float().cpu().numpy() for i, f in enumerate(out["feats"])})
+        return rows
+
+
+def ray_data_builder(actors: Optional[int] = None, cpus: float = 1.0) -> Callable[..., Builder]:
+    """A builder factory for :func:`kdray.teachers.source.open_teacher_store`: the missing rows by a
+    Ray Data pipeline with ``actors`` inference actors (default: one per GPU of the cluster when
+    the precision is CUDA, else the cluster's CPUs / ``cpus`` less one, left to the cutting tasks)."""
 
     def factory(ensemble, data: DataBundle, precision, feats: bool) -> Builder:
         def build(codes: torch.Tensor, progress) -> tuple:
-            width = slots or max(1, int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) // (gpus or cpus)))
-            chunks = list(torch.tensor_split(codes, min(len(codes), width * CHUNKS_PER_TASK_SLOT)))
+            import ray
+
+            gpu = precision.device.type == "cuda"
+            n = actors or _actor_count(ray.cluster_resources(), gpu, cpus)
             slim = dataclasses.replace(data, val=_empty(data.val), test=_empty(data.test))  # train only
-            task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_rows_task)
-            ens_ref, data_ref = ray.put(ensemble.cpu()), ray.put(slim)
-            pending = {task.remote(ens_ref, data_ref, precision, feats, c): i for i, c in enumerate(chunks)}
-            results, done = {}, 0
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                i = pending.pop(ready[0])
-                results[i] = ray.get(ready[0])
-                done += len(chunks[i])
-                progress(done, len(codes))
-            parts = [results[i] for i in range(len(chunks))]
-            logits = torch.cat([p[0] for p in parts])
-            fmaps = [torch.cat(fs) for fs in zip(*[p[1] for p in parts])] if parts[0][1] is not None else None
-            return logits, fmaps
+            ds = _pipeline(codes, slim, ensemble.cpu(), precision, feats, n, gpu, cpus)
+            got = []
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                got.append({k: torch.from_numpy(np.array(v)) for k, v in batch.items()})
+                progress(sum(len(b["code"]) for b in got), len(codes))
+            return _in_code_order(got, codes)
 
         return build
 
     return factory
+
+
+def _actor_count(resources: dict, gpu: bool, cpus: float) -> int:
+    if gpu:
+        return max(1, int(resources.get("GPU", 1)))
+    return max(1, int(resources.get("CPU", 1) // cpus) - 1)
+
+
+def _pipeline(codes: torch.Tensor, data: DataBundle, ensemble, precision, feats: bool, actors: int, gpu: bool,
+              cpus: float):
+    """The Ray Dataset of the rows of ``codes``: code blocks -> cut views -> teacher actors."""
+    import logging
+
+    import pyarrow as pa
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # the store prints its own progress
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    tables = [pa.table({"code": codes[s : s + CODES_PER_BLOCK].numpy()})
+              for s in range(0, len(codes), CODES_PER_BLOCK)]
+    ds = ray.data.from_arrow(tables)
+    ds = ds.map_batches(cut_views, batch_size=None, batch_format="numpy", fn_kwargs={"data": data})
+    return ds.map_batches(TeacherRows, batch_size=CODES_PER_BLOCK, batch_format="numpy", concurrency=actors,
+                          num_gpus=1 if gpu else 0, num_cpus=1 if gpu else cpus,
+                          fn_constructor_args=(ensemble, precision, feats, data.mean, data.std))
+
+
+def _in_code_order(got: list, codes: torch.Tensor) -> tuple:
+    """The gathered batches as (logits [R,K,C], feature maps or None) in the order of ``codes``."""
+    done = torch.cat([b["code"] for b in got])
+    order = torch.argsort(done)
+    pos = torch.searchsorted(done[order], codes)
+    if len(done) != len(codes) or not torch.equal(done[order][pos], codes):
+        raise RuntimeError(f"teacher store: the pipeline returned {len(done)} rows for {len(codes)} views")
+    take = order[pos]
+    logits = torch.cat([b["logits"] for b in got]).index_select(0, take)
+    names = sorted((k for k in got[0] if k.startswith("feat")), key=lambda k: int(k[4:]))
+    fmaps = [torch.cat([b[k] for b in got]).index_select(0, take) for k in names] or None
+    return logits, fmaps
 
 
 def _empty(split: Split) -> Split:

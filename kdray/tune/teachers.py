@@ -45,7 +45,8 @@ def sweep_seeds(space: Space) -> tuple:
 
 #: keys whose searched values change the teachers' outputs or the train split: one store cannot serve them
 STORE_CHANGING_KEYS = ("dataset", "data_dir", "train_fraction", "val_fraction", "data_seed", "image_size",
-                       "crop_padding", "hflip", "amp", "channels_last", "device", "teachers")
+                       "crop_padding", "hflip", "views", "view_count", "crop_scale", "crop_ratio", "amp",
+                       "channels_last", "device", "teachers")
 
 
 def sweep_store_needs(space: Space):
@@ -65,8 +66,8 @@ def sweep_store_needs(space: Space):
 
 
 def sweep_teacher_store(space: Space, opts: SweepOptions, log):
-    """The sweep's teacher store, built before any trial (its missing views by Ray tasks over the
-    cluster) and put in Ray's object store: (ObjectRef or None, one line for the sweep's run)."""
+    """The sweep's teacher store, built before any trial (its missing views by a Ray Data pipeline
+    over the cluster) and put in Ray's object store: (ObjectRef or None, one line for the sweep's run)."""
     needs = sweep_store_needs(space)
     if needs is None:
         return None, None
@@ -79,11 +80,11 @@ def sweep_teacher_store(space: Space, opts: SweepOptions, log):
     if why:
         log(f"teacher store: off ({why}); the teachers run live in every trial")
         return None, f"off ({why})"
-    from kdray.distributed.store_tasks import ray_builder, share
+    from kdray.distributed.store_tasks import ray_data_builder, share
     from kdray.teachers.source import open_teacher_store
 
     store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=opts.teacher_store_dir,
-                               budget_gb=opts.teacher_store_budget,
-                               builder=ray_builder(opts.cpus_per_worker, opts.gpus_per_worker),
+                               budget_gb=opts.teacher_store_budget, encoding=opts.store_encoding,
+                               builder=ray_data_builder(cpus=opts.cpus_per_worker),
                                device="cuda" if opts.gpus_per_worker > 0 else "cpu", log=log)
     return share(store), store.describe()
