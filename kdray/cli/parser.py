@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--teacher-store-budget", type=float, default=4.0, metavar="GB",
                    help="memory / disk a teacher store may take (default 4); feature maps beyond it are computed "
                    "online")
+    add_store_encoding_args(m, "--teacher-store-logits", "--teacher-store-topk")
     add_data_args(t)
     add_optim_args(t)
     o = t.add_argument_group("output")
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--store", metavar="DIR", help="where stores live (default DIR/stores)")
     st.add_argument("--budget", type=float, default=4.0, metavar="GB",
                     help="memory / disk the store may take (default 4)")
+    add_store_encoding_args(st, "--logits", "--topk", "--teacher-store-logits", "--teacher-store-topk")
+    st.add_argument("--address", help="Ray cluster address the store is computed on (default: a local Ray)")
     st.add_argument("--json", action="store_true", help="print the store's record as JSON")
     add_hparam_args(st)
     add_data_args(st)
@@ -214,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_store_encoding_args(group, logits: str, topk: str, *aliases: str) -> None:
+    """The teacher store's logit encoding flags (``aliases``: the same two flags' other names)."""
+    from kdray.teachers.store_codec import AUTO_EXACT_CLASSES, DEFAULT_TOPK, ENCODINGS
+
+    group.add_argument(logits, *aliases[:1], dest="teacher_store_logits", choices=ENCODINGS, default="auto",
+                       help="how the teacher store keeps logits: fp32, fp16, bf16 (exact, cast) or topk (top-k + "
+                       f"log-sum-exp, rebuilt); auto (default): exact up to {AUTO_EXACT_CLASSES} classes, else topk")
+    group.add_argument(topk, *aliases[1:], dest="teacher_store_topk", type=int, metavar="K",
+                       help=f"k of the topk encoding (default {DEFAULT_TOPK})")
+
+
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     """One flag per field of :class:`~kdray.tune.options.SweepOptions`, in its order: the name,
     help and default from the field's declaration, the type from its annotation (a bool is a
@@ -229,7 +243,8 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
         extra = ({"action": "store_false" if f.default else "store_true"} if kind is bool else
-                 {"type": kind, **({"metavar": meta["metavar"]} if meta.get("metavar") else {})})
+                 {"type": kind, **({"metavar": meta["metavar"]} if meta.get("metavar") else {}),
+                  **({"choices": meta["choices"]} if meta.get("choices") else {})})
         parser.add_argument(flag, dest=f.name, default=f.default, help=meta["help"], **extra)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Optional
 
 from kdray.cli.common import (
     DATA_KEYS,
@@ -81,18 +83,40 @@ def cmd_teachers_import(args) -> int:
 
 
 def store_line(m: dict) -> str:
+    """One line per store for `kdray teachers show`: its key, encoding, coverage and size."""
+    from kdray.teachers.store import FORMAT
+    from kdray.teachers.store_codec import LogitCodec
+
     k = m["key"]
-    views = k["views"]
-    return (f"  store {m['digest']}: {k['dataset']} {k['image_size']}px train split {k['train'][:12]}, views crop "
-            f"{views['crop_padding']} flip {views['hflip']}, {'bf16' if k['precision']['bf16'] else 'fp32'}; "
+    if k.get("format") != FORMAT:
+        return (f"  store {m['digest']}: format {k.get('format')}, outdated (rebuilt in format {FORMAT} on next use; "
+                f"this folder can be deleted), {m.get('bytes', 0) / 1024**2:.1f} MB")
+    logits = LogitCodec.from_key(k["logits"]).describe()
+    return (f"  store {m['digest']}: {k['dataset']} {k['image_size']}px train split {k['train'][:12]}, "
+            f"{view_words(k['views'])}, {'bf16' if k['precision']['bf16'] else 'fp32'}; "
             f"{m['rows']}/{m['views']} views ({100.0 * m['rows'] / max(m['views'], 1):.1f}%), "
-            f"{'logits + feature maps' if m['feats'] else 'logits'}, {m['bytes'] / 1024**2:.1f} MB, "
+            f"{logits}{' + feature maps' if m['feats'] else ''}, {m['bytes'] / 1024**2:.1f} MB, "
             f"built in {m['build_s']} s")
 
 
+def view_words(views: dict) -> str:
+    """A store key's view set in words: pad-and-crop views or RandomResizedCrop views."""
+    flip = ", flip" if views.get("hflip") else ""
+    if views.get("kind") == "resized_crop":
+        scale, ratio = views["scale"], views["ratio"]
+        return (f"views {views['count']} resized crops of {views['base_size']}px (scale {scale[0]:g}-{scale[1]:g}, "
+                f"ratio {ratio[0]:.3g}-{ratio[1]:.3g}{flip})")
+    return f"views crop {views['crop_padding']}{flip}"
+
+
 def cmd_teachers_store(args) -> int:
+    from kdray.distributed.store_tasks import ray_data_builder
     from kdray.teachers.source import open_teacher_store
     from kdray.teachers.store import list_stores
+    from kdray.teachers.store_codec import LogitEncoding
+
+    encoding = LogitEncoding(args.teacher_store_logits, args.teacher_store_topk)
+    encoding.check()
 
     if args.space:
         from kdray.tune.space import load_space
@@ -107,9 +131,9 @@ def cmd_teachers_store(args) -> int:
     else:
         cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys()).replace(teachers=str(args.dir))
         seeds, epochs, feats = None, None, None
-    with stop_signals_interrupt():
+    with stop_signals_interrupt(), ray_running(args.address):
         store = open_teacher_store(cfg, seeds=seeds, epochs=epochs, feats=feats, root=args.store,
-                                   budget_gb=args.budget, log=log)
+                                   budget_gb=args.budget, encoding=encoding, builder=ray_data_builder(), log=log)
     if store is None:
         raise KdrayError(f"method {cfg.method!r} uses no teachers; nothing to store")
     on_disk = list_stores(Path(args.store or Path(args.dir) / "stores"))
@@ -122,3 +146,20 @@ def cmd_teachers_store(args) -> int:
     else:
         print(store_line(meta).strip())
     return 0
+
+
+@contextlib.contextmanager
+def ray_running(address: Optional[str]):
+    """Ray for the store's pipeline: joined at ``address`` (or RAY_ADDRESS), else a local Ray
+    started here and stopped when the store is done."""
+    import ray
+
+    from kdray.distributed.local_ray import init_ray
+
+    started = not ray.is_initialized()
+    init_ray(address, worker_logs=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -47,15 +47,19 @@ def _open_run(tracking: Optional[TrackingSettings], cfg, run_name: str, log) -> 
     return RunHandle(uri, run_id, exp_id)
 
 
-def open_store(cfg, root: Optional[str], budget_gb: float, log, device=None):
-    """``--teacher-store DIR|auto``: the store with every view this run needs (built here, in the
+def open_store(cfg, root, budget_gb: float, log, device=None):
+    """``--teacher-store DIR|auto`` (a folder, "auto" or a :class:`~kdray.teachers.store_fill.StoreChoice`
+    with its logit encoding): the store with every view this run needs (built here, in the
     precision of ``device``, the workers' device type), or None."""
-    if not root:
+    from kdray.teachers.store_fill import StoreChoice
+
+    choice = StoreChoice.of(root)
+    if choice is None:
         return None
     from kdray.teachers.source import open_teacher_store
 
-    return open_teacher_store(cfg, root=None if root == "auto" else root, budget_gb=budget_gb, log=log,
-                              device=device)
+    return open_teacher_store(cfg, root=None if choice.root == "auto" else choice.root, budget_gb=budget_gb,
+                              log=log, device=device, encoding=choice.encoding)
 
 
 #: ``final_extras(metrics, ckpt_dir)``: what the last epoch's record adds (the final student's latency)

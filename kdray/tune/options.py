@@ -9,16 +9,19 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Mapping, Optional
 
 from kdray.core.errors import KdrayError
+from kdray.teachers.store_codec import AUTO_EXACT_CLASSES, DEFAULT_TOPK, ENCODINGS, LogitEncoding
 
 #: Optuna's samplers seed numpy's RandomState, which takes 0 .. 2**32 - 1
 SEED_LIMIT = 2**32
 
 
-def option(default, help: str, *, flag: Optional[str] = None, metavar: Optional[str] = None):
+def option(default, help: str, *, flag: Optional[str] = None, metavar: Optional[str] = None,
+           choices: Optional[tuple] = None):
     """A sweep option: its default and the help of its ``kdray tune`` flag (``flag``: the flag when
-    it is not ``--FIELD-NAME``; ``metavar``: the flag's value as the help names it). A bool option
-    is a switch: ``--FLAG`` sets True when its default is False, False when it is True."""
-    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
+    it is not ``--FIELD-NAME``; ``metavar``: the flag's value as the help names it; ``choices``: its
+    allowed values). A bool option is a switch: ``--FLAG`` sets True when its default is False,
+    False when it is True."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class SweepOptions:
                                        "from a teacher store", flag="--no-teacher-store")
     teacher_store_dir: Optional[str] = option(None, "where teacher stores live (default: the teacher set's "
                                                     "stores/)", flag="--teacher-store", metavar="DIR")
+    teacher_store_logits: str = option("auto", "how the teacher store keeps logits: fp32, fp16, bf16 (exact, cast) "
+                                               "or topk (top-k + log-sum-exp, rebuilt); auto (default): exact in the "
+                                               f"teachers' dtype up to {AUTO_EXACT_CLASSES} classes, else topk",
+                                       choices=ENCODINGS)
+    teacher_store_topk: Optional[int] = option(None, f"k of --teacher-store-logits topk (default {DEFAULT_TOPK})",
+                                               metavar="K")
     teacher_store_budget: float = option(4.0, "memory / disk the sweep's teacher store may take (default 4); "
                                               "feature maps beyond it are computed online", metavar="GB")
 
@@ -71,6 +80,12 @@ class SweepOptions:
             raise KdrayError("--concurrency and --workers must be >= 1, --gpus-per-worker >= 0, --cpus-per-worker > 0")
         if not self.teacher_store_budget > 0:
             raise KdrayError(f"--teacher-store-budget {self.teacher_store_budget:g} is out of range; allowed: > 0 (GB)")
+        self.store_encoding.check()
+
+    @property
+    def store_encoding(self) -> LogitEncoding:
+        """The teacher store's logit encoding these options ask for."""
+        return LogitEncoding(self.teacher_store_logits, self.teacher_store_topk)
 
     @property
     def in_trial(self) -> bool:
