@@ -153,6 +153,14 @@ def _run_folder(cfg, out, name: str, workdir: Path, resume: bool) -> Path:
     return folder
 
 
+def _start_ray_for_streaming(address: Optional[str]) -> None:
+    """A one-worker run that streams its data starts kdray's Ray (local on loopback, or ``address``)."""
+    from kdray.data.stream import set_ray_starter
+    from kdray.distributed.local_ray import init_ray
+
+    set_ray_starter(lambda: init_ray(address))
+
+
 def train(config=None, *, out: str | Path | None = None, name: Optional[str] = None, resume: bool = False,
           workdir: str | Path | None = None, track: bool = True, tracking_uri: Optional[str] = None,
           experiment: str = "kdray", teacher_store: Optional[str] = None, teacher_store_budget: float = 4.0,
@@ -168,6 +176,7 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     from kdray.training.run import run_training
 
     cfg = make_config(config, **overrides)
+    _start_ray_for_streaming(address)
     if get_method(cfg.method).min_teachers > 0 and not cfg.teachers:
         raise KdrayError(f"method {cfg.method!r} needs teachers: pass --teachers DIR (see `kdray teachers train`)")
     if max_failures < 0:

@@ -35,9 +35,10 @@ def parse_set(items) -> dict:
 # --------------------------------------------------------------------------------------------
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="digits (embedded default), cifar10, cifar100, imagefolder, fake")
+    g.add_argument("--dataset", help="digits (embedded default), cifar10, cifar100, imagefolder, webdataset, fake")
     g.add_argument("--data-dir",
-                   help="where the dataset lives (cifar: download root; imagefolder: the class-per-folder tree)")
+                   help="where the dataset lives (cifar: download root; imagefolder: the class-per-folder tree; "
+                        "webdataset: the folder of .tar shards); a local path or a URI (s3://, gs://, hdfs://)")
     g.add_argument("--no-download", dest="download", action="store_const", const=False,
                    help="never download (cifar); fail with a message if the files are missing")
     g.add_argument("--train-fraction", type=float,
@@ -46,7 +47,21 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of the training split held out for validation (default 0.1)")
     g.add_argument("--data-seed", type=int,
                    help="seed of the validation split and the train-fraction subset (default 0)")
-    g.add_argument("--image-size", type=int, help="resize images once to this size (default 32)")
+    g.add_argument("--image-size", type=int, help="the models' input size in px (default 32)")
+    g.add_argument("--data-path", choices=("auto", "memory", "stream"),
+                   help="auto (default): hold the set decoded in memory when it fits --in-memory-limit-gb, else "
+                        "stream it through Ray Data; memory or stream force a path")
+    g.add_argument("--in-memory-limit-gb", type=float, metavar="GB",
+                   help="the decoded size up to which auto holds a set in memory, per worker (default 4)")
+    g.add_argument("--views", choices=("auto", "pad_crop", "resized_crop"),
+                   help="training views: pad_crop (CIFAR-size) or resized_crop (ImageNet-style RandomResizedCrop "
+                        "+ flip, resize + centre-crop eval); auto (default): pad_crop up to 64 px")
+    g.add_argument("--view-count", type=int, metavar="V",
+                   help="resized_crop: the finite set of views each sample is drawn from (default 256)")
+    g.add_argument("--crop-scale", metavar="LOW,HIGH", help="resized_crop: area share range (default 0.08,1.0)")
+    g.add_argument("--crop-ratio", metavar="LOW,HIGH", help="resized_crop: aspect range (default 0.75,1.333)")
+    g.add_argument("--bad-images", choices=("fail", "skip"),
+                   help="an undecodable image: fail (default) names it and stops; skip drops it, counted and said")
 
 
 def add_optim_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +87,8 @@ def collect(args, keys) -> dict:
 # --------------------------------------------------------------------------------------------
 # the run config from the flags; the --json output
 # --------------------------------------------------------------------------------------------
-DATA_KEYS = ("dataset", "data_dir", "download", "train_fraction", "val_fraction", "data_seed", "image_size")
+DATA_KEYS = ("dataset", "data_dir", "download", "train_fraction", "val_fraction", "data_seed", "image_size",
+             "data_path", "in_memory_limit_gb", "views", "view_count", "crop_scale", "crop_ratio", "bad_images")
 
 
 OPTIM_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "seed", "device", "amp")

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from kdray.core.errors import KdrayError
 from kdray.data.bundle import log
 from kdray.data.catalog import ImageReader, display
 from kdray.data.loader import check_shard, rank_order, shard_size, view_images
@@ -29,30 +30,70 @@ from kdray.data.views import ViewKeys, normalisation, to_float
 
 ROWS_PER_TASK = 64  # images one Ray Data task decodes: enough to amortise a task, small enough to spread
 
+_ray_starter = None  # how this process starts (or joins) Ray when it streams before Ray runs
+
+
+def set_ray_starter(start) -> None:
+    """Name the function that starts Ray for a process that streams data before any Ray runs (a
+    one-worker ``kdray train``): kdray's local Ray (loopback only) rather than Ray Data's own
+    ``ray.init()`` defaults. Set by :mod:`kdray.api`; Train workers and trials run inside Ray."""
+    global _ray_starter
+    _ray_starter = start
+
+
+def _ray_data():
+    """``ray.data``, with Ray running and Ray Data's console quiet (no progress bars, no lines per
+    dataset: the run prints its own progress)."""
+    import logging
+
+    import ray
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # before the settings: each logs a warning
+    if not ray.is_initialized():
+        if _ray_starter is None:
+            raise KdrayError("the streaming data path needs Ray: call kdray.train (it starts a local Ray), "
+                             "or ray.init() first")
+        _ray_starter()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # order matters: the batches must be the rank's shard in its order (Ray Data may reorder
+    # otherwise). The setting is the process's current DataContext, which a dataset copies when made.
+    ctx.execution_options.preserve_order = True
+    return ray.data
+
 
 def decode_batch(batch: dict, reader: ImageReader, views, train: bool) -> dict:
     """A Ray Data task's work: fetch and decode ``batch["loc"]``, cut each sample's view."""
     x, ok = reader.decode(list(batch["loc"]))
-    index, view = torch.from_numpy(batch["index"]), torch.from_numpy(batch["view"])
+    index, view = torch.tensor(batch["index"]), torch.tensor(batch["view"])  # Ray's arrays are read-only
     x = view_images(views, x, index, view, train)
     return {"x": x.numpy(), "ok": ok.numpy(), "index": batch["index"], "view": batch["view"],
             "loc": batch["loc"]}
 
 
-def _epoch_dataset(records, index: torch.Tensor, view: torch.Tensor, fn_kwargs: dict):
+def _decode_slots(world_size: int) -> int:
+    """How many decode tasks one rank keeps running: its share of the cluster's CPUs."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(world_size, 1))
+
+
+def _epoch_dataset(records, index: torch.Tensor, view: torch.Tensor, fn_kwargs: dict, world_size: int):
     """The Ray Dataset of one epoch of one rank: blocks of ``ROWS_PER_TASK`` locators in order."""
     import pyarrow as pa
-    import ray.data
 
+    data = _ray_data()
     locs = pa.array(records).take(pa.array(index.numpy()))
     tables = [pa.table({"index": index[s : s + ROWS_PER_TASK].numpy(), "view": view[s : s + ROWS_PER_TASK].numpy(),
                         "loc": locs[s : s + ROWS_PER_TASK]})
               for s in range(0, len(index), ROWS_PER_TASK)]
-    # order matters: the batches must be the rank's shard in its order (Ray Data may reorder
-    # otherwise). The setting is the process's current DataContext, which a dataset copies when made.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_arrow(tables)
-    return ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs)
+    ds = data.from_arrow(tables)
+    # Decode tasks reserve no CPU: the Train workers hold the cluster's CPUs while they wait for
+    # these very batches, so tasks asking for one would never be scheduled (Ray Train + Ray Data on
+    # a full cluster deadlock). Their number is capped instead, and Ray Data spreads them over nodes.
+    return ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", fn_kwargs=fn_kwargs,
+                          num_cpus=0, concurrency=_decode_slots(world_size))
 
 
 class StreamLoader:
@@ -92,7 +133,7 @@ class StreamLoader:
         """``(uint8 x, index, view)`` of each batch of the epoch, on the CPU, undecodable images dropped."""
         idx = self.indices()
         ds = _epoch_dataset(self.records, idx, self._views(idx),
-                            {"reader": self.reader, "views": self.views, "train": self.train})
+                            {"reader": self.reader, "views": self.views, "train": self.train}, self.world_size)
         self.skipped, first_bad = 0, None
         for b in ds.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=self.prefetch):
             ok = b["ok"]
