@@ -156,3 +156,51 @@ def test_auto_path_follows_the_decoded_size_and_says_why(tree, capsys):
     small = load_data(tree_cfg(tree, in_memory_limit_gb=1e-6))
     err = capsys.readouterr().err
     assert small.streamed and "data path: stream" in err and "in_memory_limit_gb" in err
+
+
+def test_a_two_node_streaming_run_reads_each_rank_shard_on_its_own_node(tree, tmp_path, capfd, monkeypatch):
+    """Head and worker node with 1 CPU each, two 1-CPU Train workers: one per node, each streaming
+    its own shard (DistributedSampler's), decoded on its own node."""
+    import re
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from kdray.cli import main
+    from kdray.distributed.local_ray import free_port
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # Ray folds the two ranks' similar lines into one ("repeated 2x across cluster") and prints the
+    # rest late: this test reads each rank's own line
+    monkeypatch.setattr("ray._private.ray_logging.RAY_DEDUP_LOGS", False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True,
+                                                            "dashboard_port": free_port()})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        rc = main(["train", "--dataset", "imagefolder", "--data-dir", str(tree), "--image-size", "72",
+                   "--data-path", "stream", "--method", "ce", "--student", "resnet8", "--epochs", "1",
+                   "--workers", "2", "--batch-size", "8", "--no-track", "--workdir", str(tmp_path / "w"),
+                   "--address", cluster.address])
+        err = capfd.readouterr().err
+        assert rc == 0, err[-3000:]
+        pattern = r"rank (\d)/2 on node \w+ streamed \d+ train"
+        for _ in range(30):  # the workers' lines reach this console through Ray's log monitor, late
+            if len(set(re.findall(pattern, err))) == 2:
+                break
+            time.sleep(0.5)
+            err += capfd.readouterr().err
+        lines = re.findall(r"rank (\d)/2 on node (\w+) streamed (\d+) train images, decoded on node\(s\) ([\w, ]+)", err)
+        by_rank = {int(r): (node, int(n), set(d.split(", "))) for r, node, n, d in lines}
+        assert set(by_rank) == {0, 1}, err[-3000:]
+        assert by_rank[0][0] != by_rank[1][0]  # one worker per node
+        half = -(-len(load_data(tree_cfg(tree, val_fraction=0.1)).train) // 2)
+        for node, n, decoded in by_rank.values():
+            assert n == half and decoded == {node}, err[-3000:]  # its half, decoded where it is read
+        alive = {n["NodeID"][:12] for n in ray.nodes() if n["Alive"]}
+        assert {by_rank[0][0], by_rank[1][0]} == alive
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
