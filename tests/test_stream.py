@@ -192,7 +192,8 @@ def test_a_two_node_streaming_run_reads_each_rank_shard_on_its_own_node(tree, tm
                 break
             time.sleep(0.5)
             err += capfd.readouterr().err
-        lines = re.findall(r"rank (\d)/2 on node (\w+) streamed (\d+) train images, decoded on node\(s\) ([\w, ]+)", err)
+        lines = re.findall(r"rank (\d)/2 on node (\w+) streamed (\d+) train images, decoded on node\(s\) ([\w, ]+)",
+                           err)
         by_rank = {int(r): (node, int(n), set(d.split(", "))) for r, node, n, d in lines}
         assert set(by_rank) == {0, 1}, err[-3000:]
         assert by_rank[0][0] != by_rank[1][0]  # one worker per node
