@@ -46,7 +46,8 @@ def feed_record(tmp_path_factory, fake_teachers):
 
 def _eval_predictions(record):
     """Per-image predictions the way kdray.models.measure.evaluate makes them: [ensemble, branch 0, ...]."""
-    cfg, test = load_test_split(record)
+    cfg, data = load_test_split(record)
+    test = data.test
     student = rebuild_student(record)
     loader = BatchLoader(test, cfg.eval_batch_size, mean=record["mean"], std=record["std"], train=False)
     rows = []
@@ -81,7 +82,7 @@ def test_ekd_best_branch(tmp_path, ekd_record):
     assert info["test_acc_logged"] == m[f"test_acc_b{best}"]
     assert info["test_acc_rechecked"] == info["test_acc_logged"] and info["matches"] is True
     # the loaded program predicts exactly what evaluate() predicted during training, image by image
-    _, test = load_test_split(ekd_record)
+    test = load_test_split(ekd_record)[1].test
     assert torch.equal(predict(load_exported(tmp_path / "best"), test.x), _eval_predictions(ekd_record)[1 + best])
     assert 0 < info["latency_ms"] < 1e4
 
@@ -182,7 +183,7 @@ def test_cli_exports_whole_ensemble(ekd_record, tmp_path, capsys):
     assert info["params"] == ekd_record["metrics"]["params"]
     assert info["test_acc_rechecked"] == info["test_acc_logged"] == ekd_record["metrics"]["test_acc"]
     assert info["matches"] is True
-    _, test = load_test_split(ekd_record)
+    test = load_test_split(ekd_record)[1].test
     assert torch.equal(predict(load_exported(tmp_path / "o"), test.x), _eval_predictions(ekd_record)[0])
     code = main(["export", "--student", str(path), "--branch", "nine", "--out", str(tmp_path / "p")])
     assert code == 2 and "allowed: best, all or a branch number" in capsys.readouterr().err

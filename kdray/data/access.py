@@ -145,3 +145,33 @@ def train_view_images(data: DataBundle, index: torch.Tensor, view: torch.Tensor)
     else:
         x = data.train.x.index_select(0, index)
     return view_images(data.views, x, index, view, True)
+
+
+def loader_for(data: DataBundle, part: str, batch_size: int, *, train: bool = False, **shard):
+    """The loader of split ``part`` ("train", "val", "test") of ``data``: from memory or streamed,
+    with the bundle's views (training views, or the evaluation crop) and statistics. ``shard``:
+    device, seed, rank, world_size, channels_last."""
+    from kdray.data.loader import BatchLoader
+
+    split = getattr(data, part)
+    common = dict(mean=data.mean, std=data.std, views=data.views, train=train, **shard)
+    if data.streamed:
+        from kdray.data.stream import StreamLoader
+
+        return StreamLoader(split, data.reader, batch_size, **common)
+    return BatchLoader(split, batch_size, **common)
+
+
+def eval_images(data: DataBundle, part: str, batch_size: int):
+    """``(uint8 images as evaluated, labels)`` of split ``part`` in order, in batches, in this process
+    (a streamed split is fetched and decoded here: no Ray needed; undecodable images are dropped
+    under ``bad_images: skip``)."""
+    split = getattr(data, part)
+    for s in range(0, len(split), batch_size):
+        y = split.y[s : s + batch_size]
+        if data.streamed:
+            x, ok = data.reader.decode(split.records[s : s + batch_size])
+            x, y = x[ok], y[ok]
+        else:
+            x = split.x[s : s + batch_size]
+        yield data.views.eval(x), y

@@ -12,6 +12,7 @@ from torch import nn
 
 from kdray.core.errors import KdrayError
 from kdray.core.io import first_line
+from kdray.data.access import eval_images
 
 
 def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
@@ -30,7 +31,7 @@ def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
 
 
 def load_test_split(record: dict):
-    """``(config, test Split)`` of the record's data: ``load_data(from_dict(record["config"]))``.
+    """``(config, DataBundle)`` of the record's data: ``load_data(from_dict(record["config"]))``.
 
     The test split is fixed by the data code (its own split seed), so it is the split the run
     was tested on. A KdrayError with the reason when the data cannot be loaded or no longer fits.
@@ -51,7 +52,7 @@ def load_test_split(record: dict):
     if data.image_size != int(record["image_size"]):
         raise KdrayError(f"cannot re-check the accuracy: images load at {data.image_size}px, "
                          f"the student wants {record['image_size']}px")
-    return cfg, data.test
+    return cfg, data
 
 
 @torch.no_grad()
@@ -63,13 +64,21 @@ def predict(module: nn.Module, x_uint8: torch.Tensor, *, device="cpu", batch: in
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
+def _count_correct(module: nn.Module, batches, device) -> tuple:
+    """(correct, n) of ``module`` over ``(uint8 images, labels)`` batches."""
+    correct = n = 0
+    for x, y in batches:
+        correct += int((predict(module, x, device=device, batch=len(x) or 1) == y).sum())
+        n += len(y)
+    return correct, n
+
+
 def recheck_accuracy(module: nn.Module, record: dict, *, device="cpu", batch: Optional[int] = None,
                      split=None) -> dict:
     """Accuracy of ``module`` ([0, 1] images -> logits) on the test split of the record's data,
     in batches of ``eval_batch_size`` in order, as ``evaluate`` ran it."""
-    cfg, test = split if split is not None else load_test_split(record)
-    correct = int((predict(module, test.x, device=device, batch=int(batch or cfg.eval_batch_size)) == test.y).sum())
-    n = len(test.y)
+    cfg, data = split if split is not None else load_test_split(record)
+    correct, n = _count_correct(module, eval_images(data, "test", int(batch or cfg.eval_batch_size)), device)
     tol, why = _recheck_tolerance(cfg, n, device)
     return {"acc": correct / max(n, 1), "correct": correct, "n": n, "tolerance": tol, "tolerance_reason": why}
 

@@ -20,8 +20,8 @@ import torch
 from kdray.core.device import Precision, pick_device
 from kdray.core.errors import KdrayError, choice_error
 from kdray.core.io import FolderTaken, atomic_save, fill_beside, safe_load, sha256_file
+from kdray.data.access import loader_for
 from kdray.data.bundle import DataBundle
-from kdray.data.loader import BatchLoader
 from kdray.data.sources import load_data
 from kdray.models import StagedModel, Student, build_model
 from kdray.models.measure import count_params, evaluate
@@ -143,8 +143,8 @@ def measure_accuracy(model: StagedModel, data: DataBundle, cfg, precision: Preci
     student = Student(model)
     accuracy = {}
     for split in ("val", "test"):
-        loader = BatchLoader(getattr(data, split), cfg.eval_batch_size, train=False, mean=data.mean, std=data.std,
-                             device=precision.device, channels_last=precision.channels_last)
+        loader = loader_for(data, split, cfg.eval_batch_size, device=precision.device,
+                            channels_last=precision.channels_last)
         accuracy[f"{split}_acc"] = evaluate(student, loader, precision.autocast)["acc"]
     model.to("cpu", memory_format=torch.contiguous_format)
     return accuracy

@@ -8,6 +8,7 @@ from typing import Optional
 
 from kdray.core.device import Precision, pick_device, rank_and_world
 from kdray.core.errors import KdrayError
+from kdray.data.access import loader_for
 from kdray.data.bundle import DataBundle
 from kdray.data.loader import BatchLoader
 from kdray.data.sources import load_data
@@ -68,19 +69,12 @@ def make_loaders(cfg, data: DataBundle, precision: Precision, rank: int, world: 
     """The loaders of this rank: the global batch split evenly across ``world`` ranks; a streamed
     bundle's through Ray Data (:class:`~kdray.data.stream.StreamLoader`), else from memory."""
     per_rank_batch = cfg.batch_size // world
-    shard = dict(mean=data.mean, std=data.std, device=precision.device, rank=rank, world_size=world,
-                 channels_last=precision.channels_last, views=data.views)
-    if data.streamed:
-        from kdray.data.stream import StreamLoader
-
-        loader = lambda split, batch, **kw: StreamLoader(split, data.reader, batch, **kw, **shard)
-    else:
-        loader = lambda split, batch, **kw: BatchLoader(split, batch, **kw, **shard)
+    shard = dict(device=precision.device, rank=rank, world_size=world, channels_last=precision.channels_last)
     return Loaders(
-        train=loader(data.train, per_rank_batch, train=True, seed=cfg.seed),
-        val=loader(data.val, cfg.eval_batch_size, train=False),
-        test=loader(data.test, cfg.eval_batch_size, train=False),
-        bn=loader(data.train, per_rank_batch, train=False) if cfg.precise_bn else None,
+        train=loader_for(data, "train", per_rank_batch, train=True, seed=cfg.seed, **shard),
+        val=loader_for(data, "val", cfg.eval_batch_size, **shard),
+        test=loader_for(data, "test", cfg.eval_batch_size, **shard),
+        bn=loader_for(data, "train", per_rank_batch, **shard) if cfg.precise_bn else None,
     )
 
 
