@@ -153,6 +153,16 @@ def _run_folder(cfg, out, name: str, workdir: Path, resume: bool) -> Path:
     return folder
 
 
+def _store_choice(root: Optional[str], logits: str, topk: Optional[int]):
+    """The teacher store a run reads (None: none), its encoding checked before anything is created."""
+    from kdray.teachers.store_codec import LogitEncoding
+    from kdray.teachers.store_fill import StoreChoice
+
+    encoding = LogitEncoding(logits, topk)
+    encoding.check()
+    return StoreChoice(str(root), encoding) if root else None
+
+
 def _start_ray_for_streaming(address: Optional[str]) -> None:
     """A one-worker run that streams its data starts kdray's Ray (local on loopback, or ``address``)."""
     from kdray.data.stream import set_ray_starter
@@ -164,11 +174,14 @@ def _start_ray_for_streaming(address: Optional[str]) -> None:
 def train(config=None, *, out: str | Path | None = None, name: Optional[str] = None, resume: bool = False,
           workdir: str | Path | None = None, track: bool = True, tracking_uri: Optional[str] = None,
           experiment: str = "kdray", teacher_store: Optional[str] = None, teacher_store_budget: float = 4.0,
+          teacher_store_logits: str = "auto", teacher_store_topk: Optional[int] = None,
           address: Optional[str] = None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
           max_failures: int = 0, log: Log = to_stderr, **overrides) -> StudentResult:
     """Train one student. ``config``: a RunConfig, a dict of config keys or a YAML file;
     ``overrides`` are config keys too (``epochs=5``). ``teacher_store``: a folder or "auto" to take
-    the teachers' outputs from a teacher store. Returns the student, its metrics and MLflow run."""
+    the teachers' outputs from a teacher store, its logits kept as ``teacher_store_logits`` (auto,
+    fp32, fp16, bf16 or topk with ``teacher_store_topk`` classes). Returns the student, its metrics
+    and MLflow run."""
     from kdray.core.console import library_output_to
     from kdray.distill import get_method
     from kdray.distributed.raytrain import final_extras, fit_distributed
@@ -176,6 +189,7 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     from kdray.training.run import run_training
 
     cfg = make_config(config, **overrides)
+    store = _store_choice(teacher_store, teacher_store_logits, teacher_store_topk)
     _start_ray_for_streaming(address)
     if get_method(cfg.method).min_teachers > 0 and not cfg.teachers:
         raise KdrayError(f"method {cfg.method!r} needs teachers: pass --teachers DIR (see `kdray teachers train`)")
@@ -191,7 +205,7 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
         tracking = tracking_settings(track, tracking_uri, experiment, workdir)
         result = run_training(cfg, out=folder, run_name=name, tracking=tracking, log=log, address=address,
                               gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                              max_failures=max_failures, store_root=teacher_store,
+                              max_failures=max_failures, store_root=store,
                               store_budget=teacher_store_budget, final_extras=final_extras,
                               fit_distributed=fit_distributed)
     loaded = load_student(result["student_path"])

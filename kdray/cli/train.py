@@ -16,18 +16,14 @@ from kdray.core.guards import stop_signals_interrupt
 
 def cmd_train(args) -> int:
     from kdray.api import train
-    from kdray.teachers.store_codec import LogitEncoding
-    from kdray.teachers.store_fill import StoreChoice
 
     cfg = build_config(args, DATA_KEYS + OPTIM_KEYS + method_keys())
-    encoding = LogitEncoding(args.teacher_store_logits, args.teacher_store_topk)
-    encoding.check()  # before anything is created
-    store = StoreChoice(args.teacher_store, encoding) if args.teacher_store else None
     with stop_signals_interrupt():
         run = train(cfg, out=args.out, name=args.name, resume=args.resume, workdir=workdir(args),
                     track=not args.no_track, tracking_uri=getattr(args, "tracking_uri", None),
                     experiment=args.experiment or "kdray",
-                    teacher_store=store, teacher_store_budget=args.teacher_store_budget,
+                    teacher_store=args.teacher_store, teacher_store_budget=args.teacher_store_budget,
+                    teacher_store_logits=args.teacher_store_logits, teacher_store_topk=args.teacher_store_topk,
                     address=args.address, gpus_per_worker=args.gpus_per_worker,
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, log=log)
     m = run.metrics
