@@ -163,14 +163,6 @@ def _store_choice(root: Optional[str], logits: str, topk: Optional[int]):
     return StoreChoice(str(root), encoding) if root else None
 
 
-def _start_ray_for_streaming(address: Optional[str]) -> None:
-    """A one-worker run that streams its data starts kdray's Ray (local on loopback, or ``address``)."""
-    from kdray.data.stream import set_ray_starter
-    from kdray.distributed.local_ray import init_ray
-
-    set_ray_starter(lambda: init_ray(address))
-
-
 def train(config=None, *, out: str | Path | None = None, name: Optional[str] = None, resume: bool = False,
           workdir: str | Path | None = None, track: bool = True, tracking_uri: Optional[str] = None,
           experiment: str = "kdray", teacher_store: Optional[str] = None, teacher_store_budget: float = 4.0,
@@ -184,13 +176,14 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     and MLflow run."""
     from kdray.core.console import library_output_to
     from kdray.distill import get_method
+    from kdray.distributed.local_ray import ray_for_streaming
     from kdray.distributed.raytrain import final_extras, fit_distributed
     from kdray.tracking.state import tracking_settings
     from kdray.training.run import run_training
 
     cfg = make_config(config, **overrides)
     store = _store_choice(teacher_store, teacher_store_logits, teacher_store_topk)
-    _start_ray_for_streaming(address)
+    ray_for_streaming(address)
     if get_method(cfg.method).min_teachers > 0 and not cfg.teachers:
         raise KdrayError(f"method {cfg.method!r} needs teachers: pass --teachers DIR (see `kdray teachers train`)")
     if max_failures < 0:

@@ -18,6 +18,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from kdray.distributed.local_ray import ray_for_streaming
+
+    ray_for_streaming(getattr(args, "address", None))  # a command that streams data starts kdray's Ray
     try:
         if getattr(args, "json", False):
             with json_to_real_stdout():

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from kdray.core.errors import KdrayError
+from kdray.core.raystart import start_ray
 from kdray.data.bundle import log
 from kdray.data.catalog import ImageReader, display
 from kdray.data.loader import check_shard, rank_order, shard_size, view_images
@@ -30,31 +30,16 @@ from kdray.data.views import ViewKeys, normalisation, to_float
 
 ROWS_PER_TASK = 64  # images one Ray Data task decodes: enough to amortise a task, small enough to spread
 
-_ray_starter = None  # how this process starts (or joins) Ray when it streams before Ray runs
-
-
-def set_ray_starter(start) -> None:
-    """Name the function that starts Ray for a process that streams data before any Ray runs (a
-    one-worker ``kdray train``): kdray's local Ray (loopback only) rather than Ray Data's own
-    ``ray.init()`` defaults. Set by :mod:`kdray.api`; Train workers and trials run inside Ray."""
-    global _ray_starter
-    _ray_starter = start
-
 
 def _ray_data():
     """``ray.data``, with Ray running and Ray Data's console quiet (no progress bars, no lines per
     dataset: the run prints its own progress)."""
     import logging
 
-    import ray
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # before the settings: each logs a warning
-    if not ray.is_initialized():
-        if _ray_starter is None:
-            raise KdrayError("the streaming data path needs Ray: call kdray.train (it starts a local Ray), "
-                             "or ray.init() first")
-        _ray_starter()
+    start_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # order matters: the batches must be the rank's shard in its order (Ray Data may reorder

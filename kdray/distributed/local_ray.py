@@ -282,6 +282,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_for_streaming(address: Optional[str] = None) -> None:
+    """A process that streams data before any Ray runs (a one-worker run, a teacher import) starts
+    kdray's Ray: local on loopback, or joins ``address``; not Ray Data's own ``ray.init()``."""
+    from kdray.core.raystart import set_ray_starter
+
+    set_ray_starter(lambda: init_ray(address))
+
+
 def init_ray(address: Optional[str] = None, env: Optional[dict] = None, worker_logs: bool = True) -> None:
     """Start a local Ray or connect to ``address``. ``env``: environment variables for every Ray
     worker process of this job (trials, Train controllers, workers), set through the job's
