@@ -165,7 +165,7 @@ class TeacherStore:
     def describe(self) -> str:
         """One line for logs and the MLflow tag ``kdray.teacher_store``."""
         what = self.codec.describe() + (" and feature maps" if self.feats is not None else " (feature maps online)")
-        return f"{self.meta.get('digest', '(in memory)')}: {what}, {self.coverage()}, {self.nbytes / 1024**2:.1f} MB"
+        return f"{self.meta.get('digest', '(in memory)')}: {what}, {self.coverage()}, {gb(self.nbytes)}"
 
     def coverage(self) -> str:
         total = self.samples * self.view_count  # a number: never allocated
@@ -233,8 +233,10 @@ def empty_store(key: dict, info: TeacherInfo, n: int, views, sample: dict, feats
 
 
 def gb(n: float) -> str:
-    """``n`` bytes for a person: GB from 10 MB up, else MB."""
-    return f"{n / 1024**3:.2f} GB" if n >= 1024**3 / 100 else f"{n / 1024**2:.1f} MB"
+    """``n`` bytes for a person: GB from 10 MB up, MB from 100 KB up, else KB."""
+    if n >= 1024**3 / 100:
+        return f"{n / 1024**3:.2f} GB"
+    return f"{n / 1024**2:.1f} MB" if n >= 100 * 1024 else f"{n / 1024:.1f} KB"
 
 
 def check_disk(root: Path, nbytes: int) -> None:

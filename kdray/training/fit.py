@@ -83,7 +83,8 @@ def _ready_line(prep: Prepared, seconds: float) -> str:
     d, p = prep.data, prep.precision
     teachers = (f", {prep.teachers.info.count} teachers" if prep.teachers is not None
                 else ", teachers from their store" if prep.store is not None else "")
-    return (f"ready in {seconds:.1f}s: {len(d.train)} train / {len(d.val)} val / {len(d.test)} test images, "
+    path = ", streamed through Ray Data" if d.streamed else ""
+    return (f"ready in {seconds:.1f}s: {len(d.train)} train / {len(d.val)} val / {len(d.test)} test images{path}, "
             f"{d.num_classes} classes{teachers}; {p.device.type}, {'bf16' if p.use_amp else 'fp32'}"
             f"{', channels_last' if p.channels_last else ''}, {prep.world} worker(s)")
 
