@@ -176,15 +176,15 @@ def sync(device: torch.device) -> None:
 def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, per_epoch: int):
     """An in-memory teacher store holding the views of the first ``per_epoch`` samples of each of
     ``epochs`` epochs (what the timed rounds visit): (store, seconds it took, views computed)."""
-    from kdray.data.views import ViewSpec
-    from kdray.teachers.store import empty_store
+    from kdray.teachers.store import empty_store, store_key
+    from kdray.teachers.store_codec import LogitEncoding
     from kdray.teachers.store_fill import compute_rows, view_batch
 
     data = dataclasses.replace(data, train=train)
     prep = prepare(cfg, data=data, teachers=TeacherEnsemble(teacher_models), device=device)
     feats = get_method(cfg.method).needs_teacher_feats(cfg)
     source = LiveTeacherOutputs(prep.teachers, prep.precision.autocast, feats)
-    views, loader = ViewSpec(data.crop_padding, data.hflip), prep.loaders.train
+    views, loader = data.views, prep.loaders.train
     codes = []
     for e in range(epochs):
         loader.set_epoch(e)
@@ -193,9 +193,23 @@ def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, pe
     codes = torch.unique(torch.cat(codes))
     t0 = time.perf_counter()
     sample = source(view_batch(data, views, codes[:1], prep.precision.channels_last).to(device))
-    store = empty_store({}, source.info, len(train), views, sample, feats)
+    codec = LogitEncoding().resolve(int(sample["logits"].shape[-1]), sample["logits"].dtype)
+    # the key of this data, views, precision and encoding: a store the run would refuse (another
+    # key) would leave the "kdray+store" side running its teachers live (checked after timing)
+    key = store_key({"teachers": []}, data, views, prep.precision, codec)
+    store = empty_store(key, source.info, len(train), views, sample, feats)
     store.add(codes, *compute_rows(source, data, views, codes, prep.precision.channels_last))
     return store, time.perf_counter() - t0, len(codes)
+
+
+def _check_store_side_served(sides) -> None:
+    """Exit 2 when the "kdray+store" side computed any teacher image live: it would not measure
+    what it names."""
+    for name, side in sides:
+        live = getattr(side.parts.teacher_outputs, "images", 0) if name == "kdray+store" else 0
+        if live:
+            log(f"FAIL: the kdray+store side ran its teachers live on {live} images: it does not measure a store")
+            raise SystemExit(2)
 
 
 class KdraySide:
@@ -392,7 +406,11 @@ def main(argv=None) -> int:
             store, build_s, n_views = build_store(cfg, data, train, teachers, device, args.repeats, per_round)
             log(f"teacher store: {n_views} views x {count} teachers in {build_s:.1f}s (untimed; "
                 f"shared by every trial of a sweep)")
-            sides.insert(0, ("kdray+store", KdraySide(cfg, data, train, teachers, device, store=store)))
+            store_side = KdraySide(cfg, data, train, teachers, device, store=store)
+            if store_side.prep.store is None:
+                raise SystemExit(f"step_throughput: the store side would run its teachers live "
+                                 f"({store_side.prep.note})")
+            sides.insert(0, ("kdray+store", store_side))
             store_info = {"views": n_views, "build_s": round(build_s, 2), "bytes": store.nbytes}
     except KdrayError as exc:
         raise SystemExit(f"step_throughput: {exc}") from None
@@ -404,6 +422,7 @@ def main(argv=None) -> int:
             rates[name].append(n / secs)
             log(f"round {r + 1}/{args.repeats} {name}: {n} images in {secs:.2f}s = {n / secs:.1f} img/s "
                 f"(mean loss {side.last_loss:.4f}, acc {side.last_acc:.3f})")
+    _check_store_side_served(sides)
     kd_ips = statistics.median(rates["kdray"])
     ref_ips = statistics.median(rates["reference"])
     ratio = kd_ips / ref_ips
@@ -432,7 +451,7 @@ def main(argv=None) -> int:
     }
     if store_ips is not None:
         result.update({"kdray_store_img_s": round(store_ips, 2), "store_ratio": round(store_ips / ref_ips, 3),
-                       "store": store_info})
+                       "store": store_info, "store_live_teacher_images": 0})
     if args.json:
         print(json.dumps(result))
     else:

@@ -43,6 +43,8 @@ def test_step_throughput_benchmark_runs_on_the_engine(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["kdray_img_s"] > 0 and result["reference_img_s"] > 0 and result["ratio"] > 0
+    # the store side was served by its store: no teacher image computed live (the benchmark exits 2 otherwise)
+    assert result["kdray_store_img_s"] > 0 and result["store_live_teacher_images"] == 0
 
 
 @pytest.mark.slow
