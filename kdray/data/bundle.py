@@ -66,6 +66,16 @@ def resize_batch(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
     return out
 
 
+def resize_uint8(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [C,H,W] resized to [C,height,width], antialiased bilinear. On the CPU straight on the
+    uint8 image (torch's vectorised uint8 kernel: about 4x faster than through float32, and what the
+    streaming path's decode tasks run); elsewhere (no uint8 kernel on CUDA) through float32, rounded."""
+    if img.device.type == "cpu":
+        return F.interpolate(img[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    out = F.interpolate(img[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
 def fit_image(img: torch.Tensor, size: int) -> torch.Tensor:
     """One uint8 [3,H,W] image to [3,size,size]: shorter side to ``size``, then centre crop."""
     h, w = img.shape[-2:]
@@ -73,10 +83,8 @@ def fit_image(img: torch.Tensor, size: int) -> torch.Tensor:
         return img
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    out = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
     top, left = (nh - size) // 2, (nw - size) // 2
-    out = out[:, top : top + size, left : left + size]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return resize_uint8(img.contiguous(), nh, nw)[:, top : top + size, left : left + size].contiguous()
 
 
 def channel_stats(x: torch.Tensor):

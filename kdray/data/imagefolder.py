@@ -21,7 +21,7 @@ from kdray.data.bundle import fit_image, log
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: images fitted by the uint8 resize (kdray.data.bundle.resize_uint8)
 
 
 def _is_image_name(filename: str) -> bool:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from kdray.data.bundle import resize_uint8
 from kdray.data.views import mix32, view_ids
 
 EVAL_CROP_FRACTION = 0.875  # the centre crop's share of the stored side (224 of 256)
@@ -100,15 +100,10 @@ class ResizedCropViews:
             crop = x[b, :, top : top + h, left : left + w]
             if flip:
                 crop = crop.flip(-1)
-            out[b] = _resize(crop, self.image_size)
+            out[b] = resize_uint8(crop.contiguous(), self.image_size, self.image_size)
         return out
 
     def eval(self, x: torch.Tensor) -> torch.Tensor:
         """The evaluation image: the centre ``image_size`` square of the stored image."""
         top = (x.shape[-1] - self.image_size) // 2
         return x[..., top : top + self.image_size, top : top + self.image_size].contiguous()
-
-
-def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    out = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
