@@ -28,7 +28,7 @@ from kdray.data.loader import check_shard, rank_order, shard_size, view_images
 from kdray.data.splits import Split
 from kdray.data.views import ViewKeys, normalisation, to_float
 
-ROWS_PER_TASK = 64  # images one Ray Data task decodes: enough to amortise a task, small enough to spread
+MAX_ROWS_PER_TASK = 128  # images one Ray Data task decodes at most: enough to amortise a task, few enough to spread
 
 
 def _ray_data():
@@ -80,13 +80,15 @@ def _decode_slots(world_size: int) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(world_size, 1))
 
 
-def _epoch_dataset(records, index: torch.Tensor, view: torch.Tensor, fn_kwargs: dict, world_size: int):
-    """The Ray Dataset of one epoch of one rank: blocks of ``ROWS_PER_TASK`` locators in order."""
+def _epoch_dataset(records, index: torch.Tensor, view: torch.Tensor, fn_kwargs: dict, world_size: int,
+                   block: int):
+    """The Ray Dataset of one epoch of one rank: blocks of ``block`` locators in order (a block a
+    batch, or an even share of one: batches are then whole blocks, not copied together)."""
     data = _ray_data()
     rows = [{"index": i, "view": v, "loc": records[i]} for i, v in zip(index.tolist(), view.tolist())]
     # from_items builds its blocks here; from_arrow would run a metadata task per table needing a CPU
     # that the Train workers hold (ray/data/read_api.py from_arrow_refs): it would wait for ever
-    ds = data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / ROWS_PER_TASK)))
+    ds = data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / block)))
     # Decode tasks reserve no CPU: the Train workers hold the cluster's CPUs while they wait for
     # these very batches, so tasks asking for one would never be scheduled (Ray Train + Ray Data on
     # a full cluster deadlock). Their number is capped instead: the rank's share of the cluster's CPUs.
@@ -131,7 +133,8 @@ class StreamLoader:
         """``(uint8 x, index, view)`` of each batch of the epoch, on the CPU, undecodable images dropped."""
         idx = self.indices()
         ds = _epoch_dataset(self.records, idx, self._views(idx),
-                            {"reader": self.reader, "views": self.views, "train": self.train}, self.world_size)
+                            {"reader": self.reader, "views": self.views, "train": self.train}, self.world_size,
+                            self._block_rows())
         self.skipped, first_bad, nodes, seen = 0, None, set(), 0
         for b in ds.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=self.prefetch):
             ok = b["ok"]
@@ -140,11 +143,17 @@ class StreamLoader:
             if not ok.all():
                 self.skipped += int((~ok).sum())
                 first_bad = first_bad or display(str(b["loc"][~ok][0]))
-            yield (torch.from_numpy(np.ascontiguousarray(b["x"][ok])), torch.from_numpy(b["index"][ok]),
-                   torch.from_numpy(b["view"][ok]))
+                b = {k: b[k][ok] for k in ("x", "index", "view")}  # only then copied
+            yield (torch.from_numpy(np.ascontiguousarray(b["x"])), torch.from_numpy(b["index"]),
+                   torch.from_numpy(b["view"]))
         self._say_where(seen, nodes)
         if self.skipped:
             log(f"skipped {self.skipped} undecodable image(s) in this epoch (bad_images: skip; first: {first_bad})")
+
+    def _block_rows(self) -> int:
+        """Rows per Ray Data block: the batch, or the largest even share of it within MAX_ROWS_PER_TASK."""
+        parts = math.ceil(self.batch_size / MAX_ROWS_PER_TASK)
+        return math.ceil(self.batch_size / parts)
 
     def _say_where(self, seen: int, nodes: set) -> None:
         """Once per loader: which rank streamed how many images, on which node, decoded where."""
