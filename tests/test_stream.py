@@ -158,6 +158,38 @@ def test_auto_path_follows_the_decoded_size_and_says_why(tree, capsys):
     assert small.streamed and "data path: stream" in err and "in_memory_limit_gb" in err
 
 
+def test_a_streamed_run_equals_the_in_memory_one_and_a_ray_data_built_store_equals_live_teachers(
+        tree, tmp_path, local_ray):
+    """kd on the tree: streamed and in memory, the same run to the last bit; the store's rows built
+    by Ray Data batch inference (views cut from the streamed images in Ray Data tasks, teachers in
+    an actor pool) give the run the live teachers give (fp32 exact logits; the teachers ran on
+    batches of 256 there and of 8 live, which moves a logit by ~1e-7, the small kd term by ~3e-6
+    relative in epoch 1 and the weights apart a little more by epoch 2: 1e-4 relative), and the
+    stored run runs no teacher."""
+    from kdray.distributed.store_tasks import ray_data_builder
+    from kdray.teachers.source import open_teacher_store
+    from kdray.teachers.store_codec import LogitEncoding
+    from kdray.training.fit import fit
+    from kdray.training.teacher_set import train_teachers
+
+    teachers = tmp_path / "teachers"
+    train_teachers(tree_cfg(tree, epochs=1, batch_size=8, amp="off"), ["resnet8"], 1, teachers, log=lambda s: None)
+    cfg = tree_cfg(tree, data_path="stream", method="kd", teachers=str(teachers), epochs=2, batch_size=8, amp="off")
+    quiet = dict(log=lambda s: None)
+    live = fit(cfg, checkpoint_root=str(tmp_path / "live"), **quiet)
+    in_memory = fit(cfg.replace(data_path="memory"), checkpoint_root=str(tmp_path / "memory"), **quiet)
+    keys = [k for k in live["history"][0] if k.startswith(("train_", "loss_", "val_", "test_"))]
+    assert keys and [[h[k] for k in keys] for h in live["history"]] == [[h[k] for k in keys]
+                                                                       for h in in_memory["history"]]
+    store = open_teacher_store(cfg, root=tmp_path / "stores", builder=ray_data_builder(),
+                               encoding=LogitEncoding("fp32"), **quiet)
+    stored = fit(cfg, checkpoint_root=str(tmp_path / "stored"), teacher_store=store, **quiet)
+    for a, b in zip(live["history"], stored["history"]):
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-9) for k in keys), [(k, a[k], b[k]) for k in keys]
+    assert live["metrics"]["teacher_images"] > 0 and stored["metrics"]["teacher_images"] == 0
+
+
+# last in this module: it shuts down the module's local Ray (the tests after it would find none)
 def test_a_two_node_streaming_run_reads_each_rank_shard_on_its_own_node(tree, tmp_path, capfd, monkeypatch):
     """Head and worker node with 1 CPU each, two 1-CPU Train workers: one per node, each streaming
     its own shard (DistributedSampler's), decoded on its own node."""
@@ -205,34 +237,3 @@ def test_a_two_node_streaming_run_reads_each_rank_shard_on_its_own_node(tree, tm
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-def test_a_streamed_run_equals_the_in_memory_one_and_a_ray_data_built_store_equals_live_teachers(
-        tree, tmp_path, local_ray):
-    """kd on the tree: streamed and in memory, the same run to the last bit; the store's rows built
-    by Ray Data batch inference (views cut from the streamed images in Ray Data tasks, teachers in
-    an actor pool) give the run the live teachers give (fp32 exact logits; the teachers ran on
-    batches of 256 there and of 8 live, which moves a logit by ~1e-7, the small kd term by ~3e-6
-    relative in epoch 1 and the weights apart a little more by epoch 2: 1e-4 relative), and the
-    stored run runs no teacher."""
-    from kdray.distributed.store_tasks import ray_data_builder
-    from kdray.teachers.source import open_teacher_store
-    from kdray.teachers.store_codec import LogitEncoding
-    from kdray.training.fit import fit
-    from kdray.training.teacher_set import train_teachers
-
-    teachers = tmp_path / "teachers"
-    train_teachers(tree_cfg(tree, epochs=1, batch_size=8, amp="off"), ["resnet8"], 1, teachers, log=lambda s: None)
-    cfg = tree_cfg(tree, data_path="stream", method="kd", teachers=str(teachers), epochs=2, batch_size=8, amp="off")
-    quiet = dict(log=lambda s: None)
-    live = fit(cfg, checkpoint_root=str(tmp_path / "live"), **quiet)
-    in_memory = fit(cfg.replace(data_path="memory"), checkpoint_root=str(tmp_path / "memory"), **quiet)
-    keys = [k for k in live["history"][0] if k.startswith(("train_", "loss_", "val_", "test_"))]
-    assert keys and [[h[k] for k in keys] for h in live["history"]] == [[h[k] for k in keys]
-                                                                       for h in in_memory["history"]]
-    store = open_teacher_store(cfg, root=tmp_path / "stores", builder=ray_data_builder(),
-                               encoding=LogitEncoding("fp32"), **quiet)
-    stored = fit(cfg, checkpoint_root=str(tmp_path / "stored"), teacher_store=store, **quiet)
-    for a, b in zip(live["history"], stored["history"]):
-        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-9) for k in keys), [(k, a[k], b[k]) for k in keys]
-    assert live["metrics"]["teacher_images"] > 0 and stored["metrics"]["teacher_images"] == 0
