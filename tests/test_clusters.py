@@ -14,16 +14,23 @@ kdray's rules (see clusters/README.md):
     to every node through file_mounts from files outside the repository, never written into a
     cluster file; MLflow on the head runs behind basic auth (`kdray-head.sh start`);
   * Ray's ports are open to the cluster's own hosts only: on AWS the security group Ray makes for
-    the cluster (no SecurityGroupIds, no extra rule), on GCP a network tag on every node and the
-    firewall rules the file documents for it, on-prem an iptables chain naming exactly head_ip
-    and worker_ips (its rules are checked by a dry run of `kdray-head.sh firewall`).
+    the cluster, spelt out in provider.security_group (Ray's name for it, no extra rule, no
+    SecurityGroupIds), with the inbound rules the header lists equal to those Ray's own
+    `_create_default_inbound_rules` writes; on GCP a network tag on every node and the firewall
+    rules the file documents for it; on-prem an iptables chain naming exactly head_ip and
+    worker_ips (its rules are checked by a dry run of `kdray-head.sh firewall`);
+  * the on-prem SSH key is the cluster's own: `ray up` copies auth.ssh_private_key to the head as
+    ~/ray_bootstrap_key.pem, so it must not be a personal default key (~/.ssh/id_ed25519, ...) nor
+    lie inside the repository, and the header says how it is made (`ssh-keygen -f` that file).
 What only a real cloud account can check (instance types, images, quotas, IAM) is listed in
 clusters/README.md.
 """
 
 from __future__ import annotations
 
+import ast
 import ipaddress
+import itertools
 import os
 import re
 import shlex
@@ -51,6 +58,73 @@ GCP_TAG = "kdray-gcp"
 # ephemeral range (5000: MLflow; 6379: GCS; 8076: object manager; 8265: dashboard; 10001-19999:
 # Ray client server and worker ports)
 FIREWALL_PORTS = {"5000", "6379", "8076", "8265", "10001:19999"}
+# The key files ssh(1) tries by default, i.e. a user's personal keys: never a cluster's key, which
+# `ray up` copies to the head as ~/ray_bootstrap_key.pem
+PERSONAL_KEYS = {"id_rsa", "id_dsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed25519_sk",
+                 "id_xmss", "identity"}
+RAY_AWS_CONFIG = Path(ray.__file__).parent / "autoscaler" / "_private" / "aws" / "config.py"
+
+
+def ray_aws_inbound_rules(extra: list[dict], own_group: str = "sg-self") -> list[dict]:
+    """The inbound rules Ray writes into the security group it makes for an AWS cluster, from the
+    installed Ray's own functions (ray/autoscaler/_private/aws/config.py imports boto3, which
+    kdray does not need: the three pure functions are taken from its source)."""
+    wanted = {"_create_default_inbound_rules", "_create_default_intracluster_inbound_rules",
+              "_create_default_ssh_inbound_rules"}
+    tree = ast.parse(RAY_AWS_CONFIG.read_text())
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    assert {f.name for f in funcs} == wanted, "Ray's AWS provider changed: check the security group"
+    ns: dict = {"itertools": itertools}
+    exec(compile(ast.Module(body=funcs, type_ignores=[]), str(RAY_AWS_CONFIG), "exec"), ns)
+    return ns["_create_default_inbound_rules"]({own_group}, extra)
+
+
+def describe_aws_rules(perms: list[dict], group_name: str, own_group: str = "sg-self") -> set[tuple[str, str]]:
+    """(what, from) for each source of each IpPermission, as the header of aws-gpu.yaml writes them."""
+    out = set()
+    for perm in perms:
+        proto, lo, hi = str(perm.get("IpProtocol")), perm.get("FromPort"), perm.get("ToPort")
+        if proto == "-1":
+            what = "all protocols, all ports"
+        else:
+            what = f"{proto} {lo}" if lo == hi else f"{proto} {lo}-{hi}"
+        for pair in perm.get("UserIdGroupPairs", []):
+            gid = pair.get("GroupId")
+            out.add((what, f"the group itself ({group_name})" if gid == own_group else f"group {gid}"))
+        out |= {(what, r["CidrIp"]) for r in perm.get("IpRanges", [])}
+        out |= {(what, r["CidrIpv6"]) for r in perm.get("Ipv6Ranges", [])}
+    return out
+
+
+def documented_aws_rules(raw: str) -> set[tuple[str, str]]:
+    """The `#   inbound: WHAT  from: SOURCE` lines of a file's comments."""
+    return {(m.group(1), m.group(2)) for m in re.finditer(
+        r"^#\s+inbound:\s+(.+?)\s+from:\s+(.+?)\s*$", raw, flags=re.M)}
+
+
+def comment_text(raw: str) -> str:
+    return "\n".join(ln.lstrip()[1:] for ln in raw.splitlines() if ln.lstrip().startswith("#"))
+
+
+def key_problems(cfg: dict, raw: str) -> list[str]:
+    """The SSH key `ray up` copies to the head: the cluster's own, never a personal one."""
+    problems = []
+    key = (cfg.get("auth") or {}).get("ssh_private_key")
+    if not key:
+        if cfg["provider"]["type"] == "local":
+            problems.append("no auth.ssh_private_key: the local provider needs the cluster's own key")
+        return problems
+    if Path(key).name in PERSONAL_KEYS:
+        problems.append(f"auth.ssh_private_key {key} is a personal key: `ray up` copies it to the head "
+                        "as ~/ray_bootstrap_key.pem; use a key made for the cluster")
+    if _in_repo(key):
+        problems.append(f"auth.ssh_private_key {key} is inside the repository (./clusters goes to every node)")
+    comments = comment_text(raw)
+    made = re.findall(r"ssh-keygen\b[^\n]*?\s-f\s+(\S+)", comments)
+    if made != [key] or "ray_bootstrap_key.pem" not in comments:
+        problems.append(f"the header does not say why and how the cluster key is made "
+                        f"(ssh-keygen ... -f {key}, ~/ray_bootstrap_key.pem); it has {made}")
+    return problems
 
 
 def load(path: Path) -> dict:
@@ -265,9 +339,18 @@ def check_cluster_file(path: Path, ray_version: str) -> list[str]:
         for name, nt in (cfg.get("available_node_types") or {}).items():
             if "SecurityGroupIds" in (nt.get("node_config") or {}):
                 problems.append(f"{name}: SecurityGroupIds replaces the security group Ray makes for the cluster")
-        group = (cfg["provider"].get("security_group") or {}).get("GroupName")
-        if group not in (None, f"ray-autoscaler-{cfg.get('cluster_name')}"):
+        sg = cfg["provider"].get("security_group") or {}
+        group = sg.get("GroupName")
+        if group is None or not isinstance(sg.get("IpPermissions"), list):
+            problems.append("provider.security_group is not spelt out (GroupName and IpPermissions)")
+        elif group != f"ray-autoscaler-{cfg.get('cluster_name')}":
             problems.append(f"security_group.GroupName {group!r}: a group not made for this cluster alone")
+        else:
+            ray_rules = describe_aws_rules(ray_aws_inbound_rules(sg["IpPermissions"]), group)
+            said = documented_aws_rules(raw)
+            if said != ray_rules:
+                problems.append(f"the header's inbound rules differ from what Ray writes into {group}: "
+                                f"header {sorted(said)}, Ray {sorted(ray_rules)}")
     elif provider == "gcp":
         problems += _gcp_rule_problems(cfg, raw)
     elif provider == "local":
@@ -282,6 +365,9 @@ def check_cluster_file(path: Path, ray_version: str) -> list[str]:
             problems.append("the firewall is not the first setup command")
     else:
         problems.append(f"no port rules known for provider {provider!r}")
+
+    # -- the SSH key ray up copies to the head -----------------------------------------------------
+    problems += key_problems(cfg, raw)
     return problems
 
 
@@ -382,8 +468,13 @@ def test_token_auth_and_port_rules(path: Path) -> None:
     assert len(starts) == 2 and all("export RAY_AUTH_MODE=token;" in c for c in starts), starts
     provider = cfg["provider"]
     if provider["type"] == "aws":
-        assert not provider.get("security_group")  # Ray's own group: SSH + the group's members
+        # Ray's own group for this cluster, spelt out, with no rule of ours: Ray writes two
+        group = f"ray-autoscaler-{cfg['cluster_name']}"
+        assert provider["security_group"] == {"GroupName": group, "IpPermissions": []}
         assert all("SecurityGroupIds" not in nt["node_config"] for nt in cfg["available_node_types"].values())
+        rules = {("all protocols, all ports", f"the group itself ({group})"), ("tcp 22", "0.0.0.0/0")}
+        assert describe_aws_rules(ray_aws_inbound_rules([]), group) == rules
+        assert documented_aws_rules(path.read_text()) == rules
     elif provider["type"] == "gcp":
         rules = {r["name"]: r for r in gcp_firewall_rules(path.read_text())}
         assert rules["kdray-gcp-allow-cluster"]["--source-tags"] == GCP_TAG
@@ -391,6 +482,39 @@ def test_token_auth_and_port_rules(path: Path) -> None:
         assert rules["kdray-gcp-allow-ssh"]["--rules"] == "tcp:22"
     else:
         assert firewall_hosts(cfg["setup_commands"]) == [{provider["head_ip"], *provider["worker_ips"]}]
+
+
+def test_ray_writes_aws_rules_only_into_an_empty_group() -> None:
+    """What aws-gpu.yaml and the README say of Ray 2.58's AWS provider, in its source: the rules go
+    into a group only when it has none (so a narrowed SSH rule survives later `ray up`s), and the
+    extra IpPermissions are added to the two default rules, never in place of them."""
+    src = RAY_AWS_CONFIG.read_text()
+    upsert = src[src.index("def _upsert_security_group_rules"):src.index("def _update_inbound_rules")]
+    assert "if not sg.ip_permissions:" in upsert
+    extra = {"FromPort": 443, "ToPort": 443, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+    rules = ray_aws_inbound_rules([extra])
+    assert len(rules) == 3 and rules[-1] == extra
+    assert {"FromPort": 22, "ToPort": 22, "IpProtocol": "tcp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]} in rules
+
+
+def test_onprem_uses_a_dedicated_cluster_key() -> None:
+    """`ray up` copies auth.ssh_private_key to the head as ~/ray_bootstrap_key.pem: onprem.yaml names
+    a key made for the cluster, never the user's own, and the file and the README say why and how
+    it is made and installed."""
+    path = CLUSTERS / "onprem.yaml"
+    raw = path.read_text()
+    key = load(path)["auth"]["ssh_private_key"]
+    assert key == "~/.ssh/kdray-cluster"
+    assert Path(key).name not in PERSONAL_KEYS and not _in_repo(key)
+    assert key_problems(load(path), raw) == []
+    readme = (CLUSTERS / "README.md").read_text()
+    for text in (comment_text(raw), readme):
+        assert "ray_bootstrap_key.pem" in text
+        assert f"ssh-keygen -t ed25519 -N '' -C kdray-cluster -f {key}" in text
+        assert f"ssh-copy-id -i {key}.pub" in text
+    assert "id_ed25519" not in yaml.safe_dump(load(path))
+    # the cloud files name no key: Ray makes one per cluster (~/.ssh/ray-autoscaler_*)
+    assert all("ssh_private_key" not in load(f)["auth"] for f in CLOUD)
 
 
 def test_head_script() -> None:
@@ -598,6 +722,20 @@ AUTH_AND_PORT_MUTATIONS = [
     ("onprem.yaml", lambda c: c["setup_commands"].pop(0), "kdray-head.sh firewall"),
     ("onprem.yaml", lambda c: c["provider"]["worker_ips"].append("192.168.1.13"), "the firewall admits"),
     ("onprem.yaml", lambda c: c["setup_commands"].append(c["setup_commands"].pop(0)), "first setup command"),
+    ("aws-gpu.yaml", lambda c: c["provider"].pop("security_group"), "not spelt out"),
+    ("aws-gpu.yaml", lambda c: c["provider"]["security_group"]["IpPermissions"].append(
+        {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp", "UserIdGroupPairs": [{"GroupId": "sg-0123"}]}),
+     "header's inbound rules differ"),
+    ("aws-gpu.yaml", lambda c: c.__setitem__("cluster_name", "kdray-other"), "GroupName"),
+    # the SSH key ray up copies to the head
+    *[("onprem.yaml", lambda c, k=k: c["auth"].__setitem__("ssh_private_key", k), "personal key")
+      for k in ("~/.ssh/id_ed25519", "~/.ssh/id_rsa", "/home/me/.ssh/id_ecdsa", "~/.ssh/id_dsa")],
+    ("onprem.yaml", lambda c: c["auth"].__setitem__("ssh_private_key", "./clusters/kdray-cluster"),
+     "inside the repository"),
+    ("onprem.yaml", lambda c: c["auth"].pop("ssh_private_key"), "no auth.ssh_private_key"),
+    ("onprem.yaml", lambda c: c["auth"].__setitem__("ssh_private_key", "~/.ssh/other-cluster-key"),
+     "how the cluster key is made"),
+    ("aws-gpu.yaml", lambda c: c["auth"].__setitem__("ssh_private_key", "~/.ssh/id_ed25519"), "personal key"),
 ]
 
 
@@ -623,5 +761,24 @@ GCP_RULE_MUTATIONS = [
 @pytest.mark.parametrize("old, new, expected", GCP_RULE_MUTATIONS, ids=[m[2] for m in GCP_RULE_MUTATIONS])
 def test_gcp_firewall_rules_reject(tmp_path: Path, old: str, new: str, expected: str) -> None:
     bad = _mutated_text(tmp_path, "gcp-gpu.yaml", old, new)
+    problems = check_cluster_file(bad, ray.__version__)
+    assert any(expected in p for p in problems), problems
+
+
+TEXT_MUTATIONS = [
+    # the header of aws-gpu.yaml lists the rules Ray writes, all of them and no other
+    ("aws-gpu.yaml", "#   inbound: tcp 22                    from: 0.0.0.0/0\n", "", "header's inbound rules differ"),
+    ("aws-gpu.yaml", "from: 0.0.0.0/0\n", "from: 203.0.113.0/24\n", "header's inbound rules differ"),
+    ("aws-gpu.yaml", "#   inbound: tcp 22 ", "#   inbound: tcp 8265 ", "header's inbound rules differ"),
+    # onprem.yaml says why its key is not yours, and how it is made
+    ("onprem.yaml", "~/ray_bootstrap_key.pem", "the head", "how the cluster key is made"),
+    ("onprem.yaml", "-f ~/.ssh/kdray-cluster\n", "-f ~/.ssh/id_ed25519\n", "how the cluster key is made"),
+]
+
+
+@pytest.mark.parametrize("name, old, new, expected", TEXT_MUTATIONS,
+                         ids=[f"{i}-{m[0]}" for i, m in enumerate(TEXT_MUTATIONS)])
+def test_header_rules_reject(tmp_path: Path, name: str, old: str, new: str, expected: str) -> None:
+    bad = _mutated_text(tmp_path, name, old, new)
     problems = check_cluster_file(bad, ray.__version__)
     assert any(expected in p for p in problems), problems
