@@ -197,7 +197,7 @@ def build_store(cfg, data, train: Split, teacher_models, device, epochs: int, pe
     # the key of this data, views, precision and encoding: a store the run would refuse (another
     # key) would leave the "kdray+store" side running its teachers live (checked after timing)
     key = store_key({"teachers": []}, data, views, prep.precision, codec)
-    store = empty_store(key, source.info, len(train), views, sample, feats)
+    store = empty_store(key, source.info, len(train), views, feats)
     store.add(codes, *compute_rows(source, data, views, codes, prep.precision.channels_last))
     return store, time.perf_counter() - t0, len(codes)
 

@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits_table import ENV, kdray_exe, mean_std, pct, run_json
 from step_throughput import cifar10_jpeg_dir
 
-from kdray.teachers.store import META_FILE, STORE_FILE, list_stores
 from kdray.teachers.store_codec import bytes_per_row
+from kdray.teachers.store_files import META_FILE, list_stores
 
 FULL = {"dataset": "cifar10-jpeg", "teacher_arch": "resnet20", "teachers": 2, "teacher_epochs": 15,
         "student": "resnet8", "epochs": 15, "fraction": 0.1, "seeds": "0,1,2", "topk": "1,2,5"}
@@ -193,7 +193,7 @@ def used_store(args, enc: tuple[str, int], shas: list, run: dict, seed: int) -> 
 def store_figures(args, enc: tuple[str, int], meta: dict, classes: int) -> dict:
     folder = Path(meta["path"])
     rows, build_s, teachers = int(meta["rows"]), float(meta.get("build_s", 0.0)), int(meta["info"][0])
-    file_bytes = (folder / STORE_FILE).stat().st_size
+    file_bytes = sum((folder / s["file"]).stat().st_size for s in meta["shards"])
     return {
         "digest": meta["digest"], "path": str(folder), "meta": str(folder / META_FILE),
         "encoding": meta["key"]["logits"], "precision": meta["key"]["precision"], "teachers": teachers,

@@ -5,6 +5,7 @@ Data builder giving the rows the in-process build gives."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ from kdray.core.errors import KdrayError
 from kdray.data.sources import load_data
 from kdray.data.views import ViewSpec
 from kdray.distill.base import TeacherInfo
+from kdray.teachers.ensemble import LiveTeacherOutputs
 from kdray.teachers.source import StoredTeacherOutputs, open_teacher_store
-from kdray.teachers.store import FORMAT, META_FILE, TeacherStore, empty_store, load, save
+from kdray.teachers.store import FORMAT, MAX_SHARDS, TeacherStore, empty_store
 from kdray.teachers.store_codec import DEFAULT_TOPK, LogitCodec, LogitEncoding, bytes_per_row
+from kdray.teachers.store_files import META_FILE, load, save
 from kdray.teachers.store_fill import compute_rows
 from kdray.training.fit import fit
 
@@ -33,8 +36,7 @@ def _logits(rows: int, teachers: int, classes: int, peak: float = 8.0, spread: f
 
 def _store(codec: LogitCodec, samples: int, views: int, teachers: int = 2) -> TeacherStore:
     key = {"format": FORMAT, "dataset": "synthetic", "logits": codec.key()}
-    sample = {"logits": torch.zeros(teachers, 1, codec.classes), "feats": []}
-    return empty_store(key, TeacherInfo(teachers, (4,) * teachers), samples, _Views(views), sample, False)
+    return empty_store(key, TeacherInfo(teachers, (4,) * teachers), samples, _Views(views), False)
 
 
 class _Views:
@@ -79,6 +81,58 @@ def test_store_round_trips_through_disk_and_ray_arrays(encoding, tmp_path):
         assert torch.equal(other.codes, store.codes) and (other.samples, other.view_count) == (100, 3)
         assert torch.equal(other.logits_of(rows), store.logits_of(rows))
     assert json.loads((tmp_path / META_FILE).read_text())["views"] == 300
+
+
+# ------------------------------------------------------------------------------------------------
+# shards: memory-mapped, few, and what a stopped build keeps
+# ------------------------------------------------------------------------------------------------
+def test_saved_shards_are_memory_mapped_compacted_and_unnamed_files_removed(tmp_path):
+    store = _store(LogitCodec("fp16", 10), 1000, 4)
+    codes = torch.randperm(4000, generator=torch.Generator().manual_seed(1))[:600]
+    z = _logits(600, 2, 10)
+    for part in range(30):  # 30 extensions of 20 rows: never more than MAX_SHARDS shards
+        store.add(codes[part * 20 : (part + 1) * 20], z[part * 20 : (part + 1) * 20], None)
+        store.compact()
+        save(store, tmp_path, 0.0)
+        assert len(store.shards) <= MAX_SHARDS
+    files = sorted(p.name for p in tmp_path.glob("shard-*.pt"))
+    assert files == sorted(s.file for s in store.shards)  # merged shards' files are gone
+    (tmp_path / "shard-0000000000000000.pt").write_bytes(b"half a write")  # a write the meta never named
+    back = load(tmp_path)
+    torch.testing.assert_close(back.logits_of(back.lookup(codes)).float(), z.half().float(), rtol=0, atol=0)
+    mapped = Path("/proc/self/maps").read_text()
+    assert all(str(tmp_path / f) in mapped for f in files)  # read through the page cache, not copied in
+    back.add(torch.tensor([4001]), _logits(1, 2, 10), None)
+    save(back, tmp_path, 0.0)
+    assert not (tmp_path / "shard-0000000000000000.pt").exists() and load(tmp_path).rows == 601
+
+
+def test_a_build_stopped_half_way_keeps_its_saved_shards(fake_teachers, tmp_path, monkeypatch):
+    import kdray.teachers.store_fill as fill
+
+    cfg = small_cfg(method="kd", teachers=str(fake_teachers), amp="off")
+    want = open_teacher_store(cfg, root=tmp_path / "whole", **QUIET)
+    monkeypatch.setattr(fill, "BUILD_CHUNK_BYTES", 4 * 2 * 10 * (want.rows // 3 + 1))  # three chunks
+
+    def stopping_builder(ensemble, data, precision, feats):
+        calls = []
+
+        def build(codes, progress):
+            calls.append(len(codes))
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # Ctrl-C during the second chunk
+            return compute_rows(LiveTeacherOutputs(ensemble, precision.autocast, feats), data, data.views, codes, False)
+        return build
+
+    with pytest.raises(KeyboardInterrupt):
+        open_teacher_store(cfg, root=tmp_path / "s", builder=stopping_builder, **QUIET)
+    folder = tmp_path / "s" / want.meta["digest"]
+    kept = load(folder)
+    assert 0 < kept.rows < want.rows and len(kept.shards) == 1
+    logs = []
+    done = open_teacher_store(cfg, root=tmp_path / "s", log=logs.append)
+    assert any(f"computing {want.rows - kept.rows} views" in line for line in logs)  # only what was missing
+    assert torch.equal(done.logits_of(done.lookup(want.codes)), want.logits_of(torch.arange(want.rows)))
 
 
 # ------------------------------------------------------------------------------------------------

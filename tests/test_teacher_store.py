@@ -5,6 +5,7 @@ from the CLI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -19,7 +20,8 @@ from kdray.data.sources import load_data
 from kdray.data.splits import Split
 from kdray.data.views import ViewSpec, crop_and_flip
 from kdray.teachers.source import open_teacher_store
-from kdray.teachers.store import META_FILE, STORE_FILE, STORES, StoreCorrupt, list_stores, load
+from kdray.teachers.store import STORES
+from kdray.teachers.store_files import META_FILE, StoreCorrupt, list_stores, load
 from kdray.training.fit import fit
 
 QUIET = dict(log=lambda s: None)
@@ -128,25 +130,61 @@ def test_store_is_reused_extended_and_verified(fake_teachers, tmp_path):
     logs = []
     first = open_teacher_store(cfg, root=tmp_path, log=logs.append)
     folder = tmp_path / first.meta["digest"]
-    assert (folder / STORE_FILE).is_file() and json.loads((folder / META_FILE).read_text())["rows"] == first.rows
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["rows"] == first.rows and [s["file"] for s in meta["shards"]] == [p.name for p in _shards(folder)]
     again = open_teacher_store(cfg, root=tmp_path, log=logs.append)
     assert again.rows == first.rows and "covers the run" in logs[-1]
     longer = open_teacher_store(cfg.replace(epochs=4), root=tmp_path, log=logs.append)
     assert longer.rows > first.rows and longer.meta["digest"] == first.meta["digest"]
-    kept = longer.lookup(first.codes)  # old rows kept, new ones merged in code order
+    assert len(_shards(folder)) == 2  # the new rows are a new shard: the first one is not rewritten
+    kept = longer.lookup(first.codes)  # old rows kept, found beside the new ones
     assert bool((kept >= 0).all()) and torch.equal(longer.logits_of(kept), first.logits_of(torch.arange(first.rows)))
+    assert torch.equal(load(folder).codes, longer.codes)
     # another data split is another key
     other = open_teacher_store(cfg.replace(train_fraction=0.5), root=tmp_path, **QUIET)
     assert other.meta["digest"] != first.meta["digest"] and len(list_stores(tmp_path)) == 2
     # a damaged file does not verify, and is rebuilt (kdray's own derived data) with a line saying so
-    raw = bytearray((folder / STORE_FILE).read_bytes())
+    shard = _shards(folder)[0]
+    raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    (folder / STORE_FILE).write_bytes(bytes(raw))
+    shard.write_bytes(bytes(raw))
     with pytest.raises(StoreCorrupt, match="does not verify"):
         load(folder)
-    rebuilt = open_teacher_store(cfg, root=tmp_path, log=logs.append)
+    rebuilt = open_teacher_store(cfg.replace(epochs=4), root=tmp_path, log=logs.append)
     assert any("does not verify" in line and "rebuilding" in line for line in logs)
-    assert load(folder).rows == rebuilt.rows == first.rows
+    assert load(folder).rows == rebuilt.rows == longer.rows and len(_shards(folder)) == 1  # old shards gone
+
+
+def _shards(folder):
+    return sorted(folder.glob("shard-*.pt"))
+
+
+def test_a_damaged_meta_or_a_shard_of_another_layout_is_said_and_rebuilt(fake_teachers, tmp_path):
+    """A truncated meta.json, and a file of another layout whose sha256 the meta names: each is one
+    line naming the file (never a traceback or a silent rebuild), and the store is rebuilt right."""
+    cfg = small_cfg(method="kd", teachers=str(fake_teachers))
+    first = open_teacher_store(cfg, root=tmp_path, **QUIET)
+    folder = tmp_path / first.meta["digest"]
+    text = (folder / META_FILE).read_text()
+    (folder / META_FILE).write_text(text[: len(text) // 2])
+    with pytest.raises(StoreCorrupt, match=r"meta.json is damaged \(not JSON"):
+        load(folder)
+    logs = []
+    again = open_teacher_store(cfg, root=tmp_path, log=logs.append)
+    assert any("meta.json is damaged" in line and "rebuilding it" in line for line in logs)
+    assert torch.equal(again.logits_of(again.lookup(first.codes)), first.logits_of(torch.arange(first.rows)))
+    # another layout under the right sha256: a tensors-only file that is not a shard of this store
+    shard = _shards(folder)[0]
+    torch.save({"index": torch.zeros(3, dtype=torch.int32), "logits": torch.zeros(3, 2, 10)}, shard)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(StoreCorrupt, match="does not verify: it is not a shard of this store"):
+        load(folder)
+    logs.clear()
+    third = open_teacher_store(cfg, root=tmp_path, log=logs.append)
+    assert any("not a shard of this store" in line and "rebuilding it" in line for line in logs)
+    assert third.rows == first.rows
 
 
 def test_a_store_for_other_data_is_not_used_and_the_run_says_so(fake_teachers, tmp_path):

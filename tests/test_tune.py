@@ -164,7 +164,7 @@ def test_sweep_teachers_once_concurrency_clamped_nan_trial_fails_sweep_goes_on(t
     assert full and best["metrics"]["val_acc"] == max(full)  # ASHA lets the first trial at a rung go on
     assert result["timing"]["trials"] == 3 and result["timing"]["startup_s_mean"] > 0
     # the teachers ran once per view, before the trials, into the sweep's store: no trial ran them
-    assert "teacher store: computing" in err and len(list((work / "teachers").glob(f"*/{STORES}/*/store.pt"))) == 1
+    assert "teacher store: computing" in err and len(list((work / "teachers").glob(f"*/{STORES}/*/meta.json"))) == 1
     assert all(r["metrics"]["teacher_images"] == 0 for r in ok_rows), [r["metrics"] for r in ok_rows]
 
 
@@ -493,7 +493,7 @@ def test_one_sweep_places_trials_on_both_nodes(tmp_path, capsys):
         assert states(study_trials(tmp_path / "w", "two")) == {"COMPLETE": 2}
         # both nodes' trials read the one store through Ray's object store: no teacher ran in either
         assert "teacher store: computing" in err and all(r["metrics"]["teacher_images"] == 0 for r in rows)
-        assert len(list((tmp_path / "w" / "teachers").glob(f"*/{STORES}/*/store.pt"))) == 1
+        assert len(list((tmp_path / "w" / "teachers").glob(f"*/{STORES}/*/meta.json"))) == 1
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -46,7 +46,8 @@ def cmd_teachers_train(args) -> int:
 def cmd_teachers_show(args) -> int:
     from kdray.teachers.ensemble import load_teachers
     from kdray.teachers.manifest import read_manifest
-    from kdray.teachers.store import STORES, list_stores
+    from kdray.teachers.store import STORES
+    from kdray.teachers.store_files import list_stores
 
     manifest = read_manifest(args.dir)
     load_teachers(args.dir)  # verifies every checksum and state dict
@@ -112,8 +113,8 @@ def view_words(views: dict) -> str:
 def cmd_teachers_store(args) -> int:
     from kdray.distributed.store_tasks import ray_data_builder
     from kdray.teachers.source import open_teacher_store
-    from kdray.teachers.store import list_stores
     from kdray.teachers.store_codec import LogitEncoding
+    from kdray.teachers.store_files import list_stores
 
     encoding = LogitEncoding(args.teacher_store_logits, args.teacher_store_topk)
     encoding.check()

@@ -11,16 +11,19 @@ the images travel as uint8, and the rows come back in code order."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from kdray.core.errors import KdrayError
 from kdray.data.access import train_view_images
 from kdray.data.bundle import DataBundle
 from kdray.data.splits import Split
 from kdray.data.views import normalisation, to_float
 from kdray.teachers.store import TeacherStore
+from kdray.teachers.store_files import META_FILE, StoreCorrupt, load, stamps
 from kdray.teachers.store_fill import Builder
 
 CODES_PER_BLOCK = 256  # pairs per Ray Data block: one image-cutting task, one actor batch
@@ -124,18 +127,38 @@ def _empty(split: Split) -> Split:
     return Split(split.x[:0] if split.x is not None else None, split.y[:0], [] if split.records is not None else None)
 
 
-def share(store: Optional[TeacherStore]):
-    """The store in Ray's object store (None stays None): an ObjectRef trials can hold."""
+def share(store: Optional[TeacherStore]) -> Optional[dict]:
+    """A handle trials open the store by (None stays None): its folder, with each shard's size and
+    time as this process verified it, for processes that can read the folder (memory-mapped: a
+    node's trials share its pages); and the store in Ray's object store when it is in memory only
+    or the cluster has other nodes, which may not see the folder."""
     if store is None:
         return None
     import ray
 
-    return ray.put(store.to_arrays())
+    saved = store.folder is not None and all(s.file for s in store.shards)
+    handle = {"folder": str(store.folder) if saved else None,
+              "stamps": stamps(store, store.folder) if saved else None, "ref": None}
+    if not saved or sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        handle["ref"] = ray.put(store.to_arrays())
+    return handle
 
 
-def fetch(ref) -> Optional[TeacherStore]:
-    if ref is None:
+def fetch(handle: Optional[dict]) -> Optional[TeacherStore]:
+    """The store behind :func:`share`'s handle: mapped from its folder where this node reads it,
+    else from Ray's object store."""
+    if handle is None:
         return None
     import ray
 
-    return TeacherStore.from_arrays(ray.get(ref))
+    folder = handle["folder"]
+    if folder and (Path(folder) / META_FILE).is_file():
+        try:
+            return load(Path(folder), verified=handle["stamps"])
+        except StoreCorrupt:
+            if handle["ref"] is None:
+                raise
+    if handle["ref"] is not None:
+        return TeacherStore.from_arrays(ray.get(handle["ref"]))
+    raise KdrayError(f"teacher store {folder} cannot be read on node {ray.util.get_node_ip_address()}: "
+                     "put --teacher-store on a filesystem every node mounts")

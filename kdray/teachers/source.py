@@ -74,7 +74,7 @@ class StoredTeacherOutputs:
     ``images`` counts the images the teachers ran on in this process."""
 
     def __init__(self, store: TeacherStore, device, feats: bool, live: Callable[[], object]):
-        if feats and store.feats is None:
+        if feats and not store.has_feats:
             raise ValueError("a store without feature maps cannot serve a method that needs them")
         self.store, self.device, self.feats, self._live_factory = store, torch.device(device), feats, live
         self._live = None
@@ -94,7 +94,7 @@ class StoredTeacherOutputs:
 
     def _gather(self, rows: torch.Tensor) -> dict:
         logits = self.store.logits_of(rows, self.device).transpose(0, 1)
-        feats = [f.index_select(0, rows).to(self.device) for f in self.store.feats] if self.feats else []
+        feats = self.store.feats_of(rows, self.device) if self.feats else []
         return {"logits": logits, "feats": feats}
 
     def _with_live(self, x: torch.Tensor, rows: torch.Tensor, miss: torch.Tensor) -> dict:

@@ -4,42 +4,43 @@ computed once and shared by every trial of a sweep, later sweeps and `kdray trai
 Views are replayable (:class:`kdray.data.views.ViewSpec`, :class:`kdray.data.resized_crop.ResizedCropViews`):
 sample i in epoch e is seen as view ``view_ids(seed, e, i)``, one of V per sample. A store row holds
 the teachers' logits (encoded as the store's key says: :mod:`kdray.teachers.store_codec`) and, when
-the budget allows, their last-stage feature maps, for one (sample, view) pair; the rows are sorted by
-the pair's code ``i * V + v``, found by binary search (nothing is dense in samples x views: an
-ImageNet-sized dense index alone would take 33 GB). Teacher and student always see the same view: a
-row is the output the live ensemble gives for it, so the maths does not change (with an exact
-encoding; a lossy one is bounded as its docstring says).
+the budget allows, their last-stage feature maps, for one (sample, view) pair, found by the pair's
+code ``i * V + v``. Nothing is dense in samples x views (an ImageNet-sized dense index alone would
+take 33 GB). Teacher and student always see the same view: a row is the output the live ensemble
+gives for it, so the maths does not change (with an exact encoding; a lossy one is bounded as its
+docstring says).
 
-A store lives in ``<root>/<key digest>/`` (root: the teacher set's ``stores/`` unless given) as
-``store.pt`` (tensors, loaded with ``weights_only=True``) and ``meta.json`` (its key, sha256,
-coverage, size and build time), both written atomically; the sha256 is checked on load. Its key is
-everything the outputs depend on: the teacher files' sha256, the train split's bytes, the view set,
-the precision they were computed in, and the logits' encoding. Format 1 (a dense index) is not
-read: its stores are rebuilt, with a line saying so.
+Rows live in **shards** (:class:`Shard`): each one block of rows sorted by code, written once and
+never rewritten. A build adds one shard per chunk it computes, so a build's memory is one chunk and
+an interrupted build keeps the shards it finished; extending a store adds a shard of the new rows
+only. A lookup binary-searches each shard (few: :meth:`TeacherStore.compact` merges the smallest).
+On disk (:mod:`kdray.teachers.store_files`) shards are memory-mapped, so a process holds in memory
+only the pages its lookups touch, and the processes of a node share them through the page cache.
+
+Its key is everything the outputs depend on: the teacher files' sha256, the train split's bytes, the
+view set, the precision they were computed in, and the logits' encoding.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from kdray.core.errors import KdrayError
-from kdray.core.io import atomic_save, atomic_write, sha256_file
 from kdray.data.bundle import DataBundle
 from kdray.data.views import ViewSpec
 from kdray.distill.base import TeacherInfo
 from kdray.teachers.store_codec import LogitCodec
 
-STORE_FILE, META_FILE, STORES = "store.pt", "meta.json", "stores"
+STORES = "stores"
 DEFAULT_BUDGET_GB = 4.0
-FORMAT = 2  # 2: sparse sorted codes, encoded logits (1: a dense int32 index [N, V], raw logits)
+# 3: shards of sorted codes, memory-mapped; 2: one file of sorted codes; 1: a dense int32 index [N, V], raw logits
+FORMAT = 3
+MAX_SHARDS = 16  # more, and compact() merges the smallest: a lookup searches every shard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,19 +114,60 @@ def pair_codes(n: int, views: ViewSpec, seeds, epochs) -> torch.Tensor:
 # the store in memory
 # ---------------------------------------------------------------------------------------------
 @dataclass
+class Shard:
+    """A block of rows sorted by pair code: row r holds pair ``codes[r]``, its logits encoded in
+    ``parts`` (name -> [R, ...]), its feature maps per teacher in ``feats`` (or None). ``file``:
+    its file in the store's folder once saved (its tensors then memory-mapped from it)."""
+
+    codes: torch.Tensor  # int64 [R], sorted, unique
+    parts: dict
+    feats: Optional[list] = None
+    file: Optional[str] = None
+    sha256: Optional[str] = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.codes.shape[0])
+
+    def tensors(self) -> list:
+        return [self.codes] + [self.parts[n] for n in sorted(self.parts)] + list(self.feats or [])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def positions(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row of each code in this shard, whether it is here)."""
+        if not self.rows:
+            return torch.zeros_like(codes), torch.zeros_like(codes, dtype=torch.bool)
+        pos = torch.searchsorted(self.codes, codes).clamp_(max=self.rows - 1)
+        return pos, self.codes[pos] == codes
+
+    @classmethod
+    def merged(cls, shards: list["Shard"]) -> "Shard":
+        """One shard of all the rows of ``shards`` (disjoint codes), in code order."""
+        codes = torch.cat([s.codes for s in shards])
+        codes, order = torch.sort(codes)
+        parts = {n: torch.cat([s.parts[n] for s in shards]).index_select(0, order) for n in shards[0].parts}
+        feats = None
+        if shards[0].feats is not None:
+            feats = [torch.cat(fs).index_select(0, order) for fs in zip(*(s.feats for s in shards))]
+        return cls(codes, parts, feats)
+
+
+@dataclass
 class TeacherStore:
-    """Rows of teacher outputs, sorted by pair code: row r holds pair ``codes[r]`` (``sample * V +
-    view``), its logits encoded as ``parts`` say (:mod:`kdray.teachers.store_codec`, the key's
-    ``logits``). Nothing is dense in samples x views: a lookup is a binary search of ``codes``."""
+    """Rows of teacher outputs in :class:`Shard` s (disjoint codes). A row's global number (what
+    :meth:`lookup` returns and :meth:`logits_of` takes) counts the shards' rows in shard order."""
 
     key: dict
     info: TeacherInfo
-    codes: torch.Tensor  # int64 [R], sorted, unique
-    parts: dict  # the encoded logits: name -> [R, ...]
     samples: int  # N: train samples
     view_count: int  # V: views per sample
-    feats: Optional[list] = None  # per teacher [R, C_k, H_k, W_k], or None: feature maps online
+    shards: list = field(default_factory=list)
+    has_feats: bool = False  # every row holds the teachers' feature maps
     meta: dict = field(default_factory=dict)
+    folder: Optional[Path] = None  # where it is saved (None: in memory only)
 
     @property
     def codec(self) -> LogitCodec:
@@ -133,68 +175,130 @@ class TeacherStore:
 
     @property
     def rows(self) -> int:
-        return int(self.codes.shape[0])
+        return sum(s.rows for s in self.shards)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        return sum(s.nbytes for s in self.shards)
 
-    def _tensors(self) -> list:
-        return [self.codes] + [self.parts[n] for n in sorted(self.parts)] + list(self.feats or [])
+    def _offsets(self) -> list[int]:
+        out, total = [], 0
+        for s in self.shards:
+            out.append(total)
+            total += s.rows
+        return out
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """The row of each pair code (int64), -1 where the store lacks it."""
+        """The global row of each pair code (int64), -1 where the store lacks it."""
         codes = codes.long()
-        pos = torch.searchsorted(self.codes, codes).clamp_(max=max(self.rows - 1, 0))
-        hit = self.codes[pos] == codes if self.rows else torch.zeros_like(codes, dtype=torch.bool)
-        return torch.where(hit, pos, torch.full_like(pos, -1))
+        out = torch.full_like(codes, -1)
+        for off, shard in zip(self._offsets(), self.shards):
+            pos, hit = shard.positions(codes)
+            out[hit] = pos[hit] + off
+        return out
 
     def missing(self, codes: torch.Tensor) -> torch.Tensor:
         return codes[self.lookup(codes) < 0] if len(codes) else codes
 
-    def stored_codes(self) -> torch.Tensor:
-        return self.codes
-
     def covers(self, codes: torch.Tensor) -> bool:
         return len(self.missing(codes)) == 0
 
+    def _by_shard(self, rows: torch.Tensor):
+        """(shard, mask of ``rows`` in it, their rows in the shard) for each shard ``rows`` touch."""
+        rows = rows.long()
+        for off, shard in zip(self._offsets(), self.shards):
+            m = (rows >= off) & (rows < off + shard.rows)
+            if len(self.shards) == 1 or bool(m.any()):
+                yield shard, m, rows[m] - off
+
     def logits_of(self, rows: torch.Tensor, device=None) -> torch.Tensor:
         """``[len(rows), K, C]`` logits of stored ``rows`` on ``device`` (see :meth:`LogitCodec.decode`)."""
-        return self.codec.decode(self.parts, rows, device)
+        return self._gather(rows, device, lambda shard, r: self.codec.decode(shard.parts, r, device))
+
+    def feats_of(self, rows: torch.Tensor, device=None) -> list:
+        """Each teacher's feature maps ``[len(rows), C_k, H_k, W_k]`` of stored ``rows`` on ``device``."""
+        return [self._gather(rows, device, lambda shard, r, k=k: shard.feats[k].index_select(0, r).to(device))
+                for k in range(self.info.count)]
+
+    def _gather(self, rows: torch.Tensor, device, take) -> torch.Tensor:
+        out = None
+        for shard, m, r in self._by_shard(rows):
+            got = take(shard, r)
+            if len(self.shards) == 1:
+                return got
+            if out is None:
+                out = got.new_empty((len(rows), *got.shape[1:]))
+            out[m.to(got.device)] = got
+        return out
+
+    # -- every row in code order (reports, tests, the object store) --
+    @property
+    def codes(self) -> torch.Tensor:
+        return self._in_code_order().codes
+
+    @property
+    def parts(self) -> dict:
+        return self._in_code_order().parts
+
+    @property
+    def feats(self) -> Optional[list]:
+        return self._in_code_order().feats if self.has_feats else None
+
+    def _in_code_order(self) -> Shard:
+        if len(self.shards) == 1:
+            return self.shards[0]
+        if not self.shards:
+            return Shard(torch.empty(0, dtype=torch.int64), self.codec.empty(self.info.count))
+        return Shard.merged(self.shards)
 
     def describe(self) -> str:
         """One line for logs and the MLflow tag ``kdray.teacher_store``."""
-        what = self.codec.describe() + (" and feature maps" if self.feats is not None else " (feature maps online)")
-        return f"{self.meta.get('digest', '(in memory)')}: {what}, {self.coverage()}, {gb(self.nbytes)}"
+        what = self.codec.describe() + (" and feature maps" if self.has_feats else " (feature maps online)")
+        return (f"{self.meta.get('digest', '(in memory)')}: {what}, {self.coverage()}, {gb(self.nbytes)} in "
+                f"{len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}")
 
     def coverage(self) -> str:
         total = self.samples * self.view_count  # a number: never allocated
         return f"{self.rows}/{total} views ({100.0 * self.rows / max(total, 1):.1f}%)"
 
-    def add(self, codes: torch.Tensor, logits: torch.Tensor, feats: Optional[list]) -> None:
-        """Merge rows for ``codes`` (pairs not yet stored; ``logits`` [R,K,C] encoded here) into
-        code order."""
-        if len(logits) != len(codes) or (self.feats is not None and (feats is None or len(feats[0]) != len(codes))):
+    # -- changes --
+    def add(self, codes: torch.Tensor, logits: torch.Tensor, feats: Optional[list]) -> Shard:
+        """A new shard of rows for ``codes`` (pairs not yet stored; ``logits`` [R,K,C] encoded here)."""
+        if len(logits) != len(codes) or (self.has_feats and (feats is None or len(feats[0]) != len(codes))):
             raise ValueError("teacher store: rows to add do not match their codes (logits and feature maps)")
         codes, order = torch.sort(codes.long())
         if len(codes) and ((codes[1:] == codes[:-1]).any() or (self.lookup(codes) >= 0).any()):
             raise ValueError("teacher store: rows to add repeat a pair or one already stored")
-        pos_old = torch.arange(self.rows) + torch.searchsorted(codes, self.codes)
-        pos_new = torch.arange(len(codes)) + torch.searchsorted(self.codes, codes)
-        merged = self.codec.encode(logits.index_select(0, order))
-        self.codes = _place(self.codes, codes, pos_old, pos_new)
-        self.parts = {n: _place(t, merged[n], pos_old, pos_new) for n, t in self.parts.items()}
-        if self.feats is not None:
-            self.feats = [_place(a, b.index_select(0, order).to(a.dtype), pos_old, pos_new)
-                          for a, b in zip(self.feats, feats)]
+        fmaps = [f.index_select(0, order) for f in feats] if self.has_feats else None
+        shard = Shard(codes, self.codec.encode(logits.index_select(0, order)), fmaps)
+        self.shards.append(shard)
+        return shard
 
+    def drop_feats(self) -> None:
+        """Logits only from now on: rows added later need no feature maps (a shard's maps stay in its
+        file, unread)."""
+        self.has_feats = False
+        self.shards = [Shard(s.codes, s.parts, None, s.file, s.sha256) for s in self.shards]
+
+    def compact(self) -> Optional[Shard]:
+        """Past :data:`MAX_SHARDS` shards, the smallest merged into one new shard (returned, to be
+        saved; the merged ones are gone from the store); None when there are few enough."""
+        if len(self.shards) <= MAX_SHARDS:
+            return None
+        small = sorted(self.shards, key=lambda s: s.rows)[: len(self.shards) - MAX_SHARDS // 2 + 1]
+        merged = Shard.merged(small)
+        self.shards = [s for s in self.shards if all(s is not t for t in small)] + [merged]
+        return merged
+
+    # -- Ray's object store --
     def to_arrays(self) -> dict:
         """Numpy arrays for Ray's object store (read zero-copy by every trial on a node)."""
-        tensors = self._tensors()
+        tensors = [t for s in self.shards for t in s.tensors()]
         return {"key": self.key, "info": [self.info.count, list(self.info.feat_channels)], "meta": self.meta,
-                "shape": [self.samples, self.view_count], "parts": sorted(self.parts),
+                "shape": [self.samples, self.view_count], "parts": sorted(self.codec.empty(self.info.count)),
+                "shards": len(self.shards), "feats": self.has_feats,
                 "tensors": [t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy() for t in tensors],
-                "dtypes": [str(t.dtype) for t in tensors], "feats": self.feats is not None}
+                "dtypes": [str(t.dtype) for t in tensors]}
 
     @classmethod
     def from_arrays(cls, obj: dict) -> "TeacherStore":
@@ -206,30 +310,23 @@ class TeacherStore:
             for a, dt in zip(obj["tensors"], obj["dtypes"]):
                 t = torch.from_numpy(a)
                 tensors.append(t.view(torch.bfloat16) if dt == "torch.bfloat16" else t)
-        names = obj["parts"]
-        parts = dict(zip(names, tensors[1 : 1 + len(names)]))
-        feats = tensors[1 + len(names):] if obj["feats"] else None
-        return cls(obj["key"], _info(obj["info"]), tensors[0], parts, *obj["shape"], feats, obj["meta"])
+        info, names = info_of(obj["info"]), obj["parts"]
+        per = 1 + len(names) + (info.count if obj["feats"] else 0)
+        shards = []
+        for s in range(obj["shards"]):
+            t = tensors[s * per : (s + 1) * per]
+            shards.append(Shard(t[0], dict(zip(names, t[1 : 1 + len(names)])),
+                                t[1 + len(names):] if obj["feats"] else None))
+        return cls(obj["key"], info, *obj["shape"], shards, obj["feats"], obj["meta"])
 
 
-def _place(old: torch.Tensor, new: torch.Tensor, pos_old: torch.Tensor, pos_new: torch.Tensor) -> torch.Tensor:
-    """``old`` and ``new`` rows interleaved: row i of old at ``pos_old[i]``, of new at ``pos_new[i]``."""
-    out = old.new_empty((len(old) + len(new), *old.shape[1:]))
-    out[pos_old] = old
-    out[pos_new] = new.to(old.dtype)
-    return out
-
-
-def _info(raw) -> TeacherInfo:
+def info_of(raw) -> TeacherInfo:
     return TeacherInfo(int(raw[0]), tuple(int(c) for c in raw[1]))
 
 
-def empty_store(key: dict, info: TeacherInfo, n: int, views, sample: dict, feats: bool) -> TeacherStore:
-    """No rows yet; ``sample``: one teacher output (logits [K,1,C], feats) fixing the feature maps'
-    shapes and dtypes (the logits' come from the key's encoding)."""
-    codec = LogitCodec.from_key(key["logits"])
-    fmaps = [f[:0].clone() for f in sample["feats"]] if feats else None
-    return TeacherStore(key, info, torch.empty(0, dtype=torch.int64), codec.empty(info.count), n, views.count, fmaps)
+def empty_store(key: dict, info: TeacherInfo, n: int, views, feats: bool) -> TeacherStore:
+    """No rows yet (``feats``: rows will hold feature maps)."""
+    return TeacherStore(key, info, n, views.count, [], feats)
 
 
 def gb(n: float) -> str:
@@ -237,93 +334,3 @@ def gb(n: float) -> str:
     if n >= 1024**3 / 100:
         return f"{n / 1024**3:.2f} GB"
     return f"{n / 1024**2:.1f} MB" if n >= 100 * 1024 else f"{n / 1024:.1f} KB"
-
-
-def check_disk(root: Path, nbytes: int) -> None:
-    """KdrayError when ``root`` has too little room for ``nbytes``; a folder that cannot be made
-    (read-only) is left to :func:`save`, which keeps the store in memory."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(root).free
-    except OSError:
-        return
-    if nbytes * 2 > free:  # the new file is written beside the old one before the rename
-        raise KdrayError(f"teacher store: {gb(nbytes)} to write at {root} but only {gb(free)} free; "
-                         "free space, point --teacher-store elsewhere or pass --no-teacher-store")
-
-
-def save(store: TeacherStore, folder: Path, build_s: float) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    check_disk(folder, store.nbytes)
-    payload = {"codes": store.codes, "parts": store.parts, "feats": store.feats,
-               "shape": [store.samples, store.view_count]}
-    atomic_save(payload, folder / STORE_FILE)
-    store.meta = {
-        "key": store.key, "digest": key_digest(store.key), "sha256": sha256_file(folder / STORE_FILE),
-        "info": [store.info.count, list(store.info.feat_channels)], "rows": store.rows,
-        "views": store.samples * store.view_count, "feats": store.feats is not None, "bytes": store.nbytes,
-        "build_s": round(float(store.meta.get("build_s", 0.0)) + build_s, 2),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write(folder / META_FILE, json.dumps(store.meta, indent=1))
-
-
-def read_meta(folder: Path) -> Optional[dict]:
-    try:
-        return json.loads((Path(folder) / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class StoreCorrupt(KdrayError):
-    pass
-
-
-def load(folder: Path) -> Optional[TeacherStore]:
-    """The store in ``folder``, verified against its meta (the bytes hashed are the bytes loaded);
-    None when there is none; :class:`StoreCorrupt` when it does not verify."""
-    import io
-
-    meta = read_meta(folder)
-    file = Path(folder) / STORE_FILE
-    if meta is None or not file.is_file():
-        return None
-    if meta.get("key", {}).get("format") != FORMAT:
-        raise StoreCorrupt(f"teacher store: {folder} is in format {meta.get('key', {}).get('format')}; this kdray "
-                           f"reads format {FORMAT}")
-    raw = file.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != meta.get("sha256"):
-        raise StoreCorrupt(f"teacher store: {file} does not verify (its sha256 does not match {META_FILE})")
-    try:  # tensors only: a file holding other Python objects is refused, never run
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise StoreCorrupt(f"teacher store: {file} was refused ({type(exc).__name__}: it is unreadable or holds "
-                           "more than tensors)") from None
-    return TeacherStore(meta["key"], _info(meta["info"]), obj["codes"], obj["parts"], *obj["shape"], obj["feats"],
-                        meta)
-
-
-def load_or_rebuild(folder: Path, log) -> Optional[TeacherStore]:
-    """A store that does not verify (a crash between its two files, a damaged disk) is kdray's own
-    derived data: it is rebuilt, with a line saying so."""
-    try:
-        return load(folder)
-    except StoreCorrupt as exc:
-        log(f"{exc}; rebuilding it")
-        return None
-
-
-def list_stores(root: Path) -> list[dict]:
-    """Meta of every store under ``root`` (for `kdray teachers show`)."""
-    root = Path(root)
-    metas = [read_meta(d) for d in sorted(root.iterdir())] if root.is_dir() else []
-    return [dict(m, path=str(root / m["digest"])) for m in metas if m and "digest" in m]
-
-
-def outdated_stores(root: Path, key: dict) -> list[dict]:
-    """Stores under ``root`` of an older format for the same teachers, data and precision: a new
-    format is a new key (another folder), so a run says it rebuilds them rather than ignoring them
-    silently."""
-    same = ("teachers", "dataset", "train", "image_size", "precision")
-    return [m for m in list_stores(root)
-            if m["key"].get("format") != FORMAT and all(m["key"].get(f) == key.get(f) for f in same)]

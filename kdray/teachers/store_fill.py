@@ -22,17 +22,14 @@ from kdray.teachers.store import (
     FORMAT,
     STORES,
     TeacherStore,
-    check_disk,
     empty_store,
     gb,
     key_digest,
-    load_or_rebuild,
-    outdated_stores,
     pair_codes,
-    save,
     store_key,
 )
 from kdray.teachers.store_codec import CODE_BYTES, LogitCodec, LogitEncoding
+from kdray.teachers.store_files import check_disk, load_or_rebuild, outdated_stores, save
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,16 +141,17 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     if len(todo) == 0:
         log(f"teacher store: {folder} covers the run ({store.coverage()}, {gb(store.nbytes)})")
         return store
-    if store.feats is not None and not plan_features(store.rows + len(todo), codec, sample, True, req.budget_gb):
+    if store.has_feats and not plan_features(store.rows + len(todo), codec, sample, True, req.budget_gb):
         log("teacher store: feature maps for the added views do not fit the budget; they are computed online")
-        store.feats = None
-    lb, fb = row_bytes(sample, codec, store.feats is not None)
-    check_disk(folder.parent, store.nbytes + len(todo) * (lb + fb))  # before the teachers run, not after
+        store.drop_feats()
+    lb, fb = row_bytes(sample, codec, store.has_feats)
+    check_disk(folder.parent, len(todo) * (lb + fb))  # before the teachers run, not after
     log(f"teacher store: computing {len(todo)} views x {source.info.count} teachers ({codec.describe()}) into "
         f"{folder}")
-    t0 = time.perf_counter()
-    _compute_into(store, todo, source, req, build, log)
-    return _save_or_keep(store, folder, time.perf_counter() - t0, log)
+    saver = _Saver(folder, log)
+    _compute_into(store, todo, source, req, build, saver, log)
+    saver.finish(store)
+    return store
 
 
 def _open(req: StoreRequest, key: dict, folder: Path, codes: torch.Tensor, sample: dict, info, log) -> tuple:
@@ -165,27 +163,28 @@ def _open(req: StoreRequest, key: dict, folder: Path, codes: torch.Tensor, sampl
         for old in outdated_stores(req.root_dir, key):
             log(f"teacher store: {old['path']} is in format {old['key'].get('format')} (this kdray writes format "
                 f"{FORMAT}: a sparse index and encoded logits); building a new store (the old folder can be deleted)")
-    if store is not None and store.feats is not None and not req.feats and len(store.missing(codes)):
+    if store is not None and store.has_feats and not req.feats and len(store.missing(codes)):
         # this run's source computes no feature maps: new rows would have logits only
         log("teacher store: keeping logits only (this run adds views without computing feature maps)")
-        store.feats = None
-    if store is not None and req.feats and store.feats is None:
-        codes = torch.unique(torch.cat([codes, store.stored_codes()]))
+        store.drop_feats()
+    if store is not None and req.feats and not store.has_feats:
+        codes = torch.unique(torch.cat([codes, store.codes]))
         if plan_features(len(codes), codec, sample, True, req.budget_gb):
             log("teacher store: adding feature maps (the store held logits only); recomputing its views")
             store = None
     if store is None:
         feats = plan_features(len(codes), codec, sample, req.feats, req.budget_gb)
-        store = empty_store(key, info, len(req.data.train.y), req.views, sample, feats)
-    if req.feats and store.feats is None:
+        store = empty_store(key, info, len(req.data.train.y), req.views, feats)
+    if req.feats and not store.has_feats:
         log("teacher store: feature maps do not fit the budget; they are computed online")
     return store, codes
 
 
 def _compute_into(store: TeacherStore, todo: torch.Tensor, source, req: StoreRequest, build: Optional[Builder],
-                  log) -> None:
+                  saver: "_Saver", log) -> None:
     """Rows of ``todo`` computed in chunks of at most BUILD_CHUNK_BYTES of fp32 logits, each encoded
-    and added as it comes (a build never holds all rows' raw logits at once)."""
+    into a shard and saved as it comes (a build holds one chunk's rows at a time, and one stopped
+    half-way keeps the shards it saved)."""
     progress = _progress_line(len(todo), log)
     step = max(1, BUILD_CHUNK_BYTES // (4 * store.info.count * store.codec.classes))
     for s in range(0, len(todo), step):
@@ -194,35 +193,54 @@ def _compute_into(store: TeacherStore, todo: torch.Tensor, source, req: StoreReq
             logits, feats = compute_rows(source, req.data, req.views, part, req.precision.channels_last)
         else:
             logits, feats = build(part, lambda done, _total, base=s: progress(base + done, len(todo)))
-        store.add(part, logits, feats if store.feats is not None else None)
+        store.add(part, logits, feats if store.has_feats else None)
+        store.compact()
+        saver.save(store)
         progress(s + len(part), len(todo))
 
 
-def _save_or_keep(store: TeacherStore, folder: Path, build_s: float, log) -> TeacherStore:
-    """Saved to ``folder``; a folder that cannot be written keeps the store in memory for this run."""
-    try:
-        save(store, folder, build_s)
-    except (PermissionError, OSError) as exc:  # e.g. a read-only teacher set: the store serves this run from memory
-        if getattr(exc, "errno", None) == errno.ENOSPC:  # no space: said (kdray's disk-full line), not hidden
-            raise
-        store.meta = {"digest": key_digest(store.key), "build_s": round(build_s, 2)}
-        log(f"teacher store: cannot write {folder} ({exc.strerror}); kept in memory for this run only "
-            "(--teacher-store DIR puts stores elsewhere)")
-        return store
-    log(f"teacher store: built in {build_s:.1f} s; {store.coverage()}, {gb(store.nbytes)}"
-        f"{', feature maps stored' if store.feats is not None else ', logits only'}")
-    return store
+class _Saver:
+    """Saves a growing store after each chunk; a folder that cannot be written keeps the store in
+    memory for this run (said once); a full disk is raised (kdray's disk-full line), never hidden."""
+
+    def __init__(self, folder: Path, log):
+        self.folder, self.log = folder, log
+        self.writable = True
+        self.t0 = self.last = time.perf_counter()
+
+    def save(self, store: TeacherStore) -> None:
+        if not self.writable:
+            return
+        now = time.perf_counter()
+        try:
+            save(store, self.folder, now - self.last)
+        except (PermissionError, OSError) as exc:  # e.g. a read-only teacher set: the store serves from memory
+            if getattr(exc, "errno", None) == errno.ENOSPC:
+                raise
+            self.writable = False
+            store.meta = {"digest": key_digest(store.key)}
+            self.log(f"teacher store: cannot write {self.folder} ({exc.strerror}); kept in memory for this run "
+                     "only (--teacher-store DIR puts stores elsewhere)")
+        self.last = now
+
+    def finish(self, store: TeacherStore) -> None:
+        build_s = time.perf_counter() - self.t0
+        if not self.writable:
+            store.meta["build_s"] = round(build_s, 2)
+            return
+        self.log(f"teacher store: built in {build_s:.1f} s; {store.coverage()}, {gb(store.nbytes)} in "
+                 f"{len(store.shards)} shard(s){', feature maps stored' if store.has_feats else ', logits only'}")
 
 
 def _progress_line(total: int, log) -> Callable[[int, int], None]:
     t0 = time.perf_counter()
-    last = [0.0]
+    last = [0.0, -1]  # when, and at what count, the last line was printed
 
     def progress(done: int, _total: int) -> None:
         now = time.perf_counter()
-        if done < total and now - last[0] < 5:
+        if done == last[1] or (done < total and now - last[0] < 5):
             return
-        last[0] = now
+        last[:] = [now, done]
         rate = done / max(now - t0, 1e-9)
         eta = (total - done) / rate if rate > 0 else math.inf
         log(f"teacher store: {done}/{total} views ({100.0 * done / total:.0f}%), ETA {eta:.0f} s")

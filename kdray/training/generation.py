@@ -77,7 +77,7 @@ def teacher_source(plan: Generation, prep: Prepared, feats: bool, prev_student_s
         prev = build_student(prep.cfg.student, prep.data.num_classes)
         prev.load_state_dict(prev_student_state)
         return LiveTeacherOutputs(TeacherEnsemble([prev.model]).to(prep.precision.device), autocast, feats)
-    if prep.store is not None and (prep.store.feats is not None or not feats):
+    if prep.store is not None and (prep.store.has_feats or not feats):
         return StoredTeacherOutputs(prep.store, prep.precision.device, feats,
                                     live=lambda: LiveTeacherOutputs(prep.ensemble(), autocast, feats))
     if prep.teachers is None and prep.store is None:
