@@ -118,7 +118,9 @@ def test_precise_bn_recomputes_statistics_without_changing_training(tmp_path):
     from kdray.data.loader import BatchLoader
     from kdray.data.sources import load_data
 
-    cfg = small_cfg(method="ce", epochs=2, amp="off")  # fp32: the hook below computes the statistics in fp32
+    # fp32 pinned: precise BN runs in the training precision (amp; auto is bf16 on a CPU with native
+    # bf16) and the hook below computes the statistics in fp32, to 1e-5
+    cfg = small_cfg(method="ce", epochs=2, amp="off")
     plain = fit(cfg, checkpoint_root=str(tmp_path / "a"), **quiet)
     precise = fit(cfg.replace(precise_bn=True), checkpoint_root=str(tmp_path / "b"), **quiet)
     assert [h["train_loss"] for h in plain["history"]] == [h["train_loss"] for h in precise["history"]]

@@ -22,10 +22,10 @@ from kdray.training.student_file import rebuild_student
 quiet = dict(log=lambda s: None)
 
 
-def _train(tmp_path_factory, name, **kw):
+def _train(tmp_path_factory, name, log=None, **kw):
     root = tmp_path_factory.mktemp(name)
     cfg = small_cfg(epochs=1, **kw)
-    fit(cfg, checkpoint_root=str(root), **quiet)
+    fit(cfg, checkpoint_root=str(root), log=log or quiet["log"])
     return safe_load(root / "epoch_0001" / "student.pt", "student")
 
 
@@ -37,6 +37,28 @@ def ekd_record(tmp_path_factory, fake_teachers):
 @pytest.fixture(scope="module")
 def ce_record(tmp_path_factory):
     return _train(tmp_path_factory, "ce", method="ce")
+
+
+@pytest.fixture(scope="module")
+def bf16_record(tmp_path_factory, fake_teachers):
+    """An EKD run with bf16 autocast forced on, on any CPU (without native bf16 oneDNN emulates it,
+    only slower): ``(record, the run's log lines, {(train mode, logits dtype)} of the student's
+    forward passes)``."""
+    import kdray.training.fit as fit_module
+
+    lines, passes = [], set()
+    build = fit_module.build_generation
+
+    def watched(*args, **kw):  # each forward pass of the student: (train mode, dtype of its logits)
+        parts = build(*args, **kw)
+        parts.student.register_forward_hook(lambda m, i, out: passes.add((m.training, out["logits"].dtype)))
+        return parts
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit_module, "build_generation", watched)
+        record = _train(tmp_path_factory, "bf16", log=lines.append, method="ekd", branches=2,
+                        teachers=str(fake_teachers), amp="bf16", seed=3)
+    return record, lines, passes
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +107,47 @@ def test_ekd_best_branch(tmp_path, ekd_record):
     test = load_test_split(ekd_record)[1].test
     assert torch.equal(predict(load_exported(tmp_path / "best"), test.x), _eval_predictions(ekd_record)[1 + best])
     assert 0 < info["latency_ms"] < 1e4
+
+
+def test_a_bf16_run_logs_the_accuracy_its_exported_model_reproduces(tmp_path, bf16_record):
+    """amp bf16 trains under bf16 autocast but logs accuracies measured in fp32 (the precision of
+    what is exported): the exported ensemble and best branch, loaded from disk, reproduce the logged
+    test accuracies exactly, image by image, on any CPU."""
+    record, lines, passes = bf16_record
+    assert any("cpu, bf16 steps, fp32 evaluation" in line for line in lines), lines[:2]
+    assert passes == {(True, torch.bfloat16), (False, torch.float32)}  # steps under bf16, evaluation in fp32
+    assert record["config"]["amp"] == "bf16" and record["evaluation"] == {"device": "cpu", "precision": "fp32"}
+    m = record["metrics"]
+    preds = _eval_predictions(record)  # fp32, as kdray.models.measure.evaluate ran during training
+    y = load_test_split(record)[1].test.y
+    assert [(p == y).double().mean().item() for p in preds] == pytest.approx(
+        [m["test_acc"], m["test_acc_b0"], m["test_acc_b1"]], abs=1e-12)
+    whole = export_student(record, branch="all", out=tmp_path / "all", latency=False, **quiet)
+    assert whole["test_acc_rechecked"] == whole["test_acc_logged"] == m["test_acc"] and whole["matches"] is True
+    assert whole["recheck_tolerance"] == 1e-6 and "identical predictions" in whole["recheck_tolerance_reason"]
+    best = export_student(record, branch="best", out=tmp_path / "best", latency=False, **quiet)
+    assert best["test_acc_rechecked"] == best["test_acc_logged"] == m[f"test_acc_b{best['branch_index']}"]
+    assert best["matches"] is True
+    test = load_test_split(record)[1].test
+    assert torch.equal(predict(load_exported(tmp_path / "all"), test.x), preds[0])
+    assert torch.equal(predict(load_exported(tmp_path / "best"), test.x), preds[1 + best["branch_index"]])
+
+
+def test_a_record_from_before_fp32_evaluation_gets_the_bf16_tolerance(ce_record):
+    """A student.pt without ``evaluation`` was evaluated in the run's ``amp``: exact only if amp was
+    off (auto picked bf16 on a CPU with native bf16)."""
+    from kdray.deploy.recheck import _recheck_tolerance
+    from kdray.training.config import from_dict
+
+    old = {k: v for k, v in ce_record.items() if k != "evaluation"}
+    assert ce_record["evaluation"] == {"device": "cpu", "precision": "fp32"}
+    assert _recheck_tolerance(ce_record, from_dict(dict(ce_record["config"], amp="bf16")), 200)[0] == 1e-6
+    for amp, exact in (("auto", False), ("bf16", False), ("off", True)):
+        cfg = from_dict(dict(ce_record["config"], amp=amp))
+        tol, why = _recheck_tolerance(old, cfg, 200)
+        assert (tol == 1e-6) is exact, (amp, tol, why)
+        assert exact or (tol == pytest.approx(0.005, abs=1e-5) and f"amp={amp!r}" in why and "1 image(s)" in why)
+    assert _recheck_tolerance(ce_record, from_dict(ce_record["config"]), 200, device="cuda")[0] > 1e-6
 
 
 def test_branch_choice_errors(tmp_path, ekd_record, ce_record):

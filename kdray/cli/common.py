@@ -74,7 +74,8 @@ def add_optim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
     g.add_argument("--seed", type=int, help="seed for initialisation, shuffling and augmentation (default 0)")
     g.add_argument("--device", help="auto (default: cuda if visible), cpu, cuda, cuda:N")
-    g.add_argument("--amp", help="auto (bf16 autocast on GPU and on CPUs with native bf16), bf16, off")
+    g.add_argument("--amp", help="training-step precision: auto (bf16 autocast on GPU and on CPUs with native "
+                   "bf16), bf16, off; logged accuracies are always measured in fp32, as the exported model runs")
     g.add_argument("--config", help="YAML file of config keys (read with safe_load); flags override it")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="set any config key (repeatable), e.g. --set feat_weight=0.1")

@@ -48,11 +48,30 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+#: the precision every accuracy kdray logs (val and test, ensemble and per branch) is measured in,
+#: whatever ``amp`` says: that of the student kdray exports and registers
+EVAL_PRECISION = "fp32"
+
+
 @dataclass(frozen=True)
 class Precision:
     """Where and how the step runs. ``amp: auto``: bf16 autocast on GPU and on CPUs with native
     bf16; ``channels_last`` unset: on (faster on GPU and, for these convnets, on AVX-512 CPUs:
-    1.2-1.3x in fp32 here)."""
+    1.2-1.3x in fp32 here).
+
+    ``amp`` is the precision of the training step, the live teachers and the precise-BN pass
+    (:meth:`autocast`; the BatchNorm buffers that pass leaves are saved as they are). Evaluation
+    runs in fp32 (:meth:`evaluation`), so the accuracy a run logs is the accuracy of the fp32
+    student it saves, exports and registers: the same weights on the same images in the same
+    precision, which ``kdray export`` re-checks exactly on CPU. Under bf16 autocast (about 3
+    significant digits per logit) an image whose top two logits are close may flip, and the logged
+    accuracy would be one no deployed model reproduces (a 1-epoch resnet8 on ``fake``, seed 3, on a
+    CPU with native bf16: test accuracy 0.325 under bf16, 0.315 in fp32). The price: the val split
+    (a tenth of train's size) each epoch and test once go through an fp32 forward pass, about a
+    third of a training step's work per image, so a few per cent of an epoch even where fp32 runs
+    at half bf16's speed; not worth logging a second, bf16 accuracy that no model reproduces. On
+    GPU "fp32" is PyTorch's default (cuDNN convolutions may use TF32), and a GPU-logged accuracy is
+    re-checked on CPU within a stated tolerance."""
 
     device: torch.device
     use_amp: bool
@@ -65,4 +84,10 @@ class Precision:
                    device.type in ("cuda", "cpu") if cfg.channels_last is None else bool(cfg.channels_last))
 
     def autocast(self):
+        """The training step's (and live teachers') precision: bf16 autocast when ``use_amp``."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
+
+    def evaluation(self):
+        """The precision of every logged accuracy: fp32 (:data:`EVAL_PRECISION`), autocast off even
+        inside an enclosing autocast region."""
+        return torch.autocast(self.device.type, enabled=False)

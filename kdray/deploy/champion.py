@@ -5,8 +5,10 @@ The registered model is a ``torch.export`` program (it loads without kdray) of :
 the student behind the exact preprocessing its training and evaluation saw (scale to 0..255,
 round, resize with antialiased bilinear as ``kdray.data`` does, normalise). Its input is the data
 set's images as they come from their usual loader (:data:`RAW_INPUTS`), so that
-``mlflow.pytorch.load_model("models:/NAME@champion")(images)`` gives the logged accuracy; a
-different resize (nearest instead of bilinear) costs digits five points.
+``mlflow.pytorch.load_model("models:/NAME@champion")(images)`` gives the logged accuracy (in
+fp32, the precision kdray logs accuracies in whatever ``amp`` the run trained with: within one
+image of it, ``tests/test_sweep_mlflow.py``); a different resize (nearest instead of bilinear)
+costs digits five points.
 
 Registering reads the winning run and never writes to it: the model is a new logged model whose
 source run is the winner (the run's start and end time, metrics and tags stay as they were).

@@ -6,7 +6,9 @@ Input contract of every deployed module: float images in [0, 1], shape [N, 3, H,
 logits [N, num_classes] in the order of ``classes``. The data set's normalisation is inside the
 module (buffers ``scale`` and ``shift``), computed exactly as :class:`kdray.data.loader.BatchLoader`
 does it for ``evaluate``: for an image stored as uint8 ``u``, feeding ``u / 255`` gives the
-bit-identical network input ``u * scale - shift`` that training-time evaluation saw.
+bit-identical network input ``u * scale - shift`` that training-time evaluation saw. That
+evaluation runs in fp32 whatever the run's ``amp`` (``kdray.core.device.Precision.evaluation``),
+as the exported program does, so on CPU the re-check reproduces the logged test accuracy exactly.
 
 Files written into the output folder:
 

@@ -15,19 +15,32 @@ from kdray.core.io import first_line
 from kdray.data.access import eval_images
 
 
-def _recheck_tolerance(cfg, n: int, device="cpu") -> tuple[float, str]:
+def _logged_in_fp32_on_cpu(record: dict, cfg) -> bool:
+    """Whether the record's accuracies were measured in fp32 on a CPU. A record says where and in
+    which precision (``evaluation``: fp32 always, see ``kdray.core.device.Precision``); one written
+    before it does not, and was evaluated under bf16 autocast unless ``amp`` was off (``auto`` too
+    picks bf16 on a CPU with native bf16), on the configured device."""
+    evaluation = record.get("evaluation")
+    if isinstance(evaluation, dict):
+        return evaluation.get("precision") == "fp32" and evaluation.get("device") == "cpu"
+    return cfg.amp == "off" and cfg.device == "cpu"
+
+
+def _recheck_tolerance(record: dict, cfg, n: int, device="cpu") -> tuple[float, str]:
     """How far the re-checked accuracy may be from the logged one and still ``match``."""
-    if cfg.device == "cpu" and cfg.amp != "bf16" and torch.device(device).type == "cpu":
+    if _logged_in_fp32_on_cpu(record, cfg) and torch.device(device).type == "cpu":
         # logged by evaluate() in float32 on CPU: same weights, bit-identical inputs, same batches,
         # so the predictions are the same; the tolerance only absorbs float rounding of the ratio
         return 1e-6, "logged in float32 on CPU: identical predictions expected"
-    # logged possibly on a GPU (other kernels) or under bf16 autocast (about 3 significant digits
-    # per logit): an image whose top two logits are that close may flip. Allow one image or 0.2% of
-    # the split, whichever is more (a 1-epoch resnet8 flipped 1 of 800 images between float32 and
-    # bf16); a wrong branch, wrong weights or wrong normalisation moves accuracy by far more.
+    # logged on a GPU (other kernels, TF32 convolutions) or, by a record from before evaluation was
+    # fp32, under bf16 autocast (about 3 significant digits per logit): an image whose top two
+    # logits are that close may flip. Allow one image or 0.2% of the split, whichever is more (a
+    # 1-epoch resnet8 flipped 1 of 800 images between float32 and bf16); a wrong branch, wrong
+    # weights or wrong normalisation moves accuracy by far more.
     tol = max(1.0 / max(n, 1), 0.002) + 1e-6
-    return tol, (f"logged with amp={cfg.amp!r} on device={cfg.device!r}, re-checked on {device} "
-                 f"(GPU or bf16 possible): up to {tol * n:.0f} image(s) may flip")
+    where = record.get("evaluation") or {"device": cfg.device, "precision": f"amp={cfg.amp!r}"}
+    return tol, (f"logged in {where.get('precision')} on {where.get('device')}, re-checked in float32 on {device}: "
+                 f"up to {tol * n:.0f} image(s) may flip")
 
 
 def load_test_split(record: dict):
@@ -79,7 +92,7 @@ def recheck_accuracy(module: nn.Module, record: dict, *, device="cpu", batch: Op
     in batches of ``eval_batch_size`` in order, as ``evaluate`` ran it."""
     cfg, data = split if split is not None else load_test_split(record)
     correct, n = _count_correct(module, eval_images(data, "test", int(batch or cfg.eval_batch_size)), device)
-    tol, why = _recheck_tolerance(cfg, n, device)
+    tol, why = _recheck_tolerance(record, cfg, n, device)
     return {"acc": correct / max(n, 1), "correct": correct, "n": n, "tolerance": tol, "tolerance_reason": why}
 
 

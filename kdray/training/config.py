@@ -69,7 +69,9 @@ class RunConfig:
     seed: int = 0
     # --- runtime -------------------------------------------------------------------------
     device: str = "auto"
-    amp: str = "auto"  # auto: bf16 autocast on GPU and on CPUs with native bf16 (AVX512_BF16 / AMX)
+    # the training step's precision; auto: bf16 autocast on GPU and on CPUs with native bf16 (AVX512_BF16 /
+    # AMX). Logged accuracies are measured in fp32 whatever it says (kdray.core.device.Precision).
+    amp: str = "auto"
     channels_last: Optional[bool] = None  # None: on (GPU and CPU)
     sync_bn: Optional[bool] = None  # None: SyncBatchNorm when several GPU workers train (CUDA only)
     workers: int = 1  # Ray Train workers (1 = in-process)

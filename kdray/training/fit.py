@@ -84,8 +84,9 @@ def _ready_line(prep: Prepared, seconds: float) -> str:
     teachers = (f", {prep.teachers.info.count} teachers" if prep.teachers is not None
                 else ", teachers from their store" if prep.store is not None else "")
     path = ", streamed through Ray Data" if d.streamed else ""
+    precision = "bf16 steps, fp32 evaluation" if p.use_amp else "fp32"  # Precision.evaluation
     return (f"ready in {seconds:.1f}s: {len(d.train)} train / {len(d.val)} val / {len(d.test)} test images{path}, "
-            f"{d.num_classes} classes{teachers}; {p.device.type}, {'bf16' if p.use_amp else 'fp32'}"
+            f"{d.num_classes} classes{teachers}; {p.device.type}, {precision}"
             f"{', channels_last' if p.channels_last else ''}, {prep.world} worker(s)")
 
 
@@ -112,11 +113,13 @@ def _fmt_progress(m: dict) -> str:
 
 def epoch_metrics(cfg, parts: StepParts, prep: Prepared, plan: Generation, plans: list, epoch: int,
                   train: dict, lr: float, epoch_time: float, run: RunState) -> dict:
-    """Evaluate after an epoch (test too after a generation's last) and name every number."""
-    loaders, autocast = prep.loaders, prep.precision.autocast
+    """Evaluate after an epoch (test too after a generation's last) and name every number. Every
+    accuracy is measured in fp32 whatever ``amp`` (``Precision.evaluation``: the precision of the
+    student that is saved, exported and registered, so it reproduces the logged accuracy)."""
+    loaders, precision = prep.loaders, prep.precision
     if cfg.precise_bn:
-        recompute_bn_stats(parts.student, loaders.bn, autocast)
-    val = evaluate(parts.student, loaders.val, autocast)
+        recompute_bn_stats(parts.student, loaders.bn, precision.autocast)
+    val = evaluate(parts.student, loaders.val, precision.evaluation)
     global_epoch = plan.index * cfg.epochs + epoch + 1
     total = cfg.epochs * len(plans)
     metrics = {
@@ -139,7 +142,7 @@ def epoch_metrics(cfg, parts: StepParts, prep: Prepared, plan: Generation, plans
 
 def _final_test_metrics(parts: StepParts, prep: Prepared, plan: Generation, plans: list, val: dict,
                         run: RunState) -> dict:
-    test = evaluate(parts.student, prep.loaders.test, prep.precision.autocast)
+    test = evaluate(parts.student, prep.loaders.test, prep.precision.evaluation)
     run.gen_results[plan.index] = {"test_acc": test["acc"], "val_acc": val["acc"]}
     out = {f"test_{k}": v for k, v in test.items()}
     if len(plans) > 1:
@@ -161,7 +164,8 @@ def save_checkpoint(cfg, parts: StepParts, prep: Prepared, run: RunState, metric
         "prev_student": parts.student.state_dict() if done_gen else run.prev_student,
         "history": run.history, "config": cfg.to_dict(),
     }
-    record = student_record(parts.student, cfg, prep.data, metrics, multi_branch=get_method(cfg.method).multi_branch)
+    record = student_record(parts.student, cfg, prep.data, metrics, multi_branch=get_method(cfg.method).multi_branch,
+                            evaluated_on=prep.precision.device.type)
     return str(save_epoch(root, metrics["epoch"], state, record, keep))
 
 

@@ -4,15 +4,23 @@ read by ``kdray.load_student`` and by deploy (export, the champion model, latenc
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
+from kdray.core.device import EVAL_PRECISION
 from kdray.core.errors import KdrayError
 from kdray.models import build_student
 
 
-def student_record(student: nn.Module, cfg, data, metrics: dict, *, multi_branch: bool) -> dict:
+def student_record(student: nn.Module, cfg, data, metrics: dict, *, multi_branch: bool,
+                   evaluated_on: Optional[str] = None) -> dict:
     """Everything needed to rebuild and use ``student``: architecture, classes, preprocessing,
-    the run config and its final metrics, and the weights (plain tensors only)."""
+    the run config and its final metrics, and the weights (plain tensors only). ``evaluated_on``:
+    the device type the metrics' accuracies were measured on; with it the record says so in
+    ``evaluation`` together with their precision (fp32 whatever ``amp``; records written before
+    have no ``evaluation`` and may hold accuracies measured under bf16 autocast)."""
+    evaluation = {} if evaluated_on is None else {"evaluation": {"device": evaluated_on, "precision": EVAL_PRECISION}}
     return {
         "format": STUDENT_FORMAT,
         "arch": cfg.student,
@@ -29,6 +37,7 @@ def student_record(student: nn.Module, cfg, data, metrics: dict, *, multi_branch
         "config": cfg.to_dict(),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+        **evaluation,
     }
 
 
