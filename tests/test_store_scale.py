@@ -135,6 +135,34 @@ def test_a_build_stopped_half_way_keeps_its_saved_shards(fake_teachers, tmp_path
     assert torch.equal(done.logits_of(done.lookup(want.codes)), want.logits_of(torch.arange(want.rows)))
 
 
+def test_a_store_at_a_uri_is_written_there_and_read_through_each_nodes_mirror(fake_teachers, tmp_path, monkeypatch):
+    """``--teacher-store file://...`` (the code path of s3://, gs://, hdfs://): shards and meta land at
+    the URI, a node without the driver's folder pulls them into its own mirror, a fresh mirror reads
+    the URI's store without computing, an extension pushes one new shard, a bad URI is one line."""
+    from kdray.distributed.store_tasks import fetch, share
+
+    monkeypatch.setenv("KDRAY_STORE_MIRROR", str(tmp_path / "mirror-a"))
+    uri = f"file://{tmp_path}/bucket/stores"
+    cfg = small_cfg(method="kd", teachers=str(fake_teachers))
+    built = open_teacher_store(cfg, root=uri, **QUIET)
+    remote = tmp_path / "bucket" / "stores" / built.meta["digest"]
+    assert sorted(p.name for p in remote.iterdir()) == sorted([META_FILE] + [s.file for s in built.shards])
+    assert str(built.folder).startswith(str(tmp_path / "mirror-a"))
+    monkeypatch.setenv("KDRAY_STORE_MIRROR", str(tmp_path / "mirror-b"))  # another node
+    there = fetch(dict(share(built), folder=str(tmp_path / "not-on-this-node")))
+    assert str(there.folder).startswith(str(tmp_path / "mirror-b"))
+    assert torch.equal(there.logits_of(there.lookup(built.codes)), built.logits_of(torch.arange(built.rows)))
+    monkeypatch.setenv("KDRAY_STORE_MIRROR", str(tmp_path / "mirror-c"))
+    logs = []
+    again = open_teacher_store(cfg, root=uri, log=logs.append)
+    assert any("fetched 1 shard(s)" in line for line in logs) and "covers the run" in logs[-1]
+    assert again.rows == built.rows
+    open_teacher_store(cfg.replace(epochs=4), root=uri, **QUIET)
+    assert len(list(remote.glob("shard-*.pt"))) == 2
+    with pytest.raises(KdrayError, match="teacher store: cannot reach nosuch://x/stores"):
+        open_teacher_store(cfg, root="nosuch://x/stores", **QUIET)
+
+
 # ------------------------------------------------------------------------------------------------
 # encodings: error bounds, shapes, sizes
 # ------------------------------------------------------------------------------------------------

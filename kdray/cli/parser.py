@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-failures", type=int, default=0,
                    help="with --workers > 1: worker failures the run survives, resuming from its last checkpoint "
                    "(default 0)")
-    m.add_argument("--teacher-store", metavar="DIR|auto",
-                   help="take the teachers' outputs from a teacher store in DIR (auto: the teacher set's stores/), "
-                   "computing the views it lacks once (default: teachers run live on every batch)")
+    m.add_argument("--teacher-store", metavar="DIR|URI|auto",
+                   help="take the teachers' outputs from a teacher store in DIR or at a URI (s3://, gs://, hdfs://, "
+                   "file://; read through a local mirror) (auto: the teacher set's stores/), computing the views it "
+                   "lacks once (default: teachers run live on every batch)")
     m.add_argument("--teacher-store-budget", type=float, default=4.0, metavar="GB",
                    help="memory / disk a teacher store may take (default 4); feature maps beyond it are computed "
                    "online")
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("dir", help="teacher directory")
     st.add_argument("--space", help="build what a sweep of this search space needs (its seeds, epochs, methods)")
     st.add_argument("--method", help="otherwise: the method a run will train (default ekd)")
-    st.add_argument("--store", metavar="DIR", help="where stores live (default DIR/stores)")
+    st.add_argument("--store", metavar="DIR|URI", help="where stores live: a folder or a URI (s3://, gs://, hdfs://, "
+                    "file://) (default DIR/stores)")
     st.add_argument("--budget", type=float, default=4.0, metavar="GB",
                     help="memory / disk the store may take (default 4)")
     add_store_encoding_args(st, "--logits", "--topk", "--teacher-store-logits", "--teacher-store-topk")

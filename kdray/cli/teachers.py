@@ -137,7 +137,7 @@ def cmd_teachers_store(args) -> int:
                                    budget_gb=args.budget, encoding=encoding, builder=ray_data_builder(), log=log)
     if store is None:
         raise KdrayError(f"method {cfg.method!r} uses no teachers; nothing to store")
-    on_disk = list_stores(Path(args.store or Path(args.dir) / "stores"))
+    on_disk = list_stores(store.folder.parent) if store.folder is not None else []  # a URI's: its mirror
     meta = next((m for m in on_disk if m["digest"] == store.meta.get("digest")), None)
     if meta is None:
         raise KdrayError(f"teacher store {store.meta.get('digest')} was computed but could not be written "

@@ -31,8 +31,9 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
-def _filesystem(path: str):
-    """(pyarrow filesystem, path inside it) for a local path or a URI; one line when unreachable."""
+def filesystem(path: str, what: str = "data"):
+    """(pyarrow filesystem, path inside it) for a local path or a URI; one line (naming ``what``)
+    when unreachable."""
     from pyarrow import fs as pafs
 
     try:
@@ -40,7 +41,7 @@ def _filesystem(path: str):
             return pafs.FileSystem.from_uri(str(path))
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(str(path)))
     except Exception as exc:
-        raise KdrayError(f"data: cannot reach {path} ({first_line(exc, 200)}); check the URI and its credentials") \
+        raise KdrayError(f"{what}: cannot reach {path} ({first_line(exc, 200)}); check the URI and its credentials") \
             from None
 
 
@@ -74,7 +75,7 @@ def _remote_tree(root: str) -> tuple:
     """(classes, [(path, label, size, mtime)]) of a class-per-folder tree at a URI."""
     from pyarrow import fs as pafs
 
-    fs, base = _filesystem(root)
+    fs, base = filesystem(root)
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except Exception as exc:
@@ -181,7 +182,7 @@ def tar_catalog(root: str) -> Catalog:
     """The catalog of WebDataset-style shards: ``root/*.tar``, or ``root/train/*.tar`` + ``root/test/*.tar``."""
     from pyarrow import fs as pafs
 
-    fs, base = _filesystem(root)
+    fs, base = filesystem(root)
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
         raise KdrayError(f"webdataset: {root} is not a folder of .tar shards")
@@ -203,7 +204,7 @@ def tar_catalog(root: str) -> Catalog:
 def _read_tar_member(locator: str, handles: dict) -> bytes:
     path, offset, size = locator.rsplit("|", 2)
     if path not in handles:
-        fs, inner = _filesystem(path)
+        fs, inner = filesystem(path)
         handles[path] = fs.open_input_file(inner)
     fh = handles[path]
     fh.seek(int(offset))
@@ -212,7 +213,7 @@ def _read_tar_member(locator: str, handles: dict) -> bytes:
 
 def _read_file(locator: str) -> bytes:
     if is_uri(locator):
-        fs, inner = _filesystem(locator)
+        fs, inner = filesystem(locator)
         with fs.open_input_file(inner) as fh:
             return fh.read()
     with open(locator, "rb") as fh:

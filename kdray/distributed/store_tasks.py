@@ -25,6 +25,7 @@ from kdray.data.views import normalisation, to_float
 from kdray.teachers.store import TeacherStore
 from kdray.teachers.store_files import META_FILE, StoreCorrupt, load, stamps
 from kdray.teachers.store_fill import Builder
+from kdray.teachers.store_remote import mirror_root, pull, remote_folder
 
 CODES_PER_BLOCK = 256  # pairs per Ray Data block: one image-cutting task, one actor batch
 
@@ -130,35 +131,41 @@ def _empty(split: Split) -> Split:
 def share(store: Optional[TeacherStore]) -> Optional[dict]:
     """A handle trials open the store by (None stays None): its folder, with each shard's size and
     time as this process verified it, for processes that can read the folder (memory-mapped: a
-    node's trials share its pages); and the store in Ray's object store when it is in memory only
-    or the cluster has other nodes, which may not see the folder."""
+    node's trials share its pages); a node that cannot pulls it from its URI into the node's mirror
+    when it has one, else reads it from Ray's object store, where it is put when it is in memory
+    only, or when the cluster has other nodes and the store no URI."""
     if store is None:
         return None
     import ray
 
     saved = store.folder is not None and all(s.file for s in store.shards)
-    handle = {"folder": str(store.folder) if saved else None,
+    handle = {"folder": str(store.folder) if saved else None, "remote": store.remote,
               "stamps": stamps(store, store.folder) if saved else None, "ref": None}
-    if not saved or sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+    if not saved or (store.remote is None and sum(1 for n in ray.nodes() if n.get("Alive")) > 1):
         handle["ref"] = ray.put(store.to_arrays())
     return handle
 
 
 def fetch(handle: Optional[dict]) -> Optional[TeacherStore]:
     """The store behind :func:`share`'s handle: mapped from its folder where this node reads it,
-    else from Ray's object store."""
+    from this node's mirror of its URI, else from Ray's object store."""
     if handle is None:
         return None
+    folder = Path(handle["folder"]) if handle["folder"] else None
+    if folder is not None and (folder / META_FILE).is_file():
+        try:
+            return load(folder, verified=handle["stamps"])
+        except StoreCorrupt:
+            if handle["ref"] is None and handle["remote"] is None:
+                raise
+    if handle["remote"] is not None:
+        uri, digest = handle["remote"]
+        mirror = mirror_root(uri) / digest
+        pull(remote_folder(uri, digest), mirror)
+        return load(mirror)
     import ray
 
-    folder = handle["folder"]
-    if folder and (Path(folder) / META_FILE).is_file():
-        try:
-            return load(Path(folder), verified=handle["stamps"])
-        except StoreCorrupt:
-            if handle["ref"] is None:
-                raise
     if handle["ref"] is not None:
         return TeacherStore.from_arrays(ray.get(handle["ref"]))
     raise KdrayError(f"teacher store {folder} cannot be read on node {ray.util.get_node_ip_address()}: "
-                     "put --teacher-store on a filesystem every node mounts")
+                     "put --teacher-store on a filesystem every node mounts, or at a URI")

@@ -145,7 +145,7 @@ def measure_accuracy(model: StagedModel, data: DataBundle, cfg, precision: Preci
     for split in ("val", "test"):
         loader = loader_for(data, split, cfg.eval_batch_size, device=precision.device,
                             channels_last=precision.channels_last)
-        accuracy[f"{split}_acc"] = evaluate(student, loader, precision.autocast)["acc"]
+        accuracy[f"{split}_acc"] = evaluate(student, loader, precision.evaluation)["acc"]
     model.to("cpu", memory_format=torch.contiguous_format)
     return accuracy
 

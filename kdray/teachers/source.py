@@ -63,7 +63,7 @@ def open_teacher_store(cfg, *, data: Optional[DataBundle] = None, seeds=None, ep
     source = LiveTeacherOutputs(ensemble, here.autocast, want_feats)
     req = StoreRequest(Path(cfg.teachers), data, precision, tuple(seeds or (cfg.seed,)),
                        tuple(epochs or teacher_view_epochs(cfg)), want_feats, budget_gb,
-                       Path(root) if root else None, encoding)
+                       root or None, encoding)
     build = builder(ensemble, data, precision, want_feats) if builder is not None else None
     return ensure_store(req, source, build=build, log=log)
 

@@ -168,6 +168,7 @@ class TeacherStore:
     has_feats: bool = False  # every row holds the teachers' feature maps
     meta: dict = field(default_factory=dict)
     folder: Optional[Path] = None  # where it is saved (None: in memory only)
+    remote: Optional[tuple] = None  # (URI root, digest) when the folder mirrors a store at a URI
 
     @property
     def codec(self) -> LogitCodec:

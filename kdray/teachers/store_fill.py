@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -30,6 +30,7 @@ from kdray.teachers.store import (
 )
 from kdray.teachers.store_codec import CODE_BYTES, LogitCodec, LogitEncoding
 from kdray.teachers.store_files import check_disk, load_or_rebuild, outdated_stores, save
+from kdray.teachers.store_remote import pull, push, remote_folder, store_root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class StoreRequest:
     epochs: tuple
     feats: bool = False
     budget_gb: float = DEFAULT_BUDGET_GB
-    root: Optional[Path] = None
+    root: Optional[Union[Path, str]] = None  # a folder or a URI (None: the teacher set's stores/)
     encoding: LogitEncoding = LogitEncoding()
 
     @property
@@ -99,10 +100,16 @@ class StoreRequest:
 
     @property
     def root_dir(self) -> Path:
-        return Path(self.root or Path(self.teachers_dir) / STORES)
+        """The local folder of the stores (for a URI: this node's mirror of it)."""
+        return store_root(self.root)[0] or Path(self.teachers_dir) / STORES
 
     def folder(self, key: dict) -> Path:
         return self.root_dir / key_digest(key)
+
+    def remote(self, key: dict) -> Optional[tuple]:
+        """(URI root, digest) when the stores live at a URI."""
+        uri = store_root(self.root)[1]
+        return (uri, key_digest(key)) if uri else None
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,11 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     sample = source(view_batch(req.data, req.views, codes[:1], req.precision.channels_last).to(source.device))
     codec = req.encoding.resolve(int(sample["logits"].shape[-1]), sample["logits"].dtype)
     key = store_key(read_manifest(req.teachers_dir), req.data, req.views, req.precision, codec)
-    folder = req.folder(key)
+    folder, remote = req.folder(key), req.remote(key)
+    if remote and (fetched := pull(remote_folder(*remote), folder)):
+        log(f"teacher store: fetched {fetched} shard(s) from {remote_folder(*remote)} into {folder}")
     store, codes = _open(req, key, folder, codes, sample, source.info, log)
+    store.remote = remote
     todo = store.missing(codes)
     if len(todo) == 0:
         log(f"teacher store: {folder} covers the run ({store.coverage()}, {gb(store.nbytes)})")
@@ -148,7 +158,7 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     check_disk(folder.parent, len(todo) * (lb + fb))  # before the teachers run, not after
     log(f"teacher store: computing {len(todo)} views x {source.info.count} teachers ({codec.describe()}) into "
         f"{folder}")
-    saver = _Saver(folder, log)
+    saver = _Saver(folder, remote, log)
     _compute_into(store, todo, source, req, build, saver, log)
     saver.finish(store)
     return store
@@ -203,8 +213,8 @@ class _Saver:
     """Saves a growing store after each chunk; a folder that cannot be written keeps the store in
     memory for this run (said once); a full disk is raised (kdray's disk-full line), never hidden."""
 
-    def __init__(self, folder: Path, log):
-        self.folder, self.log = folder, log
+    def __init__(self, folder: Path, remote: Optional[tuple], log):
+        self.folder, self.remote, self.log = folder, remote, log
         self.writable = True
         self.t0 = self.last = time.perf_counter()
 
@@ -221,6 +231,8 @@ class _Saver:
             store.meta = {"digest": key_digest(store.key)}
             self.log(f"teacher store: cannot write {self.folder} ({exc.strerror}); kept in memory for this run "
                      "only (--teacher-store DIR puts stores elsewhere)")
+        if self.writable and self.remote:
+            push(store, self.folder, remote_folder(*self.remote))
         self.last = now
 
     def finish(self, store: TeacherStore) -> None:

@@ -45,8 +45,9 @@ class SweepOptions:
                                        "the MLflow sweep run; --resume keeps the study's)")
     teacher_store: bool = option(True, "run the teachers live in every trial instead of sharing their outputs "
                                        "from a teacher store", flag="--no-teacher-store")
-    teacher_store_dir: Optional[str] = option(None, "where teacher stores live (default: the teacher set's "
-                                                    "stores/)", flag="--teacher-store", metavar="DIR")
+    teacher_store_dir: Optional[str] = option(None, "where teacher stores live: a folder or a URI (default: the "
+                                                    "teacher set's stores/)", flag="--teacher-store",
+                                              metavar="DIR|URI")
     teacher_store_logits: str = option("auto", "how the teacher store keeps logits: fp32, fp16, bf16 (exact, cast) "
                                                "or topk (top-k + log-sum-exp, rebuilt); auto (default): exact in the "
                                                f"teachers' dtype up to {AUTO_EXACT_CLASSES} classes, else topk",
