@@ -6,6 +6,9 @@ method, optimizer) on the same uint8 training split with the same batch size and
 ``--warmup`` steps per side are run first and left out of the timing (on a GPU the clock is read
 only after ``torch.cuda.synchronize``).
 
+student-only side -- kdray's step for the same student with method ce (no teacher at all): the
+bound a teacher side can approach, never pass; the store side's ratio to it says how close it comes.
+
 kdray side -- the step loop's own ``train_epoch`` (the function ``kdray.training.fit`` runs), over slices of
 one epoch: the split held on the device in a :class:`BatchLoader` (batch-tensor
 crop/flip/normalise), the :class:`TeacherEnsemble` (inference mode), then ``TrainModule(student,
@@ -412,6 +415,8 @@ def main(argv=None) -> int:
                                  f"({store_side.prep.note})")
             sides.insert(0, ("kdray+store", store_side))
             store_info = {"views": n_views, "build_s": round(build_s, 2), "bytes": store.nbytes}
+        if count:  # the bound of any teacher side: the student's own step, no teacher at all (ce)
+            sides.append(("student-only", KdraySide(cfg.replace(method="ce"), data, train, None, device)))
     except KdrayError as exc:
         raise SystemExit(f"step_throughput: {exc}") from None
 
@@ -452,6 +457,11 @@ def main(argv=None) -> int:
     if store_ips is not None:
         result.update({"kdray_store_img_s": round(store_ips, 2), "store_ratio": round(store_ips / ref_ips, 3),
                        "store": store_info, "store_live_teacher_images": 0})
+    student_ips = statistics.median(rates["student-only"]) if "student-only" in rates else None
+    if student_ips is not None:
+        result["student_only_img_s"] = round(student_ips, 2)
+        if store_ips is not None:  # how close the store side comes to its bound
+            result["store_vs_student_only"] = round(store_ips / student_ips, 3)
     if args.json:
         print(json.dumps(result))
     else:
@@ -469,6 +479,9 @@ def main(argv=None) -> int:
         if store_ips is not None:
             print(f"kdray+store: {store_ips:8.1f} img/s  ratio {store_ips / ref_ips:.2f}x (kdray with a teacher "
                   f"store / reference; store built once in {store_info['build_s']}s)")
+        if student_ips is not None:
+            bound = f"; kdray+store at {store_ips / student_ips:.2f}x of it" if store_ips is not None else ""
+            print(f"student only (ce, no teacher: the bound): {student_ips:8.1f} img/s{bound}")
     return 0
 
 

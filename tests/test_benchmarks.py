@@ -45,6 +45,7 @@ def test_step_throughput_benchmark_runs_on_the_engine(tmp_path):
     assert result["kdray_img_s"] > 0 and result["reference_img_s"] > 0 and result["ratio"] > 0
     # the store side was served by its store: no teacher image computed live (the benchmark exits 2 otherwise)
     assert result["kdray_store_img_s"] > 0 and result["store_live_teacher_images"] == 0
+    assert result["student_only_img_s"] > 0 and result["store_vs_student_only"] > 0  # the bound, measured
 
 
 @pytest.mark.slow
@@ -149,3 +150,36 @@ def test_cifar_table_gives_every_fraction_the_same_optimizer_steps():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
         "--steps-of 2: allowed is a train fraction in (0, 1], or 0 for the same epochs everywhere")
+
+
+def _sweep_load():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_load", ROOT / "benchmarks" / "sweep_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_load_judges_flatness_and_agreement_and_refuses_untimed_trials(capsys):
+    """benchmarks/sweep_load.py's verdicts (its full run takes ~25 min: figures in the README): a
+    growing overhead, growing driver memory, a doubled or RUNNING trial each fail; a trial without
+    timing stops it with status 2 (the overhead would not be measured)."""
+    bench = _sweep_load()
+    agree = {"all_n": True, "doubled": {"optuna": 0, "mlflow": 0}, "optuna_equals_mlflow": True, "tune_in_both": True,
+             "running_left": 0}
+    good = {"straight": {"overhead_ratio": 1.05, "driver_rss_mb": {1: 900.0, 100: 910.0, 200: 930.0}, "agree": agree},
+            "killed": {"agree": agree}}
+    assert all(bench._verdict(good).values())
+    for path, value in ((("straight", "overhead_ratio"), 1.3), (("straight", "driver_rss_mb"), {1: 900.0, 200: 1200.0}),
+                        (("killed", "agree"), {**agree, "doubled": {"optuna": 1, "mlflow": 0}}),
+                        (("killed", "agree"), {**agree, "running_left": 1})):
+        bad = {k: dict(v) for k, v in good.items()}
+        bad[path[0]][path[1]] = value
+        assert not all(bench._verdict(bad).values()), path
+    rows = [{"timing": {"started_at_s": 0.0, "ended_at_s": 5.0, "train_s": 3.0}},
+            {"timing": {"started_at_s": 1.0, "ended_at_s": 4.0, "train_s": 2.5}}]
+    assert bench.overheads(rows) == [2.0, 0.5]
+    with pytest.raises(SystemExit) as stop:
+        bench.overheads(rows + [{"timing": {}}])
+    assert stop.value.code == 2 and "have no timing" in capsys.readouterr().err
