@@ -45,31 +45,20 @@ def view_images(views, x: torch.Tensor, index: torch.Tensor, view: torch.Tensor,
     return views.eval(x)
 
 
-class BatchLoader:
-    """Batches from a whole split held on ``device``; DistributedSampler-style sharding.
+class ShardLoader:
+    """What every loader of a split shares: this rank's shard of each epoch (:func:`rank_order`),
+    each sample's view id, batch count and normalisation. A subclass yields the batches
+    (:meth:`with_views`). Call :meth:`set_epoch` before each epoch."""
 
-    Training: :func:`rank_order` of the epoch; each sample is seen as
-    the view :meth:`ViewSpec.view_ids` gives it (a pure function of seed, epoch and sample index).
-    Call :meth:`set_epoch` before each epoch. Eval: no shuffle, no augmentation, no duplicates: rank
-    r takes samples r, r+world_size, ... Iterating yields ``(x float32 normalised [B,3,H,W], y
-    int64)`` on ``device``; :meth:`with_views` adds each batch's :class:`ViewKeys`. The last batch
-    may be smaller.
-    """
-
-    def __init__(self, split: Split, batch_size: int, *, mean, std, device="cpu", train: bool,
-                 crop_padding=0, hflip=False, views=None, seed=0, rank=0, world_size=1, channels_last=False):
+    def __init__(self, n: int, batch_size: int, *, mean, std, views, device, train: bool, seed: int, rank: int,
+                 world_size: int, channels_last: bool):
         check_shard(batch_size, rank, world_size)
-        self.device = torch.device(device)
-        self.x = split.x.to(self.device)
-        self.y = split.y.to(self.device)
-        self.batch_size = int(batch_size)
-        self.train = bool(train)
-        self.views = views if views is not None else ViewSpec(int(crop_padding), bool(hflip))
-        self.seed = int(seed)
+        self.n, self.batch_size, self.train, self.seed = int(n), int(batch_size), bool(train), int(seed)
+        self.views = views
         self.rank, self.world_size = int(rank), int(world_size)
-        self.channels_last = bool(channels_last)
+        self.device, self.channels_last = torch.device(device), bool(channels_last)
         self.epoch = 0
-        self.num_samples = shard_size(len(self.y), self.train, self.rank, self.world_size)
+        self.num_samples = shard_size(self.n, self.train, self.rank, self.world_size)
         self._scale, self._shift = normalisation(mean, std, self.device)
 
     def set_epoch(self, epoch: int) -> None:
@@ -81,22 +70,48 @@ class BatchLoader:
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in batch order (CPU int64)."""
-        return rank_order(len(self.y), self.train, self.seed, self.epoch, self.rank, self.world_size)
+        return rank_order(self.n, self.train, self.seed, self.epoch, self.rank, self.world_size)
+
+    def view_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """The view each of samples ``idx`` is seen as this epoch (all 0 when nothing augments)."""
+        if self.train and self.views.augments:
+            return self.views.view_ids(self.seed, self.epoch, idx)
+        return torch.zeros_like(idx)
 
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
         return to_float(xb, self._scale, self._shift, self.channels_last)
 
     def with_views(self):
-        """``(x, y, ViewKeys)`` for each batch of the epoch (views all 0 when nothing augments)."""
-        idx = self.indices()
-        augment = self.train and self.views.augments
-        views = self.views.view_ids(self.seed, self.epoch, idx) if augment else torch.zeros_like(idx)
-        idx_dev, views_dev = idx.to(self.device), views.to(self.device)
-        for start in range(0, len(idx), self.batch_size):
-            b, v = idx_dev[start : start + self.batch_size], views_dev[start : start + self.batch_size]
-            xb = view_images(self.views, self.x.index_select(0, b), b, v, self.train)
-            yield self.normalise(xb), self.y.index_select(0, b), ViewKeys(b, v)
+        raise NotImplementedError
 
     def __iter__(self):
         for x, y, _ in self.with_views():
             yield x, y
+
+
+class BatchLoader(ShardLoader):
+    """Batches from a whole split held on ``device``; DistributedSampler-style sharding.
+
+    Training: :func:`rank_order` of the epoch; each sample is seen as
+    the view :meth:`ViewSpec.view_ids` gives it (a pure function of seed, epoch and sample index).
+    Eval: no shuffle, no augmentation, no duplicates: rank r takes samples r, r+world_size, ...
+    Iterating yields ``(x float32 normalised [B,3,H,W], y int64)`` on ``device``; :meth:`with_views`
+    adds each batch's :class:`ViewKeys`. The last batch may be smaller.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, mean, std, device="cpu", train: bool,
+                 crop_padding=0, hflip=False, views=None, seed=0, rank=0, world_size=1, channels_last=False):
+        views = views if views is not None else ViewSpec(int(crop_padding), bool(hflip))
+        super().__init__(len(split.y), batch_size, mean=mean, std=std, views=views, device=device, train=train,
+                         seed=seed, rank=rank, world_size=world_size, channels_last=channels_last)
+        self.x = split.x.to(self.device)
+        self.y = split.y.to(self.device)
+
+    def with_views(self):
+        """``(x, y, ViewKeys)`` for each batch of the epoch (views all 0 when nothing augments)."""
+        idx = self.indices()
+        idx_dev, views_dev = idx.to(self.device), self.view_ids(idx).to(self.device)
+        for start in range(0, len(idx), self.batch_size):
+            b, v = idx_dev[start : start + self.batch_size], views_dev[start : start + self.batch_size]
+            xb = view_images(self.views, self.x.index_select(0, b), b, v, self.train)
+            yield self.normalise(xb), self.y.index_select(0, b), ViewKeys(b, v)

@@ -24,9 +24,9 @@ import torch
 from kdray.core.raystart import start_ray
 from kdray.data.bundle import log
 from kdray.data.catalog import ImageReader, display
-from kdray.data.loader import check_shard, rank_order, shard_size, view_images
+from kdray.data.loader import ShardLoader, view_images
 from kdray.data.splits import Split
-from kdray.data.views import ViewKeys, normalisation, to_float
+from kdray.data.views import ViewKeys
 
 MAX_ROWS_PER_TASK = 128  # images one Ray Data task decodes at most: enough to amortise a task, few enough to spread
 
@@ -96,7 +96,7 @@ def _epoch_dataset(records, index: torch.Tensor, view: torch.Tensor, fn_kwargs: 
                           num_cpus=0, concurrency=_decode_slots(world_size), **_on_this_node())
 
 
-class StreamLoader:
+class StreamLoader(ShardLoader):
     """A split's batches streamed through Ray Data; the interface of
     :class:`kdray.data.loader.BatchLoader` (``set_epoch``, ``with_views``, iteration, ``len``).
 
@@ -105,34 +105,15 @@ class StreamLoader:
 
     def __init__(self, split: Split, reader: ImageReader, batch_size: int, *, mean, std, views, device="cpu",
                  train: bool, seed=0, rank=0, world_size=1, channels_last=False, prefetch: int = 4):
-        check_shard(batch_size, rank, world_size)
-        self.records, self.y = split.records, split.y
-        self.reader, self.views = reader, views
-        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.device, self.channels_last, self.prefetch = torch.device(device), bool(channels_last), prefetch
-        self.epoch, self.skipped, self._said = 0, 0, False
-        self.num_samples = shard_size(len(self.y), self.train, self.rank, self.world_size)
-        self._scale, self._shift = normalisation(mean, std, self.device)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
-
-    def indices(self) -> torch.Tensor:
-        return rank_order(len(self.y), self.train, self.seed, self.epoch, self.rank, self.world_size)
-
-    def _views(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.train and self.views.augments:
-            return self.views.view_ids(self.seed, self.epoch, idx)
-        return torch.zeros_like(idx)
+        super().__init__(len(split.y), batch_size, mean=mean, std=std, views=views, device=device, train=train,
+                         seed=seed, rank=rank, world_size=world_size, channels_last=channels_last)
+        self.records, self.y, self.reader, self.prefetch = split.records, split.y, reader, prefetch
+        self.skipped, self._said = 0, False
 
     def uint8_batches(self):
         """``(uint8 x, index, view)`` of each batch of the epoch, on the CPU, undecodable images dropped."""
         idx = self.indices()
-        ds = _epoch_dataset(self.records, idx, self._views(idx),
+        ds = _epoch_dataset(self.records, idx, self.view_ids(idx),
                             {"reader": self.reader, "views": self.views, "train": self.train}, self.world_size,
                             self._block_rows())
         self.skipped, first_bad, nodes, seen = 0, None, set(), 0
@@ -169,9 +150,5 @@ class StreamLoader:
             if len(index) == 0:
                 continue
             idx_dev, view_dev = index.to(self.device), view.to(self.device)
-            xb = to_float(x.to(self.device, non_blocking=True), self._scale, self._shift, self.channels_last)
+            xb = self.normalise(x.to(self.device, non_blocking=True))
             yield xb, self.y.index_select(0, index).to(self.device), ViewKeys(idx_dev, view_dev)
-
-    def __iter__(self):
-        for x, y, _ in self.with_views():
-            yield x, y
