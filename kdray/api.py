@@ -175,6 +175,7 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     fp32, fp16, bf16 or topk with ``teacher_store_topk`` classes). Returns the student, its metrics
     and MLflow run."""
     from kdray.core.console import library_output_to
+    from kdray.core.io import undone_on_refusal
     from kdray.distill import get_method
     from kdray.distributed.local_ray import ray_for_streaming
     from kdray.distributed.raytrain import final_extras, fit_distributed
@@ -192,15 +193,18 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
     name = name or f"{cfg.method}-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = _run_folder(cfg, out, name, workdir, resume)
     cfg = cfg.replace(resume=bool(resume), checkpoint_dir=str(folder / "checkpoints"))
-    # library log records (MLflow's store set-up, Ray's) go to the run's log file; stdout stays:
-    # a multi-worker run's epoch lines come from its workers through it
-    with library_output_to(workdir / "logs" / f"{name}.log", stdout=False):
-        tracking = tracking_settings(track, tracking_uri, experiment, workdir)
-        result = run_training(cfg, out=folder, run_name=name, tracking=tracking, log=log, address=address,
-                              gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                              max_failures=max_failures, store_root=store,
-                              store_budget=teacher_store_budget, final_extras=final_extras,
-                              fit_distributed=fit_distributed)
+    # refused before its first epoch (bad input found late), the run takes away all it created:
+    # its log file, folder and MLflow run, and the working directory's folders it had to make
+    with undone_on_refusal() as undo:
+        # library log records (MLflow's store set-up, Ray's) go to the run's log file, made on the
+        # first one; stdout stays: a multi-worker run's epoch lines come from its workers through it
+        with library_output_to(undo.path(workdir / "logs" / f"{name}.log"), stdout=False):
+            tracking = tracking_settings(track, tracking_uri, experiment, workdir)
+            result = run_training(cfg, out=folder, run_name=name, tracking=tracking, log=log, address=address,
+                                  gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                                  max_failures=max_failures, store_root=store,
+                                  store_budget=teacher_store_budget, final_extras=final_extras,
+                                  fit_distributed=fit_distributed, undo=undo)
     loaded = load_student(result["student_path"])
     loaded.record["metrics"] = {**loaded.record.get("metrics", {}),
                                 **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}

@@ -5,6 +5,8 @@ stores, a real `mlflow server` killed mid-sweep, a real tmpfs filled up."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -328,20 +330,34 @@ def test_lost_tracking_server_fails_the_trial_within_a_minute_naming_it(tmp_path
         server.stop()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 400 KiB tmpfs (root only): too small for one checkpoint of the test's student."""
-    mnt = tmp_path / "full"
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str):
+    """A tmpfs of ``size`` at ``mnt`` while inside (root only; the test is skipped otherwise)."""
     mnt.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 400 KiB tmpfs (root only): too small for one checkpoint of the test's student."""
+    with tmpfs(tmp_path / "full", "400k") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def roomy_tmpfs(tmp_path):
+    """An 8 MiB tmpfs (root only): room for a short run, its MLflow store and more, until filled."""
+    with tmpfs(tmp_path / "disk", "8m") as mnt:
+        yield mnt
 
 
 def test_full_disk_is_one_line_naming_the_path_and_leaves_no_corrupt_file(small_tmpfs):
@@ -357,6 +373,119 @@ def test_full_disk_is_one_line_naming_the_path_and_leaves_no_corrupt_file(small_
     for f in small_tmpfs.rglob("*.pt"):
         safe_load(f)  # anything kdray left there loads: no half-written checkpoint
     assert not list(small_tmpfs.rglob(".*.pt.*"))  # no temporary file left behind
+
+
+def test_a_log_file_that_takes_no_write_is_dropped_without_a_logging_error(capfd):
+    """A library record the run's log file cannot take (/dev/full: every write is ENOSPC) is dropped:
+    no "--- Logging error ---" block of tracebacks on stderr; the run's own line says what failed."""
+    import logging
+
+    from kdray.core.console import library_output_to
+
+    with library_output_to(Path("/dev/full"), stdout=False):
+        logging.getLogger("mlflow.store.db.utils").error("SQLAlchemy database error: database or disk is full")
+        logging.getLogger("ray").warning("a second record, after the first failed")
+    assert capfd.readouterr().err == ""
+
+
+def fill_up(path: Path) -> None:
+    """Write zeros to ``path`` until its disk is full (what another program does to a shared disk)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+def train_until_its_disk_fills(mnt: Path, args: list, cwd: Path) -> tuple:
+    """`kdray train ARGS` (run name "fill") with its working directory on ``mnt``, filled up by
+    another writer once the first epoch's checkpoint is there; (exit code, stderr lines)."""
+    proc = subprocess.Popen(KDRAY + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = mnt / "runs" / "fill" / "checkpoints" / "epoch_0001" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("no first checkpoint; stderr:\n" + proc.communicate()[1][-3000:])
+        time.sleep(0.05)
+    fill_up(mnt / "filler")
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def runs_at(uri: str, experiment: str = "kdray") -> list:
+    """The experiment's runs, oldest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return sorted(client.search_runs([exp.experiment_id]), key=lambda r: r.info.start_time) if exp else []
+
+
+def assert_one_line_naming(err: str, mnt: Path) -> str:
+    """The run's failure is one last line naming a file on ``mnt``: no traceback, no logging error."""
+    assert "Traceback" not in err and "Logging error" not in err, err[-4000:]
+    lines = err.strip().splitlines()
+    assert [ln for ln in lines if ln.startswith("kdray: error:")] == lines[-1:], lines[-6:]
+    assert lines[-1].startswith(f"kdray: error: no space left on the device writing {mnt}/"), lines[-1]
+    return lines[-1]
+
+
+def resume_after_freeing(mnt: Path, args: list, cwd: Path) -> str:
+    """Free the disk, then `kdray train ARGS --resume`: it continues from the first epoch; its stderr."""
+    (mnt / "filler").unlink()
+    proc = subprocess.run(KDRAY + args + ["--resume"], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "epoch 2/2" in proc.stderr, proc.stderr[-3000:]
+    assert (mnt / "runs" / "fill" / "student.pt").is_file()
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_disk_filling_mid_run_fails_the_run_in_one_line_and_resume_continues(roomy_tmpfs, tmp_path):
+    """The working directory's disk fills after the first epoch; the MLflow store is elsewhere: one
+    line naming the file, the MLflow run FAILED at once, and --resume finishes the training."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    args = ["--workdir", str(roomy_tmpfs), "--tracking-uri", uri, "train", "--method", "ce", "--epochs", "2",
+            "--name", "fill", *FAKE]
+    rc, err = train_until_its_disk_fills(roomy_tmpfs, args, tmp_path)
+    assert rc == 1, err[-3000:]
+    line = assert_one_line_naming(err, roomy_tmpfs)
+    assert "could not be marked" not in line
+    [failed] = runs_at(uri)
+    assert failed.info.status == "FAILED" and failed.data.tags["kdray.state"] == "failed"
+    assert "No space left on device" in failed.data.tags["kdray.failure_reason"]
+    resume_after_freeing(roomy_tmpfs, args, tmp_path)
+    first, resumed = runs_at(uri)
+    assert first.info.run_id == failed.info.run_id and first.info.status == "FAILED"
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["kdray.state"] == "completed"
+
+
+@pytest.mark.slow
+def test_disk_filling_under_the_mlflow_store_too_leaves_the_run_for_resume_to_close(roomy_tmpfs, tmp_path):
+    """The disk that fills holds the MLflow store too, which then takes no write: the one line names
+    the file and says so when the run could not be marked failed; --resume (space freed) marks it
+    failed, and continues the training in a new run."""
+    args = ["--workdir", str(roomy_tmpfs), "train", "--method", "ce", "--epochs", "2", "--name", "fill", *FAKE]
+    uri = f"sqlite:///{roomy_tmpfs / 'mlflow.db'}"
+    rc, err = train_until_its_disk_fills(roomy_tmpfs, args, tmp_path)
+    assert rc == 1, err[-3000:]
+    line = assert_one_line_naming(err, roomy_tmpfs)
+    [first] = runs_at(uri)
+    if first.info.status == "RUNNING":  # what the store could not take, the line says
+        assert f"MLflow run {first.info.run_id} could not be marked failed" in line and "--resume closes it" in line
+    else:
+        assert first.info.status == "FAILED"
+    resumed_err = resume_after_freeing(roomy_tmpfs, args, tmp_path)
+    first, resumed = runs_at(uri)
+    assert first.info.status == "FAILED" and first.data.tags["kdray.state"] == "failed"
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["kdray.state"] == "completed"
+    if "could not be marked" in line:
+        assert f"MLflow run(s) {first.info.run_id} that an earlier attempt left running closed" in resumed_err
+        assert resumed.info.run_id in first.data.tags["kdray.failure_reason"]
 
 
 def test_drivers_starting_together_create_the_stores_once(tmp_path):

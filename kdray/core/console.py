@@ -14,6 +14,43 @@ from typing import Iterator
 LIBRARY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "optuna", "mlflow", "alembic")
 
 
+class _Quiet:
+    """A record the log file cannot take (its disk is full, its folder gone) is dropped: not
+    Python's "--- Logging error ---" report with its tracebacks on stderr. What failed is said
+    once, by the command's own error line, when it matters to the command."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
+class _QuietStream(_Quiet, logging.StreamHandler):
+    pass
+
+
+class _LogFile(_Quiet, logging.FileHandler):
+    """Appends to ``path``, opened (and its folder made) on its first record: a command that logs
+    nothing (refused at the door) leaves no file."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)  # opening the file happens here, outside StreamHandler's own guard
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the last flush on a full disk: dropped like the record it held
+            pass
+
+
 def _to_file(loggers: tuple, handler: logging.Handler) -> list:
     """Point ``loggers`` at ``handler`` only; return what to restore."""
     saved = []
@@ -26,13 +63,28 @@ def _to_file(loggers: tuple, handler: logging.Handler) -> list:
 
 
 @contextlib.contextmanager
-def library_output_to(path: Path, stdout: bool = True) -> Iterator[Path]:
-    """Inside: the libraries' log records and (``stdout``) everything printed to stdout go to
-    ``path`` (appended). kdray's own lines go to stderr and are untouched."""
-    path = Path(path)
+def _handler_for(path: Path, stdout: bool) -> Iterator[tuple]:
+    """(handler, stream for stdout or None): with ``stdout`` the file is opened now, else on the
+    handler's first record."""
+    if not stdout:
+        handler = _LogFile(path)
+        try:
+            yield handler, None
+        finally:
+            handler.close()
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", buffering=1) as fh:
-        handler = logging.StreamHandler(fh)
+        yield _QuietStream(fh), fh
+
+
+@contextlib.contextmanager
+def library_output_to(path: Path, stdout: bool = True) -> Iterator[Path]:
+    """Inside: the libraries' log records and (``stdout``) everything printed to stdout go to
+    ``path`` (appended; without ``stdout``, the file is made on the first record only). kdray's
+    own lines go to stderr and are untouched."""
+    path = Path(path)
+    with _handler_for(path, stdout) as (handler, fh):
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         import mlflow  # noqa: F401  (its import configures the "mlflow" logger: do it before we take it over)
         import optuna
@@ -41,7 +93,7 @@ def library_output_to(path: Path, stdout: bool = True) -> Iterator[Path]:
         optuna.logging.disable_default_handler()
         saved = _to_file(LIBRARY_LOGGERS, handler)
         try:
-            with contextlib.redirect_stdout(fh) if stdout else contextlib.nullcontext():
+            with contextlib.redirect_stdout(fh) if fh is not None else contextlib.nullcontext():
                 yield path
         finally:
             for logger, handlers, propagate in saved:

@@ -11,3 +11,10 @@ class KdrayError(Exception):
 def choice_error(what: str, value, allowed) -> KdrayError:
     allowed = ", ".join(str(a) for a in allowed)
     return KdrayError(f"unknown {what} {value!r}; allowed: {allowed}")
+
+
+class DiskFull(KdrayError):
+    """A disk filled while kdray wrote to it: one line naming the file, exit code 1 (the input was
+    fine; the run continues with ``--resume`` once there is space)."""
+
+    exit_code = 1

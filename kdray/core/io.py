@@ -1,9 +1,11 @@
 """Files and folders as kdray writes and reads them: a file written whole or not at all, torch files
 loaded tensors-only, their sha256, a folder filled beside its target and swapped in without
-deleting what the user did not ask to replace, and the one line an exception is summed up in."""
+deleting what the user did not ask to replace, what a refused command created taken away again,
+and the one line an exception is summed up in."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -12,7 +14,7 @@ import pickle
 import shutil
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, TypeVar, Union
+from typing import BinaryIO, Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
@@ -158,3 +160,78 @@ def fill_beside(dest: Path, fill: Callable[[Path], T], *, tag: str, check: Calla
         shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename happened
         raise
     return result, leftover
+
+
+# --- what a refused command created -----------------------------------------------------------------
+class Undo:
+    """What a command creates before its work begins (a log file, a run folder, an MLflow run),
+    taken away again when the command is refused before :meth:`began` is called: a refused command
+    leaves nothing behind. Refused: a :class:`KdrayError` of exit code 2 (the user's input; a full
+    disk or a lost server is exit code 1, and what it left stays for ``--resume``). Only what did not
+    exist when it was noted is removed: never anything the user or an earlier run had."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], None]] = []
+        self.begun = False
+
+    def path(self, path: str | Path) -> Path:
+        """Note ``path`` (a file or a folder) before the command may create it, with its missing
+        parent folders. On undo: absent now, it is removed (a folder with what is in it; a missing
+        parent only when empty: other runs share it); a file present now is cut back to its size."""
+        path = Path(path)
+        for parent in reversed([p for p in path.parents if not p.exists()]):
+            self._steps.append(lambda p=parent: _remove_if_empty(p))
+        existed, size = path.exists(), (path.stat().st_size if path.is_file() else None)
+        self._steps.append(lambda: _put_back(path, existed, size))
+        return path
+
+    def call(self, step: Callable[[], None]) -> None:
+        """Also run ``step`` on undo (after what was noted later, before what was noted earlier)."""
+        self._steps.append(step)
+
+    def began(self) -> None:
+        """The work has begun: from now on what it created stays, whatever happens."""
+        self.begun = True
+        self._steps.clear()
+
+    def refused(self, exc: BaseException) -> bool:
+        """Whether ``exc`` refuses the command before its work began."""
+        return not self.begun and isinstance(exc, KdrayError) and getattr(exc, "exit_code", 2) == 2
+
+    def undo(self) -> None:
+        steps, self._steps = self._steps, []
+        for step in reversed(steps):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - what cannot be removed stays; the refusal's line matters more
+                pass
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (someone else's now) or gone already
+
+
+def _put_back(path: Path, existed: bool, size: Optional[int]) -> None:
+    if existed:
+        if size is not None and path.is_file() and path.stat().st_size > size:
+            os.truncate(path, size)
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def undone_on_refusal(undo: Optional[Undo] = None) -> Iterator[Undo]:
+    """Inside, note what the command may create on the :class:`Undo` it yields (``undo``, or a new
+    one); a refusal raised inside takes it away again and goes on."""
+    undo = undo or Undo()
+    try:
+        yield undo
+    except BaseException as exc:
+        if undo.refused(exc):
+            undo.undo()
+        raise

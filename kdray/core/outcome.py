@@ -83,15 +83,28 @@ def failure_reason(exc: BaseException) -> str:
     return (f"{name}: {message}" if message else name)[:REASON_MAX]
 
 
+SQLITE_FULL = 13  # sqlite's result code for "database or disk is full"
+
+
+def _sqlite_full(e: BaseException) -> bool:
+    # sqlite says so in its result code (Python 3.11+) and its message, wrapped by SQLAlchemy and MLflow
+    return getattr(e, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(e)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or a cause) is a full disk: an OSError ENOSPC, or sqlite's SQLITE_FULL."""
+    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or _sqlite_full(e) for e in causes(exc))
+
+
 def disk_full_line(exc: BaseException) -> Optional[str]:
     """One line naming the path that needed space, when ``exc`` (or a cause) is a full disk."""
-    for e in causes(exc):
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            where = f" writing {e.filename}" if e.filename else ""
-            return (f"no space left on the device{where}; free space there (or point --workdir elsewhere) "
-                    "and run again with --resume")
-        # sqlite says so only in its message ("database or disk is full"), wrapped by SQLAlchemy and MLflow
-        if "database or disk is full" in str(e):
-            return ("no space left on the device of a database (the MLflow or Optuna store in the working "
-                    "directory); free space there and run again with --resume")
+    full = [e for e in causes(exc) if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    if full:
+        named = [e for e in full if e.filename]
+        where = f" writing {named[0].filename}" if named else ""
+        return (f"no space left on the device{where}; free space there (or point --workdir elsewhere) "
+                "and run again with --resume")
+    if any(_sqlite_full(e) for e in causes(exc)):
+        return ("no space left on the device of a database (the MLflow or Optuna store in the working "
+                "directory); free space there and run again with --resume")
     return None

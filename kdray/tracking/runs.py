@@ -1,8 +1,12 @@
-"""One MLflow run: what it logs (params, tags, its data set), starting and finishing it, its
-student as a logged model, and :class:`RunLogger`, which logs each epoch as it ends."""
+"""One MLflow run: what it logs (params, tags, its data set), starting and finishing it (or
+discarding it, when its command was refused before it began), its student as a logged model,
+:class:`RunLogger`, which logs each epoch as it ends, and a full store's disk as one error naming
+the file."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -10,10 +14,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from kdray.core.errors import KdrayError
-from kdray.tracking.store import client, lost, scheme
+from kdray.tracking.store import client, is_local_store, lost, scheme
 from kdray.tracking.tags import (
     BOOKKEEPING,
     KIND_TAG,
@@ -26,6 +30,10 @@ from kdray.tracking.tags import (
     STUDENT_MODEL_TYPE,
     TRIAL_TAG,
 )
+
+#: on a `kdray train` run: its run folder (relative to the working directory when inside it), so
+#: that ``--resume`` finds the runs earlier attempts at the same folder left open
+FOLDER_TAG = "kdray.run_folder"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +182,30 @@ def close_running_runs(uri: str, exp_id: str, state: str, reason: str) -> int:
     return len(runs)
 
 
+def discard_run(uri: str, run_id: str) -> None:
+    """Take away a run whose command was refused before it began: from a local store (sqlite,
+    file) for good, as ``mlflow gc`` does; on a tracking server it is marked deleted (the server's
+    ``mlflow gc`` removes it)."""
+    c = client(uri)
+    c.delete_run(run_id)
+    store = getattr(getattr(c, "_tracking_client", None), "store", None)
+    hard_delete = getattr(store, "_hard_delete_run", None)  # what `mlflow gc` calls; not on a REST store
+    if is_local_store(uri) and hard_delete is not None:
+        hard_delete(run_id)
+
+
+def close_earlier_attempts(uri: str, exp_id: str, folder: str, current: str, reason: str) -> list:
+    """End the runs of the experiment that earlier `kdray train` attempts at run folder ``folder``
+    (its :data:`FOLDER_TAG`) left running (killed, or unable to write to the store as they failed)
+    as failed, all but run ``current``; the ids of those closed."""
+    runs = client(uri).search_runs([exp_id], filter_string=f"tags.`{STATE_TAG}` = 'running'", max_results=5000)
+    closed = [r.info.run_id for r in runs if r.data.tags.get(KIND_TAG) == "train"
+              and r.data.tags.get(FOLDER_TAG) == folder and r.info.run_id != current]
+    for run_id in closed:
+        finish_run(uri, run_id, "failed", reason)
+    return closed
+
+
 def find_trial_run(uri: str, exp_id: str, parent_run_id: str, trial_id: str):
     runs = client(uri).search_runs(
         [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
@@ -222,6 +254,49 @@ def close_student_model(c, run, state: str) -> None:
     c.finalize_logged_model(model.model_id, "READY")
 
 
+# ---------------------------------------------------------------------------------------------
+# a store whose disk is full
+# ---------------------------------------------------------------------------------------------
+def store_full(uri: str, exc: BaseException, run_id: Optional[str] = None) -> Optional[OSError]:
+    """When ``exc`` says the disk of the local MLflow store at ``uri`` is full: an OSError ENOSPC
+    naming what it was writing (the sqlite database; an artifact: the file when MLflow says it,
+    else the run's artifact folder), which the one-line report of a full disk names; else None."""
+    from kdray.core.outcome import causes, is_disk_full
+
+    if not is_local_store(uri) or not is_disk_full(exc):
+        return None
+    full = [e for e in causes(exc) if isinstance(e, OSError) and e.errno == errno.ENOSPC]
+    if not full and uri.startswith("sqlite:///"):
+        where = uri[len("sqlite:///"):]
+    elif full and full[0].filename:
+        where = full[0].filename
+    else:
+        where = _artifact_folder(uri, run_id) or uri
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
+
+
+def _artifact_folder(uri: str, run_id: Optional[str]) -> Optional[str]:
+    if run_id is None:
+        return None
+    try:
+        location = client(uri).get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - only a better name for the error being raised
+        return None
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
+@contextlib.contextmanager
+def store_writes(uri: str, run_id: Optional[str] = None) -> Iterator[None]:
+    """Inside, a full disk under the local store is raised as :func:`store_full`'s OSError."""
+    try:
+        yield
+    except Exception as exc:
+        full = store_full(uri, exc, run_id)
+        if full is None:
+            raise
+        raise full from None
+
+
 class RunLogger:
     """Per-epoch logging of one run, picklable so it travels to Ray Train workers.
 
@@ -243,10 +318,13 @@ class RunLogger:
             self._log_epoch(metrics, ckpt_dir)
         except KdrayError:
             raise
-        except Exception as exc:  # MLflow's errors after its (bounded) retries: the server is gone
+        except Exception as exc:
+            full = store_full(self.uri, exc, self.run_id)
+            if full is not None:  # a local store's disk is full: an OSError naming the file
+                raise full from None
             if scheme(self.uri) not in ("http", "https"):
                 raise
-            raise lost(self.uri, exc) from None
+            raise lost(self.uri, exc) from None  # MLflow's errors after its (bounded) retries: the server is gone
 
     def _start(self, c) -> dict:
         """Once per process: the run's logged model (found again when Tune retries the trial)."""

@@ -37,11 +37,13 @@ def load_training_state(folder: str | Path) -> dict:
 
 
 def save_epoch(root: str | Path, global_epoch: int, state: dict, student_record: dict, keep: int) -> Path:
-    """Write one epoch's training state and deployable student, then keep only the newest ``keep``
-    epoch folders (0: keep all until the run removes the root at its end)."""
+    """Write one epoch's deployable student, then its training state (last: a folder with a
+    ``checkpoint.pt`` is complete, so a disk that fills between the two leaves a folder that
+    :func:`latest_checkpoint` passes over), then keep only the newest ``keep`` epoch folders (0:
+    keep all until the run removes the root at its end)."""
     folder = epoch_dir(root, global_epoch)
-    atomic_save({"format": CKPT_FORMAT, **state}, folder / "checkpoint.pt")
     atomic_save(student_record, folder / "student.pt")
+    atomic_save({"format": CKPT_FORMAT, **state}, folder / "checkpoint.pt")
     if keep > 0:
         for old in sorted(Path(root).glob("epoch_*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
