@@ -150,6 +150,25 @@ def test_an_undecodable_image_fails_or_is_skipped_and_counted(tmp_path, local_ra
     assert "skipped 1 undecodable image" in capsys.readouterr().err
 
 
+def test_a_streamed_sets_statistics_are_measured_once_per_machine(tree, tmp_path, monkeypatch):
+    """Every worker of every trial builds the bundle: the statistics' decoded sample is read once,
+    then from the cache, giving the same values (a store's key holds them)."""
+    import kdray.data.access as access
+    from kdray.data.catalog import ImageReader
+
+    monkeypatch.setattr(access, "STATS_CACHE", tmp_path / "stats")
+    decoded = []
+    real = ImageReader.decode
+    monkeypatch.setattr(ImageReader, "decode", lambda self, locs: decoded.append(len(locs)) or real(self, locs))
+    first = load_data(tree_cfg(tree, data_path="stream"))
+    assert decoded and len(list((tmp_path / "stats").glob("*.json"))) == 1
+    decoded.clear()
+    again = load_data(tree_cfg(tree, data_path="stream"))
+    assert decoded == [] and (again.mean, again.std) == (first.mean, first.std)
+    other = load_data(tree_cfg(tree, data_path="stream", train_fraction=0.5))  # another split: measured
+    assert decoded and len(list((tmp_path / "stats").glob("*.json"))) == 2 and other.fingerprint != first.fingerprint
+
+
 def test_auto_path_follows_the_decoded_size_and_says_why(tree, capsys):
     load_data(tree_cfg(tree, in_memory_limit_gb=1.0))
     assert "data path: memory" in capsys.readouterr().err

@@ -8,17 +8,21 @@ same seeded sample of at most ``STATS_SAMPLE`` train images), so they give the s
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from kdray.core.errors import KdrayError
+from kdray.core.io import atomic_write
 from kdray.data.bundle import DataBundle, channel_stats, log
 from kdray.data.catalog import Catalog, ImageReader, display, folder_catalog, tar_catalog
 from kdray.data.splits import TEST_FRACTION, Split, seeded_generator, split_indices
 
 STATS_SAMPLE = 2048  # train images the per-channel statistics are measured on
 DECODE_CHUNK = 512
+STATS_CACHE = Path("~/.cache/kdray/stats")
 
 
 def _data_dir(cfg, name: str) -> str:
@@ -127,12 +131,34 @@ def streamed_bundle(cfg, name: str, catalog: Catalog, views, size: int, val_frac
     else:
         test = split(idx["test"])
     train = split(idx["train"])
-    sample = stats_rows(len(train))
-    x, ok = reader.decode(_records(train.records, sample))
-    mean, std = channel_stats(x[ok])
+    fingerprint = bundle_fingerprint(catalog, idx, side)
+    mean, std = cached_stats(fingerprint, lambda: _decoded_stats(reader, train))
     return DataBundle(name=name, classes=list(catalog.classes), train=train, val=split(idx["val"]), test=test,
                       mean=mean, std=std, image_size=size, views=views, path="stream",
-                      fingerprint=bundle_fingerprint(catalog, idx, side), reader=reader)
+                      fingerprint=fingerprint, reader=reader)
+
+
+def _decoded_stats(reader: ImageReader, train: Split) -> tuple:
+    x, ok = reader.decode(_records(train.records, stats_rows(len(train))))
+    return channel_stats(x[ok])
+
+
+def cached_stats(fingerprint: str, compute) -> tuple:
+    """(mean, std) of a streamed train split: measured once per machine (decoding STATS_SAMPLE
+    images takes seconds at 224 px, in every worker of every trial) and kept in
+    ``~/.cache/kdray/stats/<fingerprint>.json`` (the fingerprint names the files, split and size)."""
+    file = STATS_CACHE.expanduser() / f"{fingerprint}.json"
+    try:
+        got = json.loads(file.read_text())
+        return tuple(float(v) for v in got["mean"]), tuple(float(v) for v in got["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    mean, std = compute()
+    try:
+        atomic_write(file, json.dumps({"mean": list(mean), "std": list(std)}))
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return mean, std
 
 
 def train_view_images(data: DataBundle, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
