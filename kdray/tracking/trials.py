@@ -91,9 +91,13 @@ def trial_run_name(method: Optional[str], trial_id: str) -> str:
     return f"{method or 'trial'}-{trial_id}"
 
 
+def optuna_run_name(method: Optional[str], number: int) -> str:
+    """A trial run's name once its Optuna trial is known: ``ekd-12`` (method, trial number), the
+    same in every session of a resumed sweep and in the study."""
+    return f"{method or 'trial'}-{number}"
+
+
 def name_trial_run(uri: str, run_id: str, number: int) -> None:
-    """Name a trial's run after its Optuna trial: ``ekd-12`` (method, trial number), the same in
-    every session of a resumed sweep and in the study."""
+    """Name a trial's run after its Optuna trial (:func:`optuna_run_name`)."""
     c = client(uri)
-    method = c.get_run(run_id).data.params.get("method")
-    c.set_tag(run_id, "mlflow.runName", f"{method or 'trial'}-{number}")
+    c.set_tag(run_id, "mlflow.runName", optuna_run_name(c.get_run(run_id).data.params.get("method"), number))

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from kdray.core.guards import stop_requested
 from kdray.core.outcome import COMPLETED, FAILED, failure_reason, is_done, trial_state
 from kdray.tracking.state import SweepTracking
+from kdray.tracking.store import is_tracking_lost
 from kdray.tune.search import earlier_best, study_counts
 
 
@@ -97,17 +98,28 @@ class SweepEta:
 class ProgressLines:
     """What the sweep's progress callback does (a plain class, so that Ray is imported only when a
     sweep runs; :func:`make_progress_callback` mixes it into a Tune ``Callback``): one line per
-    trial start, epoch report and end, each with the trial's number n/N, the best ``metric`` so far
+    trial start, epoch report and end, each with the trial's number n/N, the sweep's best so far
     and an ETA; and the timings behind the per-trial overhead figures (start-up = trial start to
-    first report, less that epoch's training time)."""
+    first report, less that epoch's training time).
 
-    def __init__(self, log: Callable[[str], None], metric: str, mode: str = "max", total: int = 0):
-        self.log, self.metric, self.total = log, metric, total
-        self.better = max if mode == "max" else min
+    The best so far is the trial the sweep would name its winner if it ended now, by the same rule
+    (:func:`best_trial`) over the trials that ended (and, on --resume, an earlier session's best,
+    ``earlier``); none while no trial has ended. A running trial's value may still go down, an
+    ended trial's is final, so the best of a growing pool of final values never gets worse, with
+    one exception the rule makes: pruned trials stand in only until the first trial trains to its
+    last epoch, which then wins even when its value is lower. It is named as its MLflow run is
+    (``ekd-2``: the method and the Optuna trial's number, which the searcher writes into
+    ``trial_numbers``) beside Tune's trial id."""
+
+    def __init__(self, log: Callable[[str], None], metric: str, mode: str = "max", total: int = 0,
+                 method: Optional[str] = None):
+        self.log, self.metric, self.mode, self.total, self.method = log, metric, mode, total, method
         self.t0 = time.time()
         self.timing: dict = {}
         self.number: dict = {}
-        self.latest: dict = {}  # trial id -> its last reported objective value
+        self.trial_numbers: dict = {}  # Tune trial id -> its Optuna trial's number (filled by the searcher)
+        self.ended: dict = {}  # Tune trial id -> the row of a trial that completed or was pruned
+        self.earlier: Optional[dict] = None
         self.eta = SweepEta(total)
 
     def _say(self, trial, msg: str) -> None:
@@ -115,14 +127,24 @@ class ProgressLines:
         self.log(f"[{_duration(time.time() - self.t0):>6}] trial {n}/{self.total or '?'} ({trial.trial_id}) {msg}"
                  + self._status())
 
+    def best(self) -> Optional[dict]:
+        """The sweep's winner so far (:func:`best_trial` over the ended trials), or None."""
+        return best_trial(list(self.ended.values()), self.metric, self.mode, self.earlier)
+
     def _status(self) -> str:
         parts = []
-        if self.latest:
-            best_id = self.better(self.latest, key=self.latest.get)
-            parts.append(f"best {self.metric}={self.latest[best_id]:.4f} (trial {self.number.get(best_id, '?')})")
+        best = self.best()
+        if best is not None and isinstance(best["metrics"].get(self.metric), (int, float)):
+            parts.append(f"best {self.metric}={best['metrics'][self.metric]:.4f} ({best_label(best)})")
         if self.eta.text():
             parts.append(self.eta.text())
         return ("  | " + ", ".join(parts)) if parts else ""
+
+    def _row(self, trial) -> dict:
+        """A trial that ended, as :func:`best_trial` reads it, with its MLflow-style name."""
+        method = (trial.config or {}).get("method") or self.method
+        return {"trial": trial.trial_id, "metrics": dict(trial.last_result or {}), "error": None,
+                "name": trial_name(method, self.trial_numbers.get(trial.trial_id))}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.timing[trial.trial_id] = {"start": time.time()}
@@ -136,8 +158,6 @@ class ProgressLines:
         self._time_report(self.timing.setdefault(trial.trial_id, {"start": time.time()}), result)
         self.eta.report(trial.trial_id, result.get("epoch", 0), result.get("total_epochs"))
         val = result.get(self.metric)
-        if isinstance(val, (int, float)):
-            self.latest[trial.trial_id] = float(val)
         shown = f"{val:.4f}" if isinstance(val, (int, float)) else "?"
         self._say(trial, f"epoch {result.get('epoch', '?')}/{result.get('total_epochs', '?')}: "
                          f"{self.metric}={shown} ({result.get('epoch_time_s', 0):.1f}s, "
@@ -161,28 +181,47 @@ class ProgressLines:
     def on_trial_complete(self, iteration, trials, trial, **info):
         if stop_requested() is not None:  # stopped by Tune because a stop signal came
             return self._end(trial, "interrupted")
+        if trial.last_result:  # its last result is final: a candidate for the sweep's best from now on
+            self.ended[trial.trial_id] = self._row(trial)
         self._end(trial, describe(trial_state(trial.last_result), trial.last_result))
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.latest.pop(trial.trial_id, None)  # a failed trial's values are no result
+    def on_trial_error(self, iteration, trials, trial, **info):  # a failed trial's values are no result
         self._end(trial, describe(FAILED, trial.last_result, trial_error(trial)))
 
 
-def make_progress_callback(log: Callable[[str], None], metric: str, mode: str = "max", total: int = 0):
+def trial_name(method: Optional[str], number: Optional[int]) -> Optional[str]:
+    """A trial's name as its MLflow run carries it (``ekd-2``), or None before its Optuna trial is known."""
+    from kdray.tracking.trials import optuna_run_name
+
+    return optuna_run_name(method, number) if number is not None else None
+
+
+def best_label(row: dict) -> str:
+    """How the console names a best trial: its MLflow run's name beside Tune's trial id."""
+    parts = [p for p in (row.get("name"), row.get("trial")) if p]
+    if row.get("earlier_session"):
+        parts.append("earlier session")
+    return ", ".join(parts) or "?"
+
+
+def make_progress_callback(log: Callable[[str], None], metric: str, mode: str = "max", total: int = 0,
+                           method: Optional[str] = None):
     """A driver-side Tune callback printing the sweep's progress (:class:`ProgressLines`)."""
     from ray.tune import Callback
 
     class SweepProgress(ProgressLines, Callback):
         pass
 
-    return SweepProgress(log, metric, mode, total)
+    return SweepProgress(log, metric, mode, total, method)
 
 
-def make_tracking_callback(track: SweepTracking, log: Callable[[str], None]):
+def make_tracking_callback(track: SweepTracking, log: Callable[[str], None], watch=None):
     """A driver-side Tune callback: closes each trial's MLflow child run with its state (pruned,
     completed, failed with the reason; :func:`kdray.tracking.trials.record_trial_state`), creating
     the run when a trial died before it could. A store that fails here costs one line, not the
-    sweep (--resume closes what stayed open)."""
+    sweep (--resume closes what stayed open). Once ``watch`` (a
+    :class:`~kdray.tune.halt.TrackingWatch`) knows the server lost, nothing is sent to it: each
+    call would wait out MLflow's retries to fail; --resume closes those runs."""
     from ray.tune import Callback
 
     from kdray.tracking.trials import record_trial_state
@@ -190,14 +229,18 @@ def make_tracking_callback(track: SweepTracking, log: Callable[[str], None]):
     def method(trial) -> Optional[str]:
         return (trial.config or {}).get("method")
 
+    def server_lost() -> bool:
+        return watch is not None and watch.lost
+
     class TrialStateCallback(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if stop_requested() is None:  # an interrupted trial is closed as such after Tune stops
+            if stop_requested() is None and not server_lost():  # an interrupted trial is closed after Tune stops
                 record_trial_state(track, trial.trial_id, method(trial), trial_state(trial.last_result), log)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            record_trial_state(track, trial.trial_id, method(trial), FAILED, log,
-                               reason=failure_reason(trial_error(trial)), create=True)
+            reason = failure_reason(trial_error(trial))
+            if not server_lost() and not is_tracking_lost(reason):
+                record_trial_state(track, trial.trial_id, method(trial), FAILED, log, reason=reason, create=True)
 
     return TrialStateCallback()
 
@@ -215,17 +258,25 @@ def result_rows(grid, progress) -> list:
     return rows
 
 
-def _best_row(study, rows: list, metric: str, mode: str) -> Optional[dict]:
-    """The best fully trained trial (this session's or, on --resume, an earlier one's); a pruned
-    one only when no trial finished."""
-    done = [r for r in rows if not r["error"] and r["metrics"]]
+def best_trial(rows: list, metric: str, mode: str, earlier: Optional[dict] = None) -> Optional[dict]:
+    """The sweep's winner among ``rows`` (trials as :func:`result_rows` gives them; one with an
+    ``error`` failed): the best fully trained trial by its final ``metric``, ``earlier`` (the best
+    of an earlier session of the sweep, or None) among them; a pruned one only when no trial
+    finished. The one rule behind the summary's best and the console's best so far."""
+    done = [r for r in rows if not r.get("error") and r.get("metrics")]
     full = [r for r in done if is_done(r["metrics"])]
-    earlier = earlier_best(study, rows, metric)
-    pool = (full + [earlier] if full else [earlier]) if earlier is not None else (full or done)
+    pool = full + [earlier] if earlier is not None else (full or done)
     if not pool:
         return None
     worst = float("-inf") if mode == "max" else float("inf")
-    best = (max if mode == "max" else min)(pool, key=lambda r: r["metrics"].get(metric, worst))
+    return (max if mode == "max" else min)(pool, key=lambda r: r["metrics"].get(metric, worst))
+
+
+def _best_row(study, rows: list, metric: str, mode: str) -> Optional[dict]:
+    """The winner (:func:`best_trial`) with this session's rows and, on --resume, an earlier one's best."""
+    best = best_trial(rows, metric, mode, earlier_best(study, rows, metric))
+    if best is None:
+        return None
     ckpt = best["metrics"].get("checkpoint_path")
     if ckpt:
         best["student_path"] = str(Path(ckpt) / "student.pt")

@@ -42,8 +42,9 @@ def make_scheduler(space: Space):
     )
 
 
-def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=None):
-    """TPE seeded by ``seed``; ``link_run``: see :func:`kdray.tracking.trials.make_run_linker`."""
+def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=None, trial_numbers=None):
+    """TPE seeded by ``seed``; ``link_run``: see :func:`kdray.tracking.trials.make_run_linker`;
+    ``trial_numbers``: see :class:`kdray.tune.search.PrunedAwareSearch`."""
     from optuna.samplers import TPESampler
 
     from kdray.tune.search import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
@@ -54,6 +55,7 @@ def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=No
     return make_searcher_class()(
         space=space.define_by_run(), metric=names if multi else names[0], mode=modes if multi else modes[0],
         sampler=TPESampler(seed=seed.sampler), study_name=name, storage=storage, link_run=link_run,
+        trial_numbers=trial_numbers,
         study_attrs={SEED_ATTR: seed.value, SEED_SOURCE_ATTR: seed.source} if first_session else None,
     )
 
@@ -76,12 +78,14 @@ def start_ray(opts: SweepOptions, log) -> int:
                            in_trial=opts.in_trial)
 
 
-def make_tuner(sweep: SweepState, progress):
+def make_tuner(sweep: SweepState, progress, watch):
     """The Tuner of the sweep's ``left`` trials, ``concurrency`` at a time; ``progress`` (and the
-    trials' MLflow states when tracked) as its callbacks."""
+    trials' MLflow states when tracked) as its callbacks; ``watch`` (a
+    :class:`~kdray.tune.halt.TrackingWatch`) sees every failed trial first, and its stopper ends
+    the experiment once the tracking server is lost."""
     from ray import tune
 
-    from kdray.tracking.trials import make_run_linker
+    from kdray.tune.halt import make_stopper, make_watch_callback
     from kdray.tune.report import make_tracking_callback
 
     # Tune snapshots its experiment state whenever a trial has checkpointed num_to_keep times since
@@ -92,7 +96,10 @@ def make_tuner(sweep: SweepState, progress):
     space, name, opts, track = sweep.space, sweep.name, sweep.options, sweep.track
     metric, mode = space.metrics[0]
     trial = make_trial(space, name, opts, sweep.storage_path, track, sweep.store_ref)
-    searcher = make_searcher(space, name, sweep.storage, sweep.seed, make_run_linker(track, name, sweep.log))
+    searcher = make_searcher(space, name, sweep.storage, sweep.seed, _run_linker(sweep, watch),
+                             trial_numbers=progress.trial_numbers)
+    callbacks = [make_watch_callback(watch), progress] + ([make_tracking_callback(track, sweep.log, watch)]
+                                                          if track else [])
     return tune.Tuner(
         tune.with_resources(trial, opts.trial_resources),
         tune_config=tune.TuneConfig(
@@ -102,14 +109,24 @@ def make_tuner(sweep: SweepState, progress):
             **({} if space.multi_objective else {"metric": metric, "mode": mode}),
         ),
         # progress: our one line per event on stderr (Tune's own tables would go to stdout)
-        run_config=tune.RunConfig(name=name, storage_path=sweep.storage_path, verbose=0,
-                                  callbacks=[progress] + ([make_tracking_callback(track, sweep.log)] if track else []),
+        run_config=tune.RunConfig(name=name, storage_path=sweep.storage_path, verbose=0, callbacks=callbacks,
+                                  stop=make_stopper(watch),
                                   # a 1-worker trial is retried by Tune from its last checkpoint; a
                                   # TorchTrainer retries its own workers (its FailureConfig)
                                   failure_config=tune.FailureConfig(
                                       max_failures=opts.max_failures if opts.in_trial else 0),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
+
+
+def _run_linker(sweep: SweepState, watch):
+    """The searcher's link from a Tune trial to its MLflow run; silent once the server is lost."""
+    from kdray.tracking.trials import make_run_linker
+
+    link = make_run_linker(sweep.track, sweep.name, sweep.log)
+    if link is None:
+        return None
+    return lambda trial_id, number: None if watch.lost else link(trial_id, number)
 
 
 def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOptions(),
@@ -149,7 +166,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
             sweep = _set_up(sweep, tracking)
             return _run_trials(sweep)
         except Interrupted as exc:
-            raise _record_interruption(sweep, exc) from None
+            raise _record_interruption(sweep, exc, tracking.uri if tracking else None) from None
 
 
 def _set_up(sweep: SweepState, tracking: Optional[TrackingSettings]) -> SweepState:
@@ -170,11 +187,12 @@ def _set_up(sweep: SweepState, tracking: Optional[TrackingSettings]) -> SweepSta
 
 
 def _run_trials(sweep: SweepState) -> SweepOutcome:
-    from kdray.tune.report import make_progress_callback, result_rows, summarize, sweep_timing
+    from kdray.tune.halt import TrackingWatch
+    from kdray.tune.report import result_rows, summarize, sweep_timing
 
     space, name, storage, log = sweep.space, sweep.name, sweep.storage, sweep.log
-    progress = make_progress_callback(log, space.metrics[0][0], space.metrics[0][1], total=sweep.left)
-    tuner = make_tuner(sweep, progress)
+    progress, watch = _progress(sweep), TrackingWatch()
+    tuner = make_tuner(sweep, progress, watch)
     log(f"sweep {name!r}: {sweep.left} trial(s), {sweep.concurrency} at a time, {sweep.options.workers} worker(s) "
         f"each; study in {storage_url(storage)}")
     t_fit = time.time()
@@ -188,6 +206,8 @@ def _run_trials(sweep: SweepState) -> SweepOutcome:
             finish_tracking(sweep, "failed", reason=failure_reason(exc))
         raise
     rows = result_rows(grid, progress)
+    if watch.lost:
+        raise lost_tracking(sweep, rows, watch)
     _requeue_lost_trials(rows, storage, name, log)
     out = summarize(name, storage, space, rows)
     out["timing"] = sweep_timing(rows, time.time() - t_fit, sweep.concurrency)
@@ -196,7 +216,68 @@ def _run_trials(sweep: SweepState) -> SweepOutcome:
     return SweepOutcome(summary=out, result_grid=grid, storage=storage)
 
 
-def _record_interruption(sweep: SweepState, exc: Interrupted) -> Interrupted:
+def _progress(sweep: SweepState):
+    """The sweep's progress lines; on --resume, an earlier session's best is the best so far."""
+    import optuna
+
+    from kdray.tune.report import make_progress_callback, trial_name
+    from kdray.tune.search import earlier_best
+
+    (metric, mode), method = sweep.space.metrics[0], sweep.space.base.method
+    progress = make_progress_callback(sweep.log, metric, mode, total=sweep.left, method=method)
+    if sweep.options.resume and not sweep.space.multi_objective:
+        earlier = earlier_best(optuna.load_study(study_name=sweep.name, storage=sweep.storage), [], metric)
+        if earlier is not None:
+            progress.earlier = dict(earlier, name=trial_name(earlier["config"].get("method") or method,
+                                                             earlier.get("number")))
+    return progress
+
+
+def resume_command(sweep: SweepState, tracking_uri: Optional[str]) -> str:
+    """The ``kdray tune`` command that continues ``sweep``: its working directory, space and name,
+    the options it was given (those not at their default; not --seed: a resumed sweep keeps its
+    study's), where it tracks (``tracking_uri``; None: --no-track), and --resume. Credentials in
+    URLs are masked."""
+    import shlex
+    from dataclasses import fields
+
+    from kdray.core.values import mask_credentials
+    from kdray.tracking.store import default_uri
+
+    parts = ["kdray", "--workdir", str(sweep.workdir), "tune", "--space", sweep.space_file,
+             "--experiment", sweep.name]
+    for f in fields(SweepOptions):
+        value = getattr(sweep.options, f.name)
+        if f.name in ("experiment", "resume", "seed") or value == f.default:
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        parts += [flag] if isinstance(value, bool) else [flag, mask_credentials(str(value))]
+    if tracking_uri is None:
+        parts.append("--no-track")
+    elif tracking_uri != default_uri(sweep.workdir):
+        parts += ["--tracking-uri", mask_credentials(tracking_uri)]
+    return " ".join(shlex.quote(p) for p in parts + ["--resume"])
+
+
+def lost_tracking(sweep: SweepState, rows: list, watch):
+    """After Tune stopped the sweep because its tracking server was lost (``watch``): the trials it
+    ended and those it stopped recorded in Optuna as interrupted and queued again; the one line
+    (a :class:`~kdray.tracking.store.TrackingLost`) naming the server and the --resume command.
+    MLflow is not called: its runs left RUNNING are closed by that --resume."""
+    from kdray.core.values import mask_credentials
+    from kdray.tracking.store import TrackingLost, is_tracking_lost
+    from kdray.tune.search import close_interrupted_trials, requeue_trials
+
+    lost = [r["trial"] for r in rows if is_tracking_lost(r["error"])] or [watch.trial_id]
+    again = requeue_trials(sweep.storage, sweep.name, lost) + close_interrupted_trials(sweep.storage, sweep.name)
+    uri = sweep.track.uri
+    return TrackingLost(
+        f"sweep {sweep.name!r} stopped: the MLflow tracking server at {mask_credentials(uri)} stopped answering (trial "
+        f"{watch.trial_id} failed on it) and no trial was started after; {again} trial(s) queued to run again. "
+        f"Once the server is back, `{resume_command(sweep, uri)}` closes the runs left open and goes on")
+
+
+def _record_interruption(sweep: SweepState, exc: Interrupted, tracking_uri: Optional[str]) -> Interrupted:
     """Stop the trials (Ray down), then record them as interrupted in Optuna and MLflow."""
     import ray
 
@@ -212,7 +293,7 @@ def _record_interruption(sweep: SweepState, exc: Interrupted) -> Interrupted:
         interrupt_sweep_runs(sweep.track, exc.signal_name)
     return Interrupted(exc.signum, (
         f"sweep {sweep.name!r} interrupted by {exc.signal_name}: {count} running trial(s) recorded as interrupted; "
-        f"`kdray tune --space {sweep.space_file} --experiment {sweep.name} --resume` runs them again"))
+        f"`{resume_command(sweep, tracking_uri)}` runs them again"))
 
 
 def _requeue_lost_trials(rows: list, storage, name: str, log) -> None:

@@ -46,11 +46,14 @@ class PrunedAwareSearch:
     the objectives, and links each Optuna trial to its MLflow run.
 
     ``link_run(ray_trial_id, optuna_trial_number)``: the trial's MLflow run id (None while it has
-    none); called until it answers. ``study_attrs``: user attributes set on the study (the seed)."""
+    none); called until it answers. ``study_attrs``: user attributes set on the study (the seed).
+    ``trial_numbers``: a dict the searcher fills with Tune trial id -> Optuna trial number as it
+    proposes (the console names trials by it)."""
 
     def __init__(self, *args, link_run: Optional[Callable[[str, int], Optional[str]]] = None,
-                 study_attrs: Optional[dict] = None, **kwargs):
+                 study_attrs: Optional[dict] = None, trial_numbers: Optional[dict] = None, **kwargs):
         self._link_run, self._study_attrs = link_run, dict(study_attrs or {})
+        self._trial_numbers = trial_numbers if trial_numbers is not None else {}
         self._last_step: dict = {}  # Tune trial id -> the last step reported to Optuna
         self._linked: set = set()
         super().__init__(*args, **kwargs)  # creates or loads the study (_setup_study)
@@ -127,6 +130,7 @@ class PrunedAwareSearch:
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:  # ties each study trial to its Tune trial (and run dir)
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            self._trial_numbers[trial_id] = self._ot_trials[trial_id].number
         return config
 
 
@@ -259,4 +263,5 @@ def earlier_best(study, rows: list, metric: str) -> Optional[dict]:
     if rid is None or any(r["trial"] == rid for r in rows):
         return None
     metrics = {metric: t.value, "trial_id": rid, **{k: t.user_attrs[k] for k in KEPT_RESULT_KEYS if k in t.user_attrs}}
-    return {"trial": rid, "config": dict(t.params), "metrics": metrics, "error": None, "earlier_session": True}
+    return {"trial": rid, "config": dict(t.params), "metrics": metrics, "error": None, "earlier_session": True,
+            "number": t.number}

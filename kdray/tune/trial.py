@@ -79,11 +79,22 @@ def ray_trial_retried() -> bool:
 
 def _start_trial_run(track: Optional[SweepTracking], cfg, context) -> Optional[RunHandle]:
     """The trial's child run, created on the trial's node (over HTTP on a cluster); a retried trial
-    goes on in the same run."""
+    goes on in the same run. A tracking server that does not answer (after MLflow's bounded
+    retries) is a :class:`~kdray.tracking.store.TrackingLost`, as it is for an epoch's logging."""
     if not track:
         return None
+    from kdray.core.errors import KdrayError
+    from kdray.tracking.store import lost, scheme
     from kdray.tracking.trials import start_trial_run
     from kdray.training.config import tracked_config
 
-    return start_trial_run(track, cfg, trial_id=context.get_trial_id(), params=tracked_config(cfg),
-                           retried=ray_trial_retried())
+    params = tracked_config(cfg)
+    try:
+        return start_trial_run(track, cfg, trial_id=context.get_trial_id(), params=params,
+                               retried=ray_trial_retried())
+    except KdrayError:
+        raise
+    except Exception as exc:  # MLflow's errors after its (bounded) retries: the server is gone
+        if scheme(track.uri) not in ("http", "https"):
+            raise
+        raise lost(track.uri, exc) from None
