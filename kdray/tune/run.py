@@ -140,6 +140,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
         stop_signals_interrupt,
         stores_initialising,
     )
+    from kdray.tune.recover import recover_finished_trials
     from kdray.tune.report import summarize
     from kdray.tune.search import prepare_study
 
@@ -155,6 +156,8 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
         log(f"sweep {name!r}: Ray's, Tune's and Optuna's own output goes to {chatter}")
         with stores_initialising(workdir):
             storage = open_storage(options, workdir)
+            if options.resume:  # before the trials a killed driver left RUNNING are closed as interrupted
+                recover_finished_trials(storage, name, tracking.uri if tracking else None, space.metrics, log)
             left = prepare_study(storage, name, space.samples, options.resume, log)
             seed = sweep_seed(options, space, storage, name, log) if left else None
         if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
