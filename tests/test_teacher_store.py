@@ -243,3 +243,24 @@ def test_cli_builds_shows_and_trains_from_a_store(fake_teachers, tmp_path, capsy
                "--teacher-store", "auto", "--teacher-store-budget", "0", "--no-track", "--out", str(tmp_path / "r2")])
     err = capsys.readouterr().err
     assert rc == 2 and "--teacher-store-budget 0 is out of range" in err and not (tmp_path / "r2").exists()
+    # the two damaged stores of issue 24, through the CLI: one line each, and the run a whole store gives
+    first = json.loads(out)
+    folder = teachers / STORES / meta["digest"]
+    text = (folder / META_FILE).read_text()
+    (folder / META_FILE).write_text(text[: len(text) // 3])
+    shard = _shards(folder)[0]
+    for n, damage in enumerate(("truncated meta.json", "a file of another layout under the meta's sha256")):
+        if n == 1:
+            torch.save({"index": torch.zeros(3, dtype=torch.int32)}, shard)
+            m = json.loads((folder / META_FILE).read_text())
+            m["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+            (folder / META_FILE).write_text(json.dumps(m))
+        rc = main(["--workdir", str(tmp_path / "w"), "train", "--method", "kd", "--teachers", str(teachers), *data,
+                   "--teacher-store", "auto", "--no-track", "--json", "--out", str(tmp_path / f"d{n}")])
+        out, err = capsys.readouterr()
+        said = [line for line in err.splitlines() if "rebuilding it" in line]
+        assert rc == 0 and len(said) == 1 and "Traceback" not in err, (damage, err)
+        assert ("meta.json is damaged" if n == 0 else "is not a shard of this store") in said[0], damage
+        got = json.loads(out)
+        assert got["test_acc"] == first["test_acc"] and got["teacher_images"] == 0, damage
+        shard = _shards(folder)[0]
