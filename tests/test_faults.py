@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import optuna
 import psutil
 import pytest
+from tune_driver import Driver
 
 from kdray.cli import main
 
@@ -154,42 +154,6 @@ SLOW_SPACE = ("name: {name}\nsamples: 2\n"
               "base: {{dataset: fake, image_size: 16, student: resnet8, batch_size: 32, device: cpu, method: ce, "
               "epochs: {epochs}}}\n"
               "params:\n  lr: {{type: float, low: 0.01, high: 0.1}}\n")
-
-
-class Driver:
-    """A `kdray tune` subprocess whose stderr is read line by line while it runs."""
-
-    def __init__(self, args, cwd):
-        self.proc = subprocess.Popen(KDRAY + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if any(text in ln for ln in self.lines):
-                return time.monotonic()
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"no {text!r} within {timeout}s; stderr:\n" + "\n".join(self.lines[-40:]))
-
-    def descendants(self) -> list:
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def finish(self, timeout: float) -> int:
-        rc = self.proc.wait(timeout)
-        self._reader.join(10)
-        return rc
 
 
 def alive(procs) -> list:

@@ -6,16 +6,15 @@ command, and that command, run once the server is back, closes the runs left RUN
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 
 import optuna
 import pytest
+from tune_driver import Driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlflow_server]
 
@@ -24,39 +23,6 @@ SPACE = ("name: {name}\nsamples: 2\n"
          "base: {{dataset: digits, image_size: 16, student: resnet8, batch_size: 32, device: cpu, method: ce, "
          "epochs: {epochs}}}\n"
          "params:\n  lr: {{type: float, low: 0.01, high: 0.1}}\n")
-
-
-class Driver:
-    """A `kdray tune` subprocess whose stderr is read line by line while it runs."""
-
-    def __init__(self, args, cwd):
-        self.proc = subprocess.Popen(KDRAY + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if any(text in ln for ln in self.lines):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"no {text!r} within {timeout}s; stderr:\n" + "\n".join(self.lines[-40:]))
-
-    def finish(self, timeout: float) -> int:
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(30)
-            raise AssertionError(f"the sweep did not end within {timeout}s; stderr:\n" + "\n".join(self.lines[-40:]))
-        self._reader.join(10)
-        return rc
 
 
 def runs_of(uri: str, name: str) -> list:
