@@ -56,3 +56,16 @@ def test_resume_tells_the_study_what_runs_recorded_after_the_driver_died(tmp_pat
     t = {x.number: x for x in study.get_trials()}
     assert {t[still_running].state.name, t[no_run].state.name} == {"FAIL"}
     assert t[still_running].user_attrs["interrupted"] and t[done].state.name == "COMPLETE"
+
+
+def test_resume_of_a_sweep_that_never_started_starts_it(tmp_path, capsys, local_ray):
+    """`kdray tune --resume` before any session made the study (benchmarks/cifar_table.py always
+    passes --resume): the sweep starts, rather than failing on the study it has not made yet."""
+    from conftest import run_cli
+
+    space = tmp_path / "s.yaml"
+    space.write_text("name: fresh\nsamples: 1\nbase: {dataset: digits, image_size: 16, student: resnet8, epochs: 1, "
+                     "batch_size: 64, device: cpu, method: ce}\nparams:\n  lr: {type: float, low: 0.01, high: 0.1}\n")
+    rc, out, err = run_cli(capsys, "--workdir", tmp_path / "w", "tune", "--space", space, "--resume", "--no-track",
+                           "--json")
+    assert rc == 0 and "no study 'fresh' yet; starting it" in err, err

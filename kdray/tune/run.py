@@ -229,7 +229,11 @@ def _progress(sweep: SweepState):
     (metric, mode), method = sweep.space.metrics[0], sweep.space.base.method
     progress = make_progress_callback(sweep.log, metric, mode, total=sweep.left, method=method)
     if sweep.options.resume and not sweep.space.multi_objective:
-        earlier = earlier_best(optuna.load_study(study_name=sweep.name, storage=sweep.storage), [], metric)
+        try:
+            study = optuna.load_study(study_name=sweep.name, storage=sweep.storage)
+        except KeyError:  # --resume of a sweep that never started: its first trial makes the study
+            study = None
+        earlier = earlier_best(study, [], metric) if study is not None else None
         if earlier is not None:
             progress.earlier = dict(earlier, name=trial_name(earlier["config"].get("method") or method,
                                                              earlier.get("number")))
