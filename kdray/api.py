@@ -242,7 +242,9 @@ def sweep(space, *, workdir: str | Path | None = None, track: bool = True, track
     the same keys as a space file. ``options``: the fields of :class:`kdray.tune.options.SweepOptions`,
     one per ``kdray tune`` flag (``samples=8``, ``concurrency=2``, ``workers``, ``experiment``,
     ``resume=True``, ``seed``: the TPE sampler's, default the space's ``seed``, else a random one per
-    sweep; a resumed sweep keeps its first seed; ...); an unknown one is an error naming them.
+    sweep; a resumed sweep keeps its first seed; ``time_budget="2h"`` (or seconds) with
+    ``at_budget="finish"`` / ``"stop"``: no trial starts after it, the summary's ``time_budget``
+    says whether it ended the sweep; ...); an unknown one is an error naming them.
     Returns the trials, the best one, the Optuna study and Tune's result grid."""
     from kdray.tracking.state import tracking_settings
     from kdray.tune.options import SweepOptions

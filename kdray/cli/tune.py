@@ -24,6 +24,10 @@ def cmd_tune(args) -> int:
         return _all_failed(result)
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result["study_counts"].items()))
     print(f"sweep {result['experiment']}: {counts}")
+    if (result.get("time_budget") or {}).get("ended_sweep"):
+        from kdray.tune.budget import budget_line
+
+        print(f"sweep {result['experiment']}: {budget_line(result['time_budget'])}")
     for row in result["trials"]:
         m = row["metrics"]
         state = f"failed: {row['error']}" if row["error"] else row["state"]
@@ -51,9 +55,9 @@ def cmd_tune(args) -> int:
     t = result.get("timing") or {}
     if t.get("trials"):
         share = f" ({100 * t['train_share']:.0f}% of the trials' time)" if t.get("train_share") else ""
+        startup = f" (start-up to first report {t['startup_s_mean']}s)" if t.get("startup_s_mean") is not None else ""
         print(f"time: {t['wall_s']:.0f}s for {t['trials']} trial(s), {t['train_s']:.0f}s of it in epochs{share}; "
-              f"fixed cost per trial about {t['overhead_s_per_trial']:.1f}s (start-up to first report "
-              f"{t['startup_s_mean']}s)")
+              f"fixed cost per trial about {t['overhead_s_per_trial']:.1f}s{startup}")
     return _all_failed(result)
 
 

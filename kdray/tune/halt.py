@@ -55,16 +55,17 @@ def make_watch_callback(watch: TrackingWatch):
     return TrackingWatchCallback()
 
 
-def make_stopper(watch: TrackingWatch):
-    """A Tune ``Stopper`` that stops the whole experiment once ``watch`` says the server is lost
-    (it never stops a single trial: ASHA does that)."""
+def make_stopper(watch: TrackingWatch, budget=None):
+    """A Tune ``Stopper`` that stops the whole experiment once ``watch`` says the server is lost,
+    or once the sweep's time budget (a :class:`~kdray.tune.budget.SweepBudget`, None: none) is
+    spent when its running trials are to stop there (it never stops a single trial: ASHA does that)."""
     from ray.tune import Stopper
 
-    class TrackingLostStopper(Stopper):
+    class SweepStopper(Stopper):
         def __call__(self, trial_id, result) -> bool:
             return False
 
         def stop_all(self) -> bool:
-            return watch.lost
+            return watch.lost or (budget is not None and budget.stop_all())
 
-    return TrackingLostStopper()
+    return SweepStopper()

@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from kdray.core.errors import KdrayError
 from kdray.teachers.store_codec import AUTO_EXACT_CLASSES, DEFAULT_TOPK, ENCODINGS, LogitEncoding
+from kdray.tune.budget import check_at_budget, parse_duration
 
 #: Optuna's samplers seed numpy's RandomState, which takes 0 .. 2**32 - 1
 SEED_LIMIT = 2**32
@@ -40,6 +41,12 @@ class SweepOptions:
     resume: bool = option(False, "continue the sweep's Optuna study; interrupted trials run again")
     optuna_storage: Optional[str] = option(None, "Optuna storage URL (default sqlite:///WORKDIR/optuna.db)")
     max_failures: int = option(0, "worker failures a trial survives, resuming from its last checkpoint (default 0)")
+    time_budget: Optional[str] = option(None, "wall-clock budget of the sweep's trials, counted from the Tuner's "
+                                              "start: 90s, 30m, 2h, 1h30m or seconds; no trial starts after it "
+                                              "(default: the space's `time_budget`, else none)", metavar="DURATION")
+    at_budget: Optional[str] = option(None, "what the running trials do when the time budget is spent: finish "
+                                            "(default; recorded as usual) or stop (recorded as interrupted, "
+                                            "run again by --resume)", metavar="finish|stop")
     seed: Optional[int] = option(None, "seed of Optuna's sampler, to repeat a sweep's proposals (default: the "
                                        "space's `seed`, else a random one, printed and recorded in the study and "
                                        "the MLflow sweep run; --resume keeps the study's)")
@@ -79,6 +86,9 @@ class SweepOptions:
             raise KdrayError(f"--seed {self.seed} is out of range; allowed: 0 .. {SEED_LIMIT - 1}")
         if self.concurrency < 1 or self.workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
             raise KdrayError("--concurrency and --workers must be >= 1, --gpus-per-worker >= 0, --cpus-per-worker > 0")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        check_at_budget(self.at_budget)
         if not self.teacher_store_budget > 0:
             raise KdrayError(f"--teacher-store-budget {self.teacher_store_budget:g} is out of range; allowed: > 0 (GB)")
         self.store_encoding.check()

@@ -67,11 +67,13 @@ def _duration(seconds: float) -> str:
 
 class SweepEta:
     """Remaining time of a sweep from its epoch rate so far: an upper bound, since ASHA may stop
-    trials before their last epoch. ``total`` trials of (up to) their ``total_epochs`` each."""
+    trials before their last epoch. ``total`` trials of (up to) their ``total_epochs`` each.
+    ``budget``: the sweep's time budget (:class:`~kdray.tune.budget.SweepBudget`, None: none),
+    which the ETA never promises beyond (:meth:`seconds`)."""
 
-    def __init__(self, total: int):
-        self.total, self.t0 = total, None
-        self.started, self.epochs_done, self.epochs_left = 0, 0, {}
+    def __init__(self, total: int, budget=None):
+        self.total, self.t0, self.budget = total, None, budget
+        self.started, self.ended, self.epochs_done, self.epochs_left = 0, 0, 0, {}
         self.epochs_per_trial = None
 
     def start(self) -> None:
@@ -86,13 +88,32 @@ class SweepEta:
 
     def end(self, trial_id: str) -> None:
         self.epochs_left.pop(trial_id, None)
+        self.ended += 1
+
+    def seconds(self, now: Optional[float] = None) -> Optional[float]:
+        """The bound in seconds (None before the first report), never beyond the budget: once it
+        is spent no trial starts, so only the running trials' epochs are left (none when they
+        stop there); before, the sweep ends by the budget's end (with ``finish``, plus a whole
+        trial at the rate each running trial gets now)."""
+        if not self.t0 or not self.epochs_done or not self.epochs_per_trial:
+            return None
+        now = now if now is not None else time.time()
+        rate = self.epochs_done / max(now - self.t0, 1e-6)
+        budget_s = self.budget.left(now) if self.budget is not None else None
+        if budget_s == 0.0 and self.budget.at == "stop":
+            return 0.0
+        starting = self.total - self.started if budget_s != 0.0 else 0  # no trial starts after the budget
+        bound = (sum(self.epochs_left.values()) + starting * self.epochs_per_trial) / rate
+        if budget_s:
+            running = max(self.started - self.ended, 1)
+            bound = min(bound, budget_s + (0 if self.budget.at == "stop" else self.epochs_per_trial * running / rate))
+        return bound
 
     def text(self) -> str:
-        if not self.t0 or not self.epochs_done or not self.epochs_per_trial:
+        bound = self.seconds()
+        if bound is None:
             return ""
-        rate = self.epochs_done / max(time.time() - self.t0, 1e-6)
-        left = sum(self.epochs_left.values()) + (self.total - self.started) * self.epochs_per_trial
-        return "done" if left == 0 else f"ETA <= {_duration(left / rate)}"
+        return "done" if bound == 0 else f"ETA <= {_duration(bound)}"
 
 
 class ProgressLines:
@@ -262,8 +283,9 @@ def best_trial(rows: list, metric: str, mode: str, earlier: Optional[dict] = Non
     """The sweep's winner among ``rows`` (trials as :func:`result_rows` gives them; one with an
     ``error`` failed): the best fully trained trial by its final ``metric``, ``earlier`` (the best
     of an earlier session of the sweep, or None) among them; a pruned one only when no trial
-    finished. The one rule behind the summary's best and the console's best so far."""
-    done = [r for r in rows if not r.get("error") and r.get("metrics")]
+    finished; never one stopped at the time budget (``interrupted``). The one rule behind the
+    summary's best and the console's best so far."""
+    done = [r for r in rows if not r.get("error") and r.get("metrics") and r.get("state") != "interrupted"]
     full = [r for r in done if is_done(r["metrics"])]
     pool = full + [earlier] if earlier is not None else (full or done)
     if not pool:

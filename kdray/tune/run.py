@@ -42,9 +42,10 @@ def make_scheduler(space: Space):
     )
 
 
-def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=None, trial_numbers=None):
+def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=None, trial_numbers=None,
+                  budget=None):
     """TPE seeded by ``seed``; ``link_run``: see :func:`kdray.tracking.trials.make_run_linker`;
-    ``trial_numbers``: see :class:`kdray.tune.search.PrunedAwareSearch`."""
+    ``trial_numbers``, ``budget``: see :class:`kdray.tune.search.PrunedAwareSearch`."""
     from optuna.samplers import TPESampler
 
     from kdray.tune.search import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
@@ -55,7 +56,7 @@ def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=No
     return make_searcher_class()(
         space=space.define_by_run(), metric=names if multi else names[0], mode=modes if multi else modes[0],
         sampler=TPESampler(seed=seed.sampler), study_name=name, storage=storage, link_run=link_run,
-        trial_numbers=trial_numbers,
+        trial_numbers=trial_numbers, budget=budget,
         study_attrs={SEED_ATTR: seed.value, SEED_SOURCE_ATTR: seed.source} if first_session else None,
     )
 
@@ -78,13 +79,16 @@ def start_ray(opts: SweepOptions, log) -> int:
                            in_trial=opts.in_trial)
 
 
-def make_tuner(sweep: SweepState, progress, watch):
+def make_tuner(sweep: SweepState, progress, watch, budget=None):
     """The Tuner of the sweep's ``left`` trials, ``concurrency`` at a time; ``progress`` (and the
     trials' MLflow states when tracked) as its callbacks; ``watch`` (a
     :class:`~kdray.tune.halt.TrackingWatch`) sees every failed trial first, and its stopper ends
-    the experiment once the tracking server is lost."""
+    the experiment once the tracking server is lost; ``budget`` (a
+    :class:`~kdray.tune.budget.SweepBudget`, None: none) ends the proposals, and with ``stop`` the
+    running trials, once it is spent."""
     from ray import tune
 
+    from kdray.tune.budget import make_budget_callback
     from kdray.tune.halt import make_stopper, make_watch_callback
     from kdray.tune.report import make_tracking_callback
 
@@ -97,9 +101,11 @@ def make_tuner(sweep: SweepState, progress, watch):
     metric, mode = space.metrics[0]
     trial = make_trial(space, name, opts, sweep.storage_path, track, sweep.store_ref)
     searcher = make_searcher(space, name, sweep.storage, sweep.seed, _run_linker(sweep, watch),
-                             trial_numbers=progress.trial_numbers)
+                             trial_numbers=progress.trial_numbers, budget=budget)
     callbacks = [make_watch_callback(watch), progress] + ([make_tracking_callback(track, sweep.log, watch)]
                                                           if track else [])
+    if budget is not None:
+        callbacks.append(make_budget_callback(budget, sweep.left, sweep.log))
     return tune.Tuner(
         tune.with_resources(trial, opts.trial_resources),
         tune_config=tune.TuneConfig(
@@ -110,7 +116,7 @@ def make_tuner(sweep: SweepState, progress, watch):
         ),
         # progress: our one line per event on stderr (Tune's own tables would go to stdout)
         run_config=tune.RunConfig(name=name, storage_path=sweep.storage_path, verbose=0, callbacks=callbacks,
-                                  stop=make_stopper(watch),
+                                  stop=make_stopper(watch, budget),
                                   # a 1-worker trial is retried by Tune from its last checkpoint; a
                                   # TorchTrainer retries its own workers (its FailureConfig)
                                   failure_config=tune.FailureConfig(
@@ -190,15 +196,19 @@ def _set_up(sweep: SweepState, tracking: Optional[TrackingSettings]) -> SweepSta
 
 
 def _run_trials(sweep: SweepState) -> SweepOutcome:
+    from kdray.tune.budget import SweepBudget, end_of_budget, record_budget
     from kdray.tune.halt import TrackingWatch
     from kdray.tune.report import result_rows, summarize, sweep_timing
 
     space, name, storage, log = sweep.space, sweep.name, sweep.storage, sweep.log
-    progress, watch = _progress(sweep), TrackingWatch()
-    tuner = make_tuner(sweep, progress, watch)
+    progress, watch, budget = _progress(sweep), TrackingWatch(), SweepBudget.of(sweep.options, space)
+    progress.eta.budget = budget
+    tuner = make_tuner(sweep, progress, watch, budget)
     log(f"sweep {name!r}: {sweep.left} trial(s), {sweep.concurrency} at a time, {sweep.options.workers} worker(s) "
         f"each; study in {storage_url(storage)}")
     t_fit = time.time()
+    if budget is not None:
+        budget.begin(sweep, t_fit)
     try:
         with tune_stops_gracefully():  # Tune's prints go to the sweep's log file (library_output_to)
             grid = tuner.fit()
@@ -212,8 +222,14 @@ def _run_trials(sweep: SweepState) -> SweepOutcome:
     if watch.lost:
         raise lost_tracking(sweep, rows, watch)
     _requeue_lost_trials(rows, storage, name, log)
+    at_budget, rows = end_of_budget(sweep, budget, rows, progress,
+                                    resume_command(sweep, sweep.track.uri if sweep.track else None))
     out = summarize(name, storage, space, rows)
     out["timing"] = sweep_timing(rows, time.time() - t_fit, sweep.concurrency)
+    if at_budget is not None:
+        out["time_budget"] = at_budget
+        if sweep.track:
+            record_budget(sweep.track, budget, at_budget)
     if sweep.track:
         out["mlflow"] = finish_tracking(sweep, "completed", summary=out)
     return SweepOutcome(summary=out, result_grid=grid, storage=storage)

@@ -48,11 +48,13 @@ class PrunedAwareSearch:
     ``link_run(ray_trial_id, optuna_trial_number)``: the trial's MLflow run id (None while it has
     none); called until it answers. ``study_attrs``: user attributes set on the study (the seed).
     ``trial_numbers``: a dict the searcher fills with Tune trial id -> Optuna trial number as it
-    proposes (the console names trials by it)."""
+    proposes (the console names trials by it). ``budget``: the sweep's
+    :class:`~kdray.tune.budget.SweepBudget` (None: none); once it is spent :meth:`suggest` answers
+    ``Searcher.FINISHED``, so Tune starts no other trial and ends the sweep when the running ones end."""
 
     def __init__(self, *args, link_run: Optional[Callable[[str, int], Optional[str]]] = None,
-                 study_attrs: Optional[dict] = None, trial_numbers: Optional[dict] = None, **kwargs):
-        self._link_run, self._study_attrs = link_run, dict(study_attrs or {})
+                 study_attrs: Optional[dict] = None, trial_numbers: Optional[dict] = None, budget=None, **kwargs):
+        self._link_run, self._study_attrs, self._budget = link_run, dict(study_attrs or {}), budget
         self._trial_numbers = trial_numbers if trial_numbers is not None else {}
         self._last_step: dict = {}  # Tune trial id -> the last step reported to Optuna
         self._linked: set = set()
@@ -127,6 +129,10 @@ class PrunedAwareSearch:
             self._link_run = link_run
 
     def suggest(self, trial_id):
+        if self._budget is not None and self._budget.spent():  # before Optuna's ask: no trial is made
+            from ray.tune.search import Searcher
+
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         if trial_id in self._ot_trials:  # ties each study trial to its Tune trial (and run dir)
             self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)

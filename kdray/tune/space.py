@@ -19,6 +19,8 @@ per_branch:                                            # conditional on `branche
 scheduler: {grace_period: 2, reduction_factor: 2}      # ASHA on the epoch axis
 samples: 8
 seed: 7                          # the sampler's seed; omitted: a random one per sweep (or --seed)
+time_budget: 2h                  # no trial starts after it (or --time-budget); omitted: none
+at_budget: finish                # the running trials then finish (default) or stop (or --at-budget)
 ```
 """
 
@@ -32,9 +34,10 @@ from kdray.core.errors import KdrayError
 from kdray.core.shipped import resolve_space
 from kdray.distill import HPARAMS, METHODS, get_method
 from kdray.training.config import RunConfig, coerce, from_dict, is_key, load_yaml, unknown_key_error
+from kdray.tune.budget import check_at_budget, parse_duration
 
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
-            "per_branch", "scheduler", "samples", "seed")
+            "per_branch", "scheduler", "samples", "seed", "time_budget", "at_budget")
 DIST_TYPES = ("float", "int", "categorical")
 MODES = ("max", "min")
 
@@ -61,6 +64,8 @@ class Space:
     scheduler: dict
     samples: int
     seed: Optional[int] = None  # the TPE sampler's; None: each sweep draws one (kdray.tune.seeds.sweep_seed)
+    time_budget: Optional[float] = None  # seconds (kdray.tune.budget); None: none
+    at_budget: Optional[str] = None  # finish / stop; None: finish
 
     @property
     def multi_objective(self) -> bool:
@@ -251,7 +256,10 @@ def load_space(path: str | Path) -> Space:
         raise KdrayError(f"{where}: samples must be an integer >= 1, got {samples!r}")
     space = Space(path=where, name=str(raw.get("name") or Path(path).stem), base=base, params=params,
                   per_branch=per_branch, metrics=metrics, teachers=teachers, scheduler=sched,
-                  samples=samples, seed=_seed(raw, where))
+                  samples=samples, seed=_seed(raw, where),
+                  time_budget=parse_duration(raw.get("time_budget"), f"{where}: time_budget"),
+                  at_budget=raw.get("at_budget"))
+    check_at_budget(space.at_budget, f"{where}: at_budget")
     _check_per_branch_readers(space)
     _check_extremes(space)
     return space
