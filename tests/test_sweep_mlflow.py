@@ -127,7 +127,10 @@ def test_parent_run_carries_the_best_trial(sweep):
     c, parent, best = sweep["client"], sweep["parent"], sweep["trials"]["completed"]
     assert parent.info.status == "FINISHED" and parent.info.run_name == "sweep-story"
     assert parent.data.tags["kdray.best_run_id"] == best.info.run_id
-    assert parent.data.metrics == best.data.metrics
+    hours = {k: v for k, v in parent.data.metrics.items() if k.startswith("trial_hours_")}
+    assert {k: v for k, v in parent.data.metrics.items() if k not in hours} == best.data.metrics
+    assert set(hours) == {"trial_hours_completed", "trial_hours_pruned", "trial_hours_failed"}  # by state
+    assert all(v > 0 for v in hours.values()), hours  # one trial of each
     assert {k: v for k, v in parent.data.params.items() if k in best.data.params} == best.data.params
     assert not [k for k in parent.data.params if k.startswith("base.")]
     assert parent.data.tags["kdray.optuna_storage"] == "sqlite:///optuna.db"  # relative to the workdir

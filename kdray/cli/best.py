@@ -14,7 +14,6 @@ from kdray.tracking.store import check_readable_store
 
 def cmd_best(args) -> int:
     from kdray.tracking.query import best_runs
-    from kdray.tracking.tags import STATE_TAG
 
     uri = tracking_uri(args)
     check_readable_store(uri)
@@ -22,13 +21,7 @@ def cmd_best(args) -> int:
         raise KdrayError(f"--top {args.top} is out of range; allowed: >= 1")
     runs, metric, mode = best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
                                       max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=args.top)
-    rows = []
-    for r in runs:
-        m, t = r.data.metrics, r.data.tags
-        rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "method": t.get("kdray.method"),
-                     "state": t.get(STATE_TAG), metric: m.get(metric), "test_acc": m.get("test_acc"),
-                     "test_acc_best_branch": m.get("test_acc_best_branch"), "params": m.get("params"),
-                     "latency_ms": m.get("latency_ms"), "parent_run_id": t.get("mlflow.parentRunId")})
+    rows = [_row(r, metric) for r in runs]
     out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows,
            "tracking_uri": mask_credentials(uri)}
     if args.register:
@@ -38,17 +31,42 @@ def cmd_best(args) -> int:
     if args.json:
         emit_json(out, sort_keys=True, default=str)
         return 0
-    def fmt(v, digits=4):
-        return "-" if v is None else f"{v:.{digits}f}"
-
-    print(f"top {len(rows)} of experiment {args.experiment!r} by {metric} ({mode}):")
-    print(f"  {'#':>2}  {'run id':32}  {'name':24}  {'method':7}  {metric:>10}  {'test_acc':>8}  {'params':>9}  "
-          f"{'latency_ms':>10}")
-    for i, r in enumerate(rows, 1):
-        print(f"  {i:>2}  {r['run_id']:32}  {str(r['run_name'])[:24]:24}  {str(r['method']):7}  {fmt(r[metric]):>10}  "
-              f"{fmt(r['test_acc']):>8}  {fmt(r['params'], 0):>9}  {fmt(r['latency_ms'], 3):>10}")
+    _print_table(rows, args.experiment, metric, mode)
     if args.register:
         reg = out["registered"]
         print(f"registered {reg['model_uri']} (version {reg['version']}, run {reg['run_id']}); "
               f"load it with mlflow.pytorch.load_model({reg['model_uri']!r})")
     return 0
+
+
+#: what a run cost, as `kdray best` shows it: the latest epoch's values (kdray.training.cost)
+COST_METRICS = ("epoch_time_s", "images_per_s", "data_wait_share", "cpu_util", "peak_rss_mb", "gpu_util",
+                "gpu_peak_mb")
+
+
+def _row(r, metric: str) -> dict:
+    """One ranked run: its scores, size, latency and what it cost (``wall_s``: the run's wall time
+    in MLflow, start to end; the rest its last epoch's)."""
+    from kdray.tracking.tags import STATE_TAG
+
+    m, t = r.data.metrics, r.data.tags
+    wall = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else None
+    return {"run_id": r.info.run_id, "run_name": r.info.run_name, "method": t.get("kdray.method"),
+            "state": t.get(STATE_TAG), metric: m.get(metric), "test_acc": m.get("test_acc"),
+            "test_acc_best_branch": m.get("test_acc_best_branch"), "params": m.get("params"),
+            "latency_ms": m.get("latency_ms"), "parent_run_id": t.get("mlflow.parentRunId"), "wall_s": wall,
+            **{k: m.get(k) for k in COST_METRICS}}
+
+
+def _print_table(rows: list, experiment: str, metric: str, mode: str) -> None:
+    def fmt(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    print(f"top {len(rows)} of experiment {experiment!r} by {metric} ({mode}):")
+    print(f"  {'#':>2}  {'run id':32}  {'name':24}  {'method':7}  {metric:>10}  {'test_acc':>8}  {'params':>9}  "
+          f"{'latency_ms':>10}  {'wall_s':>7}  {'img/s':>7}  {'wait':>5}  {'peak_mb':>7}")
+    for i, r in enumerate(rows, 1):
+        print(f"  {i:>2}  {r['run_id']:32}  {str(r['run_name'])[:24]:24}  {str(r['method']):7}  {fmt(r[metric]):>10}  "
+              f"{fmt(r['test_acc']):>8}  {fmt(r['params'], 0):>9}  {fmt(r['latency_ms'], 3):>10}  "
+              f"{fmt(r['wall_s'], 1):>7}  {fmt(r['images_per_s'], 0):>7}  {fmt(r['data_wait_share'], 2):>5}  "
+              f"{fmt(r['peak_rss_mb'], 0):>7}")

@@ -146,9 +146,11 @@ def trial_counts(study_counts: dict) -> str:
                      if n or s in ("COMPLETE", "PRUNED"))
 
 
-def summarize_sweep(uri: str, parent_run_id: str, *, best_run_id: Optional[str], metric: str, counts: str) -> None:
+def summarize_sweep(uri: str, parent_run_id: str, *, best_run_id: Optional[str], metric: str, counts: str,
+                    trial_hours: Optional[dict] = None) -> None:
     """The parent run at the end of a sweep: the best trial's metrics (latest values) and params,
-    ``kdray.best_run_id``, and a description with the counts and a link to the best trial."""
+    ``kdray.best_run_id``, ``trial_hours`` (``trial_hours_<state>``: hours by the state trials
+    ended in) as its own metrics, and a description with the counts and a link to the best trial."""
     c = client(uri)
     parent = c.get_run(parent_run_id)
     exp_id = parent.info.experiment_id
@@ -163,13 +165,18 @@ def summarize_sweep(uri: str, parent_run_id: str, *, best_run_id: Optional[str],
         score = f"{metric} {metrics[metric]:.4f}" if metric in metrics else "no score"
         lines.append(f"Best trial: [{best.info.run_name}](#/experiments/{exp_id}/runs/{best_run_id}) ({score}); "
                      "its metrics and params are this run's.")
+    if trial_hours:
+        metrics.update(trial_hours)
+        lines.append("Trial time by state: " + ", ".join(
+            f"{v:.3f} h {k[len('trial_hours_'):]}" for k, v in trial_hours.items()) + ".")
     tags[NOTE_TAG] = "\n\n".join(lines)
     tags["kdray.trials"] = counts
     log_batch(c, parent_run_id, params=params, tags=tags, metrics=metrics)
 
 
 def _summarize_parent(track: SweepTracking, metric: str, best_trial_id: Optional[str],
-                      best_run_id: Optional[str], study_counts: dict) -> Optional[str]:
+                      best_run_id: Optional[str], study_counts: dict,
+                      trial_hours: Optional[dict] = None) -> Optional[str]:
     """The parent run carries the best trial's metrics, params and a link to it; counts by state
     go into its description. Returns the best trial's run id (found by its Tune trial id)."""
     if best_trial_id is not None and not best_run_id:
@@ -177,15 +184,16 @@ def _summarize_parent(track: SweepTracking, metric: str, best_trial_id: Optional
         if run is not None:
             best_run_id = run.info.run_id
     summarize_sweep(track.uri, track.parent_run_id, best_run_id=best_run_id, metric=metric,
-                    counts=trial_counts(study_counts))
+                    counts=trial_counts(study_counts), trial_hours=trial_hours)
     return best_run_id
 
 
 def finish_sweep_tracking(track: SweepTracking, *, study_name: str, storage, metrics: Sequence, state: str,
                           log: Log, reason: Optional[str] = None, best_trial_id: Optional[str] = None,
-                          best_run_id: Optional[str] = None, study_counts: Optional[dict] = None) -> SweepRecord:
+                          best_run_id: Optional[str] = None, study_counts: Optional[dict] = None,
+                          trial_hours: Optional[dict] = None) -> SweepRecord:
     """Close the parent run as ``state``: the study's plots, the best trial (``best_trial_id``:
-    its Tune trial id; ``best_run_id`` when known) and ``study_counts`` on it. A tracking server
+    its Tune trial id; ``best_run_id`` when known), ``study_counts`` and ``trial_hours`` on it. A tracking server
     lost on the way is one :class:`~kdray.tracking.store.TrackingLost` line (--resume closes the run)."""
     import optuna
 
@@ -197,7 +205,8 @@ def finish_sweep_tracking(track: SweepTracking, *, study_name: str, storage, met
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
             plots = log_sweep_plots(uri, parent, study, metrics, log=log)
-            best_run_id = _summarize_parent(track, metrics[0][0], best_trial_id, best_run_id, study_counts or {})
+            best_run_id = _summarize_parent(track, metrics[0][0], best_trial_id, best_run_id, study_counts or {},
+                                            trial_hours)
             log(f"tracking: {ui_hint(uri, track.experiment_id)}")
         finally:
             finish_run(uri, parent, state, reason)

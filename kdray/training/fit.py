@@ -5,8 +5,9 @@ worker loop unchanged (it uses torch.distributed when a process group exists, no
 precision), then per generation build the student, method and optimizer, and per epoch
 ``train_epoch`` (the step loop), evaluate, checkpoint and report. Per epoch it reports every loss
 term by name, train/val accuracy, the ensemble and per-branch accuracy, lr, epoch time and
-images/s, and the trial-outcome fields ``epoch``, ``total_epochs`` and ``done``; an interrupted run
-resumes from its latest checkpoint.
+images/s, what the epoch cost (CPU, memory, the share of step time waiting for data, GPU;
+:mod:`kdray.training.cost`), and the trial-outcome fields ``epoch``, ``total_epochs`` and
+``done``; an interrupted run resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kdray.models.measure import count_params, evaluate
 from kdray.teachers.ensemble import TeacherEnsemble
 from kdray.teachers.store import TeacherStore
 from kdray.training.checkpoint import latest_checkpoint, load_training_state, save_epoch
+from kdray.training.cost import EpochCost
 from kdray.training.generation import StepParts, build_generation, describe_source, wrap_for_ranks
 from kdray.training.loop import recompute_bn_stats, reduce_epoch, train_epoch
 from kdray.training.prepare import Prepared, prepare
@@ -174,16 +176,19 @@ def run_generation(cfg, prep: Prepared, parts: StepParts, plan: Generation, plan
     """Train one generation's epochs from ``start_epoch``: each evaluated, logged, checkpointed (rank
     0) and reported; the last epoch's metrics."""
     metrics: dict = {}
+    cost = EpochCost(prep.precision.device)
     for epoch in range(start_epoch, cfg.epochs):
         prep.loaders.train.set_epoch(plan.view_epoch(epoch))
+        cost.start()
         t0 = time.perf_counter()
-        train = reduce_epoch(train_epoch(parts, prep.loaders.train.with_views()), epoch + 1)
+        train = reduce_epoch(train_epoch(parts, cost.batches(prep.loaders.train.with_views())), epoch + 1)
         if prep.precision.device.type == "cuda":
             torch.cuda.synchronize(prep.precision.device)  # the epoch's time includes its queued kernels
         epoch_time = time.perf_counter() - t0
+        costs = cost.stop(epoch_time)
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.scheduler.step()
-        metrics = epoch_metrics(cfg, parts, prep, plan, plans, epoch, train, lr, epoch_time, run)
+        metrics = dict(epoch_metrics(cfg, parts, prep, plan, plans, epoch, train, lr, epoch_time, run), **costs)
         run.history.append(dict(metrics))
         run.epoch_walls.append(time.perf_counter() - t0)
         say(_fmt_progress(metrics) + _eta(run, metrics["total_epochs"] - metrics["epoch"]))

@@ -39,15 +39,35 @@ def start_tracking(sweep: SweepState, settings: TrackingSettings) -> SweepTracki
 def finish_tracking(sweep: SweepState, state: str, *, reason: Optional[str] = None,
                     summary: Optional[dict] = None) -> dict:
     """Close the sweep's parent run as ``state`` with the ``summary``'s best trial and counts; the
-    summary's best row gets its MLflow run id. Returns the summary's ``mlflow`` entry."""
+    summary's best row gets its MLflow run id, and the parent run the trial-hours by state
+    (:func:`trial_hours`, also the summary's ``timing.trial_hours``). Returns the summary's
+    ``mlflow`` entry."""
     from kdray.tracking.sweeps import finish_sweep_tracking
 
     summary = summary or {}
     best = summary.get("best")
+    hours = trial_hours(summary["trials"]) if "trials" in summary else None
+    if hours and isinstance(summary.get("timing"), dict):
+        summary["timing"]["trial_hours"] = hours
     record = finish_sweep_tracking(
         sweep.track, study_name=sweep.name, storage=sweep.storage, metrics=sweep.space.metrics, state=state,
         log=sweep.log, reason=reason, best_trial_id=str(best["metrics"].get("trial_id")) if best else None,
-        best_run_id=best.get("mlflow_run_id") if best else None, study_counts=summary.get("study_counts"))
+        best_run_id=best.get("mlflow_run_id") if best else None, study_counts=summary.get("study_counts"),
+        trial_hours=hours)
     if best and record.best_run_id:
         best["mlflow_run_id"] = record.best_run_id
     return record.summary()
+
+
+def trial_hours(rows: list) -> dict:
+    """Hours the trials of this session spent in their slots (start to end, as the progress
+    callback timed them: :func:`kdray.tune.report.row_timing`), summed by the state they ended in:
+    ``trial_hours_completed``, ``trial_hours_pruned``, ``trial_hours_failed`` (what pruning
+    saved shows beside what the completed trials took)."""
+    out = {f"trial_hours_{s}": 0.0 for s in ("completed", "pruned", "failed")}
+    for r in rows:
+        t = r.get("timing") or {}
+        key = f"trial_hours_{r.get('state')}"
+        if key in out and "started_at_s" in t and "ended_at_s" in t:
+            out[key] += max(t["ended_at_s"] - t["started_at_s"], 0.0) / 3600
+    return out
