@@ -25,6 +25,7 @@ from kdray.teachers.manifest import teacher_archs
 from kdray.tracking.state import RunHandle, TrackingSettings
 from kdray.training.checkpoint import latest_checkpoint, load_training_state
 from kdray.training.config import tracked_config
+from kdray.training.loop import NonFiniteLoss
 
 
 @dataclass
@@ -231,6 +232,8 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[TrackingSe
             raise Interrupted(exc.signum, f"training interrupted by {exc.signal_name}; `kdray train ... --out {out} "
                                           "--resume` continues from its last checkpoint") from None
         except BaseException as exc:
+            if isinstance(exc, NonFiniteLoss):
+                undo.began()  # a loss that diverged did train: the run is recorded as failed, not taken away
             if undo.refused(exc):  # before the run began: it is taken away, not recorded
                 raise
             _failed(exc, track, log)
