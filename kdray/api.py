@@ -168,12 +168,13 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
           experiment: str = "kdray", teacher_store: Optional[str] = None, teacher_store_budget: float = 4.0,
           teacher_store_logits: str = "auto", teacher_store_topk: Optional[int] = None,
           address: Optional[str] = None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-          max_failures: int = 0, log: Log = to_stderr, **overrides) -> StudentResult:
+          max_failures: int = 0, run_tags: Optional[dict] = None, log: Log = to_stderr,
+          **overrides) -> StudentResult:
     """Train one student. ``config``: a RunConfig, a dict of config keys or a YAML file;
     ``overrides`` are config keys too (``epochs=5``). ``teacher_store``: a folder or "auto" to take
     the teachers' outputs from a teacher store, its logits kept as ``teacher_store_logits`` (auto,
-    fp32, fp16, bf16 or topk with ``teacher_store_topk`` classes). Returns the student, its metrics
-    and MLflow run."""
+    fp32, fp16, bf16 or topk with ``teacher_store_topk`` classes). ``run_tags``: more tags on its
+    MLflow run. Returns the student, its metrics and MLflow run."""
     from kdray.core.console import library_output_to
     from kdray.core.io import undone_on_refusal
     from kdray.distill import get_method
@@ -204,13 +205,46 @@ def train(config=None, *, out: str | Path | None = None, name: Optional[str] = N
                                   gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                                   max_failures=max_failures, store_root=store,
                                   store_budget=teacher_store_budget, final_extras=final_extras,
-                                  fit_distributed=fit_distributed, undo=undo)
+                                  fit_distributed=fit_distributed, undo=undo, run_tags=run_tags)
     loaded = load_student(result["student_path"])
     loaded.record["metrics"] = {**loaded.record.get("metrics", {}),
                                 **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}}
     loaded.run_id = result.get("run_id")
     loaded.tracking_uri = tracking.uri if tracking else None
     return loaded
+
+
+def train_seeds(config=None, *, seeds, out: str | Path | None = None, name: Optional[str] = None,
+                resume: bool = False, workdir: str | Path | None = None, track: bool = True,
+                tracking_uri: Optional[str] = None, experiment: str = "kdray", group_tags: Optional[dict] = None,
+                log: Log = to_stderr, **options):
+    """Train one configuration once per seed (``seeds``: ``[0, 1, 2]`` or ``"0,1,2"``), one after
+    another, each exactly as :func:`train` with that ``seed``, as one group: an MLflow parent run
+    (kind ``seeds``) with one child per seed, run folders ``out/s<seed>`` (default
+    WORKDIR/runs/NAME). ``options``: :func:`train`'s other keywords and config keys. ``resume``
+    continues the group in ``out``: finished seeds are skipped. Returns a SeedGroupResult: ``runs``
+    (each seed's StudentResult), ``run_id`` (the group's) and ``summary()`` (mean and std)."""
+    import inspect
+
+    from kdray.tracking.state import tracking_settings
+    from kdray.training.seed_group import SeedGroupPlan, parse_seeds, run_seed_group
+
+    seeds = parse_seeds(seeds)
+    if "seed" in options:
+        raise KdrayError("pass seeds=[...] or seed=N, not both: a seed group sets each run's seed")
+    keywords = {k: v for k, v in options.items() if k in inspect.signature(train).parameters}
+    cfg = make_config(config, **{k: v for k, v in options.items() if k not in keywords})
+    workdir = resolve_workdir(workdir)
+    name = name or f"{cfg.method}-{cfg.student}-seeds-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(out) if out else workdir / "runs" / name
+    plan = SeedGroupPlan(cfg, seeds, folder, name, bool(resume),
+                         tracking_settings(track, tracking_uri, experiment, workdir), dict(group_tags or {}))
+
+    def train_seed(seed_cfg, seed_out: Path, seed_name: str, seed_resume: bool, run_tags: dict) -> StudentResult:
+        return train(seed_cfg, out=seed_out, name=seed_name, resume=seed_resume, workdir=workdir, track=track,
+                     tracking_uri=tracking_uri, experiment=experiment, run_tags=run_tags, log=log, **keywords)
+
+    return run_seed_group(plan, train_seed, load_student, log)
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,10 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(t)
     add_optim_args(t)
     o = t.add_argument_group("output")
-    o.add_argument("--out", help="run folder for checkpoints and the student (default WORKDIR/runs/NAME)")
-    o.add_argument("--name", help="run name (default METHOD-STUDENT-sSEED-TIME)")
-    o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    o.add_argument("--json", action="store_true", help="print one JSON object of final metrics on stdout")
+    o.add_argument("--out", help="run folder for checkpoints and the student (default WORKDIR/runs/NAME; with "
+                   "--seeds: the group's folder)")
+    o.add_argument("--name", help="run name (default METHOD-STUDENT-sSEED-TIME; with --seeds the group's, default "
+                   "METHOD-STUDENT-seeds-TIME, its runs NAME-sSEED)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (with --seeds: the seed group in --out / "
+                   "WORKDIR/runs/NAME; finished seeds are skipped)")
+    o.add_argument("--json", action="store_true", help="print one JSON object of final metrics on stdout "
+                   "(with --seeds: the group's run id, each seed's results and the mean / std)")
+    o.add_argument("--seeds", metavar="S,S,...",
+                   help="train this configuration once per seed (e.g. 0,1,2; distinct, >= 0), one after another, "
+                   "as one seed group: an MLflow parent run (kdray.kind seeds) with one child run per seed and the "
+                   "mean / std of their val and test accuracy; run folders --out/sSEED. Not with --seed")
     add_tracking_args(t)
     t.set_defaults(func=cmd_train)
 

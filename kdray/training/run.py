@@ -67,10 +67,10 @@ def check_inputs(cfg) -> Inputs:
 
 
 def _open_run(tracking: Optional[TrackingSettings], cfg, run_name: str, out: Path, log, undo: Undo,
-              store=None) -> Optional[RunHandle]:
+              store=None, run_tags: Optional[dict] = None) -> Optional[RunHandle]:
     """The run's MLflow run (taken away again if the run is refused before it begins), tagged with
-    the teacher ``store`` it reads; on ``resume``, the runs earlier attempts at ``out`` left running
-    are closed as failed."""
+    the teacher ``store`` it reads and ``run_tags`` (a seed group's link to its parent); on
+    ``resume``, the runs earlier attempts at ``out`` left running are closed as failed."""
     if not tracking:
         return None
     from kdray.core.guards import stores_initialising
@@ -91,7 +91,8 @@ def _open_run(tracking: Optional[TrackingSettings], cfg, run_name: str, out: Pat
         with stores_initialising(workdir) if workdir else contextlib.nullcontext():
             exp_id = experiment_id(uri, experiment, workdir)
         run_id = start_run(uri, exp_id, run_name=run_name, cfg=cfg, kind="train", params=tracked_config(cfg),
-                           extra_tags={**versions(), FOLDER_TAG: folder}, teacher_archs=teacher_archs(cfg.teachers),
+                           extra_tags={**versions(), FOLDER_TAG: folder, **(run_tags or {})},
+                           teacher_archs=teacher_archs(cfg.teachers),
                            workdir=workdir)
         undo.call(lambda: discard_run(uri, run_id))
         log(f"tracking: MLflow run {run_id} in experiment {experiment!r} at {mask_credentials(uri)}")
@@ -191,14 +192,16 @@ def _train_on_ray(cfg, track: Optional[RunHandle], out: Path, run_name: str, fit
 def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[TrackingSettings] = None, log=print,
                  address=None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, max_failures: int = 0,
                  store_root: Optional[str] = None, store_budget: float = 4.0, final_extras: Optional[Extras] = None,
-                 fit_distributed: Optional[Callable] = None, undo: Optional[Undo] = None) -> dict:
+                 fit_distributed: Optional[Callable] = None, undo: Optional[Undo] = None,
+                 run_tags: Optional[dict] = None) -> dict:
     """``tracking``: where the run is tracked (experiment None: ``kdray``), or None for no MLflow.
     ``store_root``: a teacher-store folder (or "auto": the teacher set's) to take the teachers'
     outputs from; None: they run live. ``final_extras``: see :data:`Extras` (a tracked run in this
     process logs them); ``fit_distributed(cfg, workers=, out=, name=, tracking=, **ray options)``:
     a run on ``cfg.workers`` > 1 Ray Train workers (``kdray.distributed.raytrain``). ``undo``: the
     caller's record of what it created (its log file), which a refusal takes away with the run's
-    folder and MLflow run; without it, the run undoes its own."""
+    folder and MLflow run; without it, the run undoes its own. ``run_tags``: more tags on its MLflow
+    run (``mlflow.parentRunId`` of a seed group's child)."""
     if cfg.workers > 1 and fit_distributed is None:
         raise KdrayError(f"workers={cfg.workers} needs Ray Train: run it with kdray.train or `kdray train`")
     if cfg.workers > 1 and cfg.sync_bn and cfg.device == "cpu":  # known before Ray starts
@@ -216,7 +219,7 @@ def run_training(cfg, *, out: Path, run_name: str, tracking: Optional[TrackingSe
         store = open_store(cfg, store_root, store_budget, log, workers_device)
         out = undo.path(out)
         out.mkdir(parents=True, exist_ok=True)
-        track = _open_run(tracking, cfg, run_name, out, log, undo, store)
+        track = _open_run(tracking, cfg, run_name, out, log, undo, store, run_tags)
         try:
             if cfg.workers > 1:
                 inputs = None  # the workers load their own
