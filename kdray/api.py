@@ -317,3 +317,34 @@ def load_student(source: str | Path, *, run_id: Optional[str] = None, tracking_u
     record = safe_load(path, "student")
     return StudentResult(student=export_module(rebuild_student(record)).eval(), record=record, student_path=str(path),
                          run_id=run_id, tracking_uri=tracking_uri)
+
+
+# --------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------
+def compare(experiments=(), *, run_ids=(), tags: Optional[dict] = None, by=(), metric: str = "val_acc",
+            mode: str = "max", baseline: Optional[str] = None, log_to_mlflow: bool = True,
+            tracking_uri: Optional[str] = None, workdir: str | Path | None = None):
+    """What `kdray compare` shows: the completed train and trial runs of ``experiments`` (a name or
+    a list) or of ``run_ids`` (a sweep's or seed group's parent: its children) carrying every tag
+    of ``tags``, grouped by configuration or by the ``by`` keys, with n, mean, sample std and
+    per-seed values of ``metric`` per group and, with ``baseline``, each group's gap to it. Returns
+    a :class:`kdray.tracking.comparison.Comparison` (``.groups``, ``.to_markdown()``, ``.to_csv()``,
+    ``.to_json()``); unless ``log_to_mlflow`` is False it is also logged as a compare run
+    (``.run_id``)."""
+    from kdray.tracking.compare import RunFilter, compare_runs, log_comparison
+    from kdray.tracking.store import resolve_uri
+
+    uri = resolve_uri(tracking_uri, resolve_workdir(workdir))
+    check_readable_store(uri)
+    flt = RunFilter(experiments=_names(experiments), run_ids=_names(run_ids), tags=dict(tags or {}))
+    by = tuple(k.strip() for k in by.split(",")) if isinstance(by, str) else tuple(by or ())
+    result = compare_runs(uri, flt, metric=metric, mode=mode, by=by, baseline=baseline)
+    if log_to_mlflow:
+        log_comparison(uri, result, flt)
+    return result
+
+
+def _names(value) -> tuple:
+    """One name or several as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value or ())

@@ -13,6 +13,7 @@ from kdray.cli.common import (
     add_optim_args,
     add_tracking_args,
 )
+from kdray.cli.compare import add_compare_parser
 from kdray.cli.export import cmd_export
 from kdray.cli.shipped import cmd_clusters, cmd_spaces
 from kdray.cli.teachers import (
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the table (and registration) as JSON")
     b.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
     b.set_defaults(func=cmd_best)
+
+    # compare --------------------------------------------------------------------------------
+    add_compare_parser(sub)
 
     # export ---------------------------------------------------------------------------------
     x = sub.add_parser("export", help="write a deployable student (state dict + exported program)",
