@@ -246,7 +246,8 @@ def add_store_encoding_args(group, logits: str, topk: str, *aliases: str) -> Non
 def add_sweep_options(parser: argparse.ArgumentParser) -> None:
     """One flag per field of :class:`~kdray.tune.options.SweepOptions`, in its order: the name,
     help and default from the field's declaration, the type from its annotation (a bool is a
-    switch that flips its default); the parsed value lands under the field's name."""
+    switch that flips its default; a repeatable option's values a list); the parsed value lands
+    under the field's name."""
     import dataclasses
     import typing
 
@@ -257,9 +258,10 @@ def add_sweep_options(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        value = {**({"metavar": meta["metavar"]} if meta.get("metavar") else {}),
+                 **({"choices": meta["choices"]} if meta.get("choices") else {})}
         extra = ({"action": "store_false" if f.default else "store_true"} if kind is bool else
-                 {"type": kind, **({"metavar": meta["metavar"]} if meta.get("metavar") else {}),
-                  **({"choices": meta["choices"]} if meta.get("choices") else {})})
+                 {"action": "append", **value} if meta.get("repeatable") else {"type": kind, **value})
         parser.add_argument(flag, dest=f.name, default=f.default, help=meta["help"], **extra)
 
 

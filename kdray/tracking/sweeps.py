@@ -131,6 +131,35 @@ def record_sweep_seed(track: SweepTracking, value: int, source: str, sampler: in
               params={"optuna_seed": value, "optuna_seed_source": source, "optuna_sampler_seed": sampler})
 
 
+WARM_NOTE_TAG = "kdray.warm_start_note"  # the description's line naming and linking the sources
+
+
+def record_warm_start(track: SweepTracking, record: dict) -> None:
+    """Where the sweep's study started from (``record``: :meth:`kdray.tune.warm_start.WarmStart.record`)
+    on its parent run: params, the sources' names and sweep runs as tags, a description line
+    linking each source's sweep runs (sources tracked in this store)."""
+    c = client(track.uri)
+    links, run_ids = [], []
+    for source in record["sources"]:
+        exp = c.get_experiment_by_name(source)
+        runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
+                             order_by=["attributes.start_time ASC"]) if exp else []
+        run_ids += [r.info.run_id for r in runs]
+        where = (", ".join(f"[{r.info.run_name}](#/experiments/{exp.experiment_id}/runs/{r.info.run_id})"
+                           for r in runs) or f"[its experiment]({ui_path(exp.experiment_id)})") if exp else \
+            "not tracked in this store"
+        links.append(f"`{source}` ({where})")
+    given = (f"its best {len(record['queued'])} configuration(s) run first" if record["top"] else
+             f"{record['history']} of their trials given to the study as its starting history")
+    note = f"Warm-started from {', '.join(links)}: {given}."
+    params = {"warm_start": ",".join(record["sources"]), "warm_start_history": record["history"]}
+    if record["top"]:
+        params["warm_start_top"] = record["top"]
+    log_batch(c, track.parent_run_id, params=params,
+              tags={"kdray.warm_start": ",".join(record["sources"]), "kdray.warm_start_runs": ",".join(run_ids),
+                    WARM_NOTE_TAG: note})
+
+
 def interrupt_sweep_runs(track: SweepTracking, signal_name: str) -> int:
     """After a stop signal: every run of the sweep's experiment still running, closed as interrupted."""
     return close_running_runs(track.uri, track.experiment_id, "interrupted", f"interrupted by {signal_name}")
@@ -156,6 +185,8 @@ def summarize_sweep(uri: str, parent_run_id: str, *, best_run_id: Optional[str],
     exp_id = parent.info.experiment_id
     lines = [f"Sweep of `{parent.data.params.get('space', '?')}`: {counts}. "
              f"[All trials, ranked by {metric}]({ui_path(exp_id)})."]
+    if WARM_NOTE_TAG in parent.data.tags:
+        lines.append(parent.data.tags[WARM_NOTE_TAG])
     params, metrics, tags = {}, {}, {}
     if best_run_id:
         best = c.get_run(best_run_id)
@@ -191,9 +222,10 @@ def _summarize_parent(track: SweepTracking, metric: str, best_trial_id: Optional
 def finish_sweep_tracking(track: SweepTracking, *, study_name: str, storage, metrics: Sequence, state: str,
                           log: Log, reason: Optional[str] = None, best_trial_id: Optional[str] = None,
                           best_run_id: Optional[str] = None, study_counts: Optional[dict] = None,
-                          trial_hours: Optional[dict] = None) -> SweepRecord:
+                          trial_hours: Optional[dict] = None, study_view: Optional[Callable] = None) -> SweepRecord:
     """Close the parent run as ``state``: the study's plots, the best trial (``best_trial_id``:
-    its Tune trial id; ``best_run_id`` when known), ``study_counts`` and ``trial_hours`` on it. A tracking server
+    its Tune trial id; ``best_run_id`` when known), ``study_counts`` and ``trial_hours`` on it
+    (``study_view``: the study the plots are drawn from, given the stored one). A tracking server
     lost on the way is one :class:`~kdray.tracking.store.TrackingLost` line (--resume closes the run)."""
     import optuna
 
@@ -204,6 +236,7 @@ def finish_sweep_tracking(track: SweepTracking, *, study_name: str, storage, met
     try:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
+            study = study_view(study) if study_view else study  # the sweep's own trials, not its warm start
             plots = log_sweep_plots(uri, parent, study, metrics, log=log)
             best_run_id = _summarize_parent(track, metrics[0][0], best_trial_id, best_run_id, study_counts or {},
                                             trial_hours)

@@ -17,12 +17,13 @@ SEED_LIMIT = 2**32
 
 
 def option(default, help: str, *, flag: Optional[str] = None, metavar: Optional[str] = None,
-           choices: Optional[tuple] = None):
+           choices: Optional[tuple] = None, repeatable: bool = False):
     """A sweep option: its default and the help of its ``kdray tune`` flag (``flag``: the flag when
     it is not ``--FIELD-NAME``; ``metavar``: the flag's value as the help names it; ``choices``: its
-    allowed values). A bool option is a switch: ``--FLAG`` sets True when its default is False,
-    False when it is True."""
-    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar, "choices": choices})
+    allowed values; ``repeatable``: the flag may be given several times, its values a list). A bool
+    option is a switch: ``--FLAG`` sets True when its default is False, False when it is True."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar, "choices": choices,
+                                            "repeatable": repeatable})
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class SweepOptions:
     seed: Optional[int] = option(None, "seed of Optuna's sampler, to repeat a sweep's proposals (default: the "
                                        "space's `seed`, else a random one, printed and recorded in the study and "
                                        "the MLflow sweep run; --resume keeps the study's)")
+    warm_start: Optional[tuple] = option(None, "start the study from the finished trials of an earlier sweep (its "
+                                               "--experiment name, in the same Optuna storage) whose parameters "
+                                               "fit this space: TPE begins informed; repeatable (default: the "
+                                               "space's `warm_start`, else none)", metavar="SWEEP",
+                                         repeatable=True)
+    warm_start_top: Optional[int] = option(None, "with --warm-start: instead of giving the earlier trials as "
+                                                 "history, run the earlier best N configurations that fit this "
+                                                 "space as this sweep's first trials (default: the space's "
+                                                 "`warm_start_top`)", metavar="N")
     teacher_store: bool = option(True, "run the teachers live in every trial instead of sharing their outputs "
                                        "from a teacher store", flag="--no-teacher-store")
     teacher_store_dir: Optional[str] = option(None, "where teacher stores live: a folder or a URI (default: the "
@@ -89,9 +99,18 @@ class SweepOptions:
         if self.time_budget is not None:
             parse_duration(self.time_budget)
         check_at_budget(self.at_budget)
+        if self.warm_start_top is not None and self.warm_start_top < 1:
+            raise KdrayError(f"--warm-start-top {self.warm_start_top} is out of range; allowed: >= 1")
         if not self.teacher_store_budget > 0:
             raise KdrayError(f"--teacher-store-budget {self.teacher_store_budget:g} is out of range; allowed: > 0 (GB)")
         self.store_encoding.check()
+
+    @property
+    def warm_sources(self) -> tuple:
+        """The --warm-start sweeps (the API takes one name or several)."""
+        if not self.warm_start:
+            return ()
+        return (self.warm_start,) if isinstance(self.warm_start, str) else tuple(self.warm_start)
 
     @property
     def store_encoding(self) -> LogitEncoding:

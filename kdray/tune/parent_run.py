@@ -21,7 +21,7 @@ def start_tracking(sweep: SweepState, settings: TrackingSettings) -> SweepTracki
     import ray
 
     from kdray.teachers.manifest import teacher_archs
-    from kdray.tracking.sweeps import record_sweep_seed, start_sweep_tracking
+    from kdray.tracking.sweeps import record_sweep_seed, record_warm_start, start_sweep_tracking
 
     space = sweep.space
     track = start_sweep_tracking(
@@ -33,6 +33,8 @@ def start_tracking(sweep: SweepState, settings: TrackingSettings) -> SweepTracki
         resume=sweep.options.resume, log=sweep.log)
     if sweep.seed is not None:
         record_sweep_seed(track, sweep.seed.value, sweep.seed.source, sweep.seed.sampler)
+    if sweep.warm is not None:
+        record_warm_start(track, sweep.warm.record())
     return track
 
 
@@ -43,6 +45,7 @@ def finish_tracking(sweep: SweepState, state: str, *, reason: Optional[str] = No
     (:func:`trial_hours`, also the summary's ``timing.trial_hours``). Returns the summary's
     ``mlflow`` entry."""
     from kdray.tracking.sweeps import finish_sweep_tracking
+    from kdray.tune.warm_start import own_study
 
     summary = summary or {}
     best = summary.get("best")
@@ -53,7 +56,7 @@ def finish_tracking(sweep: SweepState, state: str, *, reason: Optional[str] = No
         sweep.track, study_name=sweep.name, storage=sweep.storage, metrics=sweep.space.metrics, state=state,
         log=sweep.log, reason=reason, best_trial_id=str(best["metrics"].get("trial_id")) if best else None,
         best_run_id=best.get("mlflow_run_id") if best else None, study_counts=summary.get("study_counts"),
-        trial_hours=hours)
+        trial_hours=hours, study_view=own_study)
     if best and record.best_run_id:
         best["mlflow_run_id"] = record.best_run_id
     return record.summary()

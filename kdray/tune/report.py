@@ -13,6 +13,7 @@ from kdray.core.outcome import COMPLETED, FAILED, failure_reason, is_done, trial
 from kdray.tracking.state import SweepTracking
 from kdray.tracking.store import is_tracking_lost
 from kdray.tune.search import earlier_best, study_counts
+from kdray.tune.warm_start import STUDY_ATTR, own_pareto_front
 
 
 def trial_error(trial) -> Optional[BaseException]:
@@ -311,9 +312,11 @@ def summarize(name: str, storage, space, rows: list) -> dict:
     study = optuna.load_study(study_name=name, storage=storage)
     out = {"experiment": name, "space": space.path, "trials": rows, "study_counts": study_counts(study),
            "metrics": space.metrics}
+    if STUDY_ATTR in study.user_attrs:  # where the study started from (kdray.tune.warm_start)
+        out["warm_start"] = study.user_attrs[STUDY_ATTR]
     if space.multi_objective:
         out["pareto_front"] = [{"number": t.number, "values": t.values, "params": t.params}
-                               for t in study.best_trials]
+                               for t in own_pareto_front(study)]
         return out
     best = _best_row(study, rows, *space.metrics[0])
     if best is not None:

@@ -43,12 +43,14 @@ def make_scheduler(space: Space):
 
 
 def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=None, trial_numbers=None,
-                  budget=None):
+                  budget=None, warm=None):
     """TPE seeded by ``seed``; ``link_run``: see :func:`kdray.tracking.trials.make_run_linker`;
-    ``trial_numbers``, ``budget``: see :class:`kdray.tune.search.PrunedAwareSearch`."""
+    ``trial_numbers``, ``budget``, ``warm``: see :class:`kdray.tune.search.PrunedAwareSearch`. A
+    new study records its seed and the space's constants (what a later warm start compares)."""
     from optuna.samplers import TPESampler
 
     from kdray.tune.search import SEED_ATTR, SEED_SOURCE_ATTR, make_searcher_class
+    from kdray.tune.warm_start import CONSTANTS_ATTR, space_constants
 
     names, modes = [m for m, _ in space.metrics], [d for _, d in space.metrics]
     multi = space.multi_objective
@@ -56,8 +58,9 @@ def make_searcher(space: Space, name: str, storage, seed: SweepSeed, link_run=No
     return make_searcher_class()(
         space=space.define_by_run(), metric=names if multi else names[0], mode=modes if multi else modes[0],
         sampler=TPESampler(seed=seed.sampler), study_name=name, storage=storage, link_run=link_run,
-        trial_numbers=trial_numbers, budget=budget,
-        study_attrs={SEED_ATTR: seed.value, SEED_SOURCE_ATTR: seed.source} if first_session else None,
+        trial_numbers=trial_numbers, budget=budget, warm_start=warm,
+        study_attrs={SEED_ATTR: seed.value, SEED_SOURCE_ATTR: seed.source,
+                     CONSTANTS_ATTR: space_constants(space)} if first_session else None,
     )
 
 
@@ -101,7 +104,7 @@ def make_tuner(sweep: SweepState, progress, watch, budget=None):
     metric, mode = space.metrics[0]
     trial = make_trial(space, name, opts, sweep.storage_path, track, sweep.store_ref)
     searcher = make_searcher(space, name, sweep.storage, sweep.seed, _run_linker(sweep, watch),
-                             trial_numbers=progress.trial_numbers, budget=budget)
+                             trial_numbers=progress.trial_numbers, budget=budget, warm=sweep.warm)
     callbacks = [make_watch_callback(watch), progress] + ([make_tracking_callback(track, sweep.log, watch)]
                                                           if track else [])
     if budget is not None:
@@ -149,6 +152,7 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
     from kdray.tune.recover import recover_finished_trials
     from kdray.tune.report import summarize
     from kdray.tune.search import prepare_study
+    from kdray.tune.warm_start import warm_start_for
 
     space = load_space(space_file)  # validated before anything starts
     options.check()
@@ -166,11 +170,12 @@ def run_sweep(space_file: str, *, workdir: Path, options: SweepOptions = SweepOp
                 recover_finished_trials(storage, name, tracking.uri if tracking else None, space.metrics, log)
             left = prepare_study(storage, name, space.samples, options.resume, log)
             seed = sweep_seed(options, space, storage, name, log) if left else None
+            warm = warm_start_for(options, space, storage, name, log) if left else None
         if left == 0:  # before Ray, teachers or an MLflow run: nothing is left to run
             log(f"sweep {name!r}: every trial is done already")
             return SweepOutcome(summarize(name, storage, space, []), storage=storage)
         sweep = SweepState(space=space, space_file=space_file, name=name, options=options, storage=storage,
-                           workdir=workdir, log=log, seed=seed, left=left)
+                           workdir=workdir, log=log, seed=seed, left=left, warm=warm)
         try:
             sweep = _set_up(sweep, tracking)
             return _run_trials(sweep)
@@ -271,7 +276,8 @@ def resume_command(sweep: SweepState, tracking_uri: Optional[str]) -> str:
              "--experiment", sweep.name]
     for f in fields(SweepOptions):
         value = getattr(sweep.options, f.name)
-        if f.name in ("experiment", "resume", "seed") or value == f.default:
+        # not --seed nor --warm-start*: a resumed sweep keeps its study's seed and history
+        if f.name in ("experiment", "resume", "seed", "warm_start", "warm_start_top") or value == f.default:
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         parts += [flag] if isinstance(value, bool) else [flag, mask_credentials(str(value))]

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 from kdray.core.errors import KdrayError
 from kdray.core.guards import stop_requested
 from kdray.core.outcome import COMPLETED, FAILED, PRUNED, trial_state
+from kdray.tune.warm_start import apply_warm_start, own_trials
 
 #: what a later ``--resume`` needs to name the best student, kept as Optuna user attributes
 KEPT_RESULT_KEYS = ("checkpoint_path", "node_ip", "epoch", "total_epochs")
@@ -48,13 +49,16 @@ class PrunedAwareSearch:
     ``link_run(ray_trial_id, optuna_trial_number)``: the trial's MLflow run id (None while it has
     none); called until it answers. ``study_attrs``: user attributes set on the study (the seed).
     ``trial_numbers``: a dict the searcher fills with Tune trial id -> Optuna trial number as it
-    proposes (the console names trials by it). ``budget``: the sweep's
+    proposes (the console names trials by it). ``warm_start``: a
+    :class:`~kdray.tune.warm_start.WarmStart` given to a new study before its first trial. ``budget``: the sweep's
     :class:`~kdray.tune.budget.SweepBudget` (None: none); once it is spent :meth:`suggest` answers
     ``Searcher.FINISHED``, so Tune starts no other trial and ends the sweep when the running ones end."""
 
     def __init__(self, *args, link_run: Optional[Callable[[str, int], Optional[str]]] = None,
-                 study_attrs: Optional[dict] = None, trial_numbers: Optional[dict] = None, budget=None, **kwargs):
+                 study_attrs: Optional[dict] = None, trial_numbers: Optional[dict] = None, budget=None,
+                 warm_start=None, **kwargs):
         self._link_run, self._study_attrs, self._budget = link_run, dict(study_attrs or {}), budget
+        self._warm_start = warm_start
         self._trial_numbers = trial_numbers if trial_numbers is not None else {}
         self._last_step: dict = {}  # Tune trial id -> the last step reported to Optuna
         self._linked: set = set()
@@ -70,6 +74,8 @@ class PrunedAwareSearch:
             self._ot_study.set_metric_names(list(names))  # optuna-dashboard shows them, not "Objective 0"
         for key, value in self._study_attrs.items():
             self._ot_study.set_user_attr(key, value)
+        apply_warm_start(self._ot_study, self._warm_start)  # before the first ask: TPE starts informed
+        self._warm_start = None  # given once; not pickled with the searcher's snapshots
 
     def on_trial_result(self, trial_id, result):
         if trial_id in self._completed_trials:
@@ -245,26 +251,29 @@ def prepare_study(storage, name: str, samples: int, resume: bool, log: Callable[
             "or --experiment NEW_NAME to start another"
         )
     _close_interrupted(storage, study)
-    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
-                                                            optuna.trial.TrialState.PRUNED)))
+    finished = len(own_trials(study, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
     left = max(samples - finished, 0)
     log(f"resume: {finished} trial(s) finished before, {left} to run")
     return left
 
 
 def study_counts(study) -> dict:
+    """This sweep's trials by state (its warm-start history is not among them)."""
     counts: dict = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in own_trials(study):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
 
 
 def earlier_best(study, rows: list, metric: str) -> Optional[dict]:
     """The study's best COMPLETE trial when it ran in an earlier session (not among ``rows``), as a row."""
-    try:
-        t = study.best_trial
-    except ValueError:  # no COMPLETE trial yet
+    import optuna
+
+    done = own_trials(study, states=(optuna.trial.TrialState.COMPLETE,))  # study.best_trial counts the history
+    if not done:
         return None
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    t = (max if maximize else min)(done, key=lambda trial: trial.value)
     rid = t.user_attrs.get("ray_trial_id")
     if rid is None or any(r["trial"] == rid for r in rows):
         return None

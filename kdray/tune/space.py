@@ -21,6 +21,8 @@ samples: 8
 seed: 7                          # the sampler's seed; omitted: a random one per sweep (or --seed)
 time_budget: 2h                  # no trial starts after it (or --time-budget); omitted: none
 at_budget: finish                # the running trials then finish (default) or stop (or --at-budget)
+warm_start: [quick-1]            # start from earlier sweeps' trials that fit (or --warm-start)
+warm_start_top: 2                # ... or run their best 2 configurations first (or --warm-start-top)
 ```
 """
 
@@ -37,7 +39,7 @@ from kdray.training.config import RunConfig, coerce, from_dict, is_key, load_yam
 from kdray.tune.budget import check_at_budget, parse_duration
 
 TOP_KEYS = ("name", "description", "metric", "mode", "objectives", "base", "teachers", "params",
-            "per_branch", "scheduler", "samples", "seed", "time_budget", "at_budget")
+            "per_branch", "scheduler", "samples", "seed", "time_budget", "at_budget", "warm_start", "warm_start_top")
 DIST_TYPES = ("float", "int", "categorical")
 MODES = ("max", "min")
 
@@ -66,6 +68,8 @@ class Space:
     seed: Optional[int] = None  # the TPE sampler's; None: each sweep draws one (kdray.tune.seeds.sweep_seed)
     time_budget: Optional[float] = None  # seconds (kdray.tune.budget); None: none
     at_budget: Optional[str] = None  # finish / stop; None: finish
+    warm_start: tuple = ()  # earlier sweeps to start from (kdray.tune.warm_start)
+    warm_start_top: Optional[int] = None  # run their best N configurations first instead
 
     @property
     def multi_objective(self) -> bool:
@@ -258,7 +262,8 @@ def load_space(path: str | Path) -> Space:
                   per_branch=per_branch, metrics=metrics, teachers=teachers, scheduler=sched,
                   samples=samples, seed=_seed(raw, where),
                   time_budget=parse_duration(raw.get("time_budget"), f"{where}: time_budget"),
-                  at_budget=raw.get("at_budget"))
+                  at_budget=raw.get("at_budget"), warm_start=_warm_sources(raw, where),
+                  warm_start_top=_warm_top(raw, where))
     check_at_budget(space.at_budget, f"{where}: at_budget")
     _check_per_branch_readers(space)
     _check_extremes(space)
@@ -273,6 +278,24 @@ def _seed(raw: dict, where: str) -> Optional[int]:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise KdrayError(f"{where}: seed must be an integer in 0 .. {2**32 - 1}, got {seed!r}")
     return seed
+
+
+def _warm_sources(raw: dict, where: str) -> tuple:
+    """The space's ``warm_start``: one sweep name or a list of them."""
+    value = raw.get("warm_start")
+    names = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+    if value is None:
+        return ()
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise KdrayError(f"{where}: warm_start must be a sweep name or a list of them, got {value!r}")
+    return tuple(names)
+
+
+def _warm_top(raw: dict, where: str) -> Optional[int]:
+    top = raw.get("warm_start_top")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 1):
+        raise KdrayError(f"{where}: warm_start_top must be an integer >= 1, got {top!r}")
+    return top
 
 
 def _check_per_branch_readers(space: Space) -> None:

@@ -19,7 +19,8 @@ class SweepState:
     ``storage``, working directory and ``log``; the sampler's ``seed`` and the ``left`` trials to
     run. Set up before the Tuner starts: the ``concurrency`` the cluster hosts, the ``teachers``,
     the teacher store (``store_ref`` in Ray's object store, ``store_line`` for the sweep's run)
-    and ``track``, the sweep's tracking state (None: not tracked)."""
+    and ``track``, the sweep's tracking state (None: not tracked); ``warm``: what its new study
+    starts from (:mod:`kdray.tune.warm_start`)."""
 
     space: Space
     space_file: str
@@ -35,6 +36,7 @@ class SweepState:
     store_ref: Any = field(default=None, repr=False)
     store_line: Optional[str] = None
     track: Optional[SweepTracking] = None
+    warm: Any = field(default=None, repr=False)  # a kdray.tune.warm_start.WarmStart, None: a cold start
 
     @property
     def storage_path(self) -> str:
