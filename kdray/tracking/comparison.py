@@ -186,7 +186,8 @@ class Comparison:
 
     def title(self) -> str:
         base = f"; gap to {self.baseline!r}" if self.baseline else ""
-        return (f"{self.metric} ({self.mode}) of {len(self.run_ids)} runs in {len(self.groups)} groups "
+        groups = f"{len(self.groups)} group" + ("s" if len(self.groups) != 1 else "")
+        return (f"{self.metric} ({self.mode}) of {len(self.run_ids)} runs in {groups} "
                 f"by {self.grouping()}{base}")
 
     def _cells(self, g: Group) -> list[str]:
