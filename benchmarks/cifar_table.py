@@ -44,8 +44,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits_table import ENV, kdray_exe, mean_std, pct, run_json
+from digits_table import ENV, kdray_exe, pct, run_json
 from step_throughput import cifar10_jpeg_dir
+
+# the statistics and the Markdown of `kdray compare`: mean and sample std, the gap to a baseline
+# with its standard error, pipe tables
+from kdray.tracking.comparison import gap_between, markdown_table, mean_std
 
 BASELINES = ("ce", "kd", "avg_kd")
 
@@ -346,11 +350,11 @@ def table_rows(fr: dict, seeds: list[int]) -> list[dict]:
 
 
 def compare(a: dict, b: dict) -> dict:
-    """Row a against row b: the gap of the means, the larger seed spread, the standard error of the gap."""
-    n = len(a["per_seed"])
-    gap, spread = a["mean"] - b["mean"], max(a["std"], b["std"])
-    return {"row": a["row"], "against": b["row"], "gap": gap, "seed_spread": spread,
-            "gap_se": ((a["std"] ** 2 + b["std"] ** 2) / n) ** 0.5, "beats_by_more_than_spread": gap > spread}
+    """Row a against row b: the gap of the means, the larger seed spread, the standard error of the
+    gap (``kdray compare``'s; None, as the spread, with one seed)."""
+    g = gap_between(list(a["per_seed"].values()), list(b["per_seed"].values()), against=b["row"])
+    return {"row": a["row"], "against": b["row"], "gap": g.gap, "seed_spread": g.spread, "gap_se": g.se,
+            "beats_by_more_than_spread": g.beyond_spread}
 
 
 def verdict(rows: list[dict], K: int) -> dict:
@@ -370,6 +374,10 @@ def verdict(rows: list[dict], K: int) -> dict:
     return out
 
 
+#: the columns of row_cells
+ROW_COLUMNS = ("test acc %", "per seed", "val acc %", "EKD single branch chosen by val, test acc %")
+
+
 def row_cells(r: dict) -> list[str]:
     """A summarised row's test acc (± its spread from 2 seeds on), per-seed values, val acc and
     EKD's single branch chosen by val."""
@@ -379,9 +387,14 @@ def row_cells(r: dict) -> list[str]:
     return [spread(r["mean"], r["std"]), ", ".join(pct(v) for v in r["per_seed"].values()), pct(r["val_mean"]), branch]
 
 
-def print_comparison(c: dict) -> None:
-    print(f"| {c['row']} | {c['against']} | {pct(c['gap'])} | {pct(c['seed_spread'])} | {pct(c['gap_se'])} "
-          f"| {'yes' if c['beats_by_more_than_spread'] else 'no'} |")
+def pct_or_dash(x) -> str:
+    return "-" if x is None else pct(x)
+
+
+def comparison_cells(c: dict) -> list[str]:
+    beats = c["beats_by_more_than_spread"]
+    return [c["row"], c["against"], pct(c["gap"]), pct_or_dash(c["seed_spread"]), pct_or_dash(c["gap_se"]),
+            "-" if beats is None else ("yes" if beats else "no")]
 
 
 def print_table(args, manifest: dict, summary: dict) -> None:
@@ -400,10 +413,7 @@ def print_table(args, manifest: dict, summary: dict) -> None:
     for fr in summary["fractions"]:
         print(f"**{int(fr['fraction'] * 100)} % of the training split**, {fr['epochs']} epochs "
               f"(EKD's B searched on seed {args.seeds[0]} by val acc: B = {fr.get('ekd_best_branches')})\n")
-        print("| row | test acc % | per seed | val acc % | EKD single branch chosen by val, test acc % |")
-        print("|---|---|---|---|---|")
-        for r in fr["rows"]:
-            print("| " + " | ".join([r["row"], *row_cells(r)]) + " |")
+        print(markdown_table(["row", *ROW_COLUMNS], [[r["row"], *row_cells(r)] for r in fr["rows"]]))
         if fr.get("tuned"):
             t = fr["tuned"]
             print(
@@ -413,14 +423,9 @@ def print_table(args, manifest: dict, summary: dict) -> None:
             )
         v = fr.get("verdict") or {}
         if v:
-            print(
-                "\n| method | against | gap pts | seed spread pts | s.e. of gap pts "
-                "| beats it by more than the spread |"
-            )
-            print("|---|---|---|---|---|---|")
-            for c in v["methods"] + ([v["tuned_vs_default"]] if "tuned_vs_default" in v else []):
-                print_comparison(c)
-            print()
+            pairs = v["methods"] + ([v["tuned_vs_default"]] if "tuned_vs_default" in v else [])
+            print("\n" + markdown_table(["method", "against", "gap pts", "seed spread pts", "s.e. of gap pts",
+                                         "beats it by more than the spread"], map(comparison_cells, pairs)) + "\n")
     print(f"wall time of this invocation {summary['wall_s']:.0f}s; results in {Path(args.workdir) / 'table.json'}")
 
 
@@ -442,12 +447,9 @@ def print_progress(args, fractions: list[float]) -> None:
         runs = finished_runs(work, fraction)
         print(f"**{int(fraction * 100)} % of the training split**, {fraction_epochs(args, fraction)} epochs: "
               f"{sum(map(len, runs.values()))} runs finished\n")
-        print("| row | seeds | test acc % | per seed | val acc % | EKD single branch chosen by val, test acc % |")
-        print("|---|---|---|---|---|---|")
-        for name, per in runs.items():
-            r = summarise(name, per)
-            print("| " + " | ".join([name, ",".join(r["per_seed"]), *row_cells(r)]) + " |")
-        print()
+        rows = [summarise(name, per) for name, per in runs.items()]
+        print(markdown_table(["row", "seeds", *ROW_COLUMNS],
+                             [[r["row"], ",".join(r["per_seed"]), *row_cells(r)] for r in rows]) + "\n")
 
 
 def main(argv=None) -> int:
