@@ -1,4 +1,5 @@
-"""`kdray best`: rank an experiment's runs by a metric and register the winner."""
+"""`kdray best`: rank an experiment's runs by a metric and register the winner (or, with --retrain,
+train the best configurations again with several seeds: kdray.cli.retrain)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,21 @@ from kdray.tracking.store import check_readable_store
 
 
 def cmd_best(args) -> int:
+    from kdray.cli.retrain import check_retrain_flags, cmd_retrain
     from kdray.tracking.query import best_runs
 
+    seeds = check_retrain_flags(args)
     uri = tracking_uri(args)
     check_readable_store(uri)
-    if args.top < 1:
-        raise KdrayError(f"--top {args.top} is out of range; allowed: >= 1")
+    # listing shows 5 rows; re-training costs a group of runs per row: the winner only unless asked
+    top = args.top if args.top is not None else (1 if args.retrain else 5)
+    if top < 1:
+        raise KdrayError(f"--top {top} is out of range; allowed: >= 1")
     runs, metric, mode = best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
-                                      max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=args.top)
+                                      max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=top)
     rows = [_row(r, metric) for r in runs]
+    if args.retrain:
+        return cmd_retrain(args, uri, rows, metric, mode, seeds)
     out = {"experiment": args.experiment, "metric": metric, "mode": mode, "runs": rows,
            "tracking_uri": mask_credentials(uri)}
     if args.register:

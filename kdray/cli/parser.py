@@ -110,9 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", choices=["max", "min"], help="max or min (default: the sweep's mode, else max)")
     b.add_argument("--max-params", type=int, help="only students with at most this many parameters")
     b.add_argument("--max-latency-ms", type=float, help="only students at most this slow (CPU, batch 1, ms)")
-    b.add_argument("--top", type=int, default=5, help="rows to show (default 5)")
+    b.add_argument("--top", type=int, help="rows to show (default 5); with --retrain the runs re-trained (default 1)")
     b.add_argument("--register", metavar="MODEL_NAME", help="register the winner under MODEL_NAME, alias champion")
-    b.add_argument("--json", action="store_true", help="print the table (and registration) as JSON")
+    b.add_argument("--retrain", action="store_true",
+                   help="train the best run's configuration (the --top best runs', default 1), rebuilt exactly from "
+                   "its student record, again with each of --seeds, as a seed group in this experiment (named "
+                   "retrain-RUN, tagged kdray.retrain_of=RUN) and show its mean ± std beside the run's one score")
+    b.add_argument("--seeds", metavar="S,S,...", help="with --retrain: the seeds, e.g. 0,1,2 (distinct, >= 0)")
+    b.add_argument("--json", action="store_true",
+                   help="print the table (and registration) as JSON; with --retrain the groups")
     b.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite in the workdir)")
     b.set_defaults(func=cmd_best)
 
