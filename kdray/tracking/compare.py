@@ -107,8 +107,8 @@ def check_in_experiments(runs: list, exp_ids: Sequence[str], flt: RunFilter) -> 
                          "leave out --experiment or name runs of those experiments")
 
 
-def select_runs(uri: str, flt: RunFilter) -> tuple[list, list[str]]:
-    """The leaf runs (train, trial) the filter selects, in any state, and the experiments' ids.
+def select_runs(uri: str, flt: RunFilter) -> list:
+    """The leaf runs (train, trial) the filter selects, in any state, oldest first.
     MLflow's filters have no IN for tags, so the kind is checked here: that also leaves out sweep
     and seed-group parents, teacher runs and compare's own runs."""
     if not flt.experiments and not flt.run_ids:
@@ -124,8 +124,7 @@ def select_runs(uri: str, flt: RunFilter) -> tuple[list, list[str]]:
     unique = {r.info.run_id: r for r in runs if r.data.tags.get(KIND_TAG) in LEAF_KINDS}
     if not unique:
         raise KdrayError(f"no train or trial run matches {describe_filter(flt)}")
-    exp_ids = exp_ids or list(dict.fromkeys(r.info.experiment_id for r in unique.values()))
-    return sorted(unique.values(), key=lambda r: r.info.start_time or 0), exp_ids
+    return sorted(unique.values(), key=lambda r: r.info.start_time or 0)
 
 
 def describe_filter(flt: RunFilter) -> str:
@@ -212,7 +211,7 @@ def compare_runs(uri: str, flt: RunFilter, *, metric: str = "val_acc", mode: str
     """The comparison of the finished runs ``flt`` selects (see :func:`select_runs`)."""
     if mode not in MODES:
         raise KdrayError(f"--mode {mode!r} is not allowed; allowed: {', '.join(MODES)}")
-    runs, _ = select_runs(uri, flt)
+    runs = select_runs(uri, flt)
     runs, left_out = finished_with_metric(runs, metric, flt)
     if by:
         check_by_keys(runs, by)
