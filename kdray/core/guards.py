@@ -45,6 +45,16 @@ def stop_requested():
     return _STOP["signum"]
 
 
+def raise_if_stopped() -> None:
+    """Raise :class:`Interrupted` for a stop signal whose own raise was lost: a signal handler's
+    exception that lands inside a finalizer or a weakref callback (the garbage collector running
+    them between two bytecodes) is printed by Python as "Exception ignored" and dropped, and the
+    run would go on. Called where a run can stop (each training step); outside Tune's loop, which
+    stops its trials itself (:func:`tune_stops_gracefully`)."""
+    if _STOP["handler"] is not None and _STOP["signum"] is not None and not _STOP["in_tune"]:
+        raise Interrupted(_STOP["signum"])
+
+
 def _on_stop_signal(previous: dict):
     def handler(signum, frame):
         for s, h in previous.items():  # a second signal gets the previous handler: Ctrl-C twice ends it

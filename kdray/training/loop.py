@@ -14,6 +14,7 @@ from torch import nn
 
 from kdray.core.device import all_reduce
 from kdray.core.errors import KdrayError
+from kdray.core.guards import raise_if_stopped
 from kdray.data.loader import BatchLoader
 from kdray.training.generation import StepParts
 
@@ -98,6 +99,7 @@ def train_epoch(parts: StepParts, batches: Iterable) -> EpochTotals:
     parts.module.train()
     totals = EpochTotals(parts.precision.device)
     for x, y, keys in batches:
+        raise_if_stopped()  # a Ctrl-C whose exception Python dropped (kdray.core.guards)
         train_step(parts, x, y, totals, keys)
     return totals
 
