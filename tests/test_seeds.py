@@ -175,6 +175,16 @@ def test_best_retrain_retrains_the_best_runs_configuration(capsys, seeded):
         assert {k: v for k, v in child.data.params.items() if k != "seed"} == source
     assert group.data.metrics["test_acc_mean"] == pytest.approx(
         statistics.mean(r.data.metrics["test_acc"] for r in children), abs=1e-12)
+    assert all(r.data.tags["kdray.retrain_of"] == best.info.run_id for r in children)
+    # the same command again: the same source (a retrain's runs are no candidates, however they
+    # scored), its earlier group continued, nothing trained again
+    code, out, err = run_cli(capsys, "--workdir", wd, "best", "--experiment", "seeds", "--retrain", "--seeds", "0,1",
+                             "--json")
+    assert code == 0, err
+    (again,) = json.loads(out)["retrained"]
+    assert again["source"]["run_id"] == best.info.run_id and again["group"]["run_id"] == group.info.run_id
+    assert "continuing the earlier retrain" in err and err.count("finished earlier") == 2
+    assert len(c.search_runs([group.info.experiment_id], f"tags.`kdray.seed_group` = '{group.info.run_id}'")) == 2
 
 
 def test_retrain_needs_seeds_and_a_student(capsys, seeded):

@@ -16,6 +16,7 @@ from kdray.tracking.store import check_readable_store
 def cmd_best(args) -> int:
     from kdray.cli.retrain import check_retrain_flags, cmd_retrain
     from kdray.tracking.query import best_runs
+    from kdray.tracking.seed_groups import RETRAIN_TAG
 
     seeds = check_retrain_flags(args)
     uri = tracking_uri(args)
@@ -25,7 +26,8 @@ def cmd_best(args) -> int:
     if top < 1:
         raise KdrayError(f"--top {top} is out of range; allowed: >= 1")
     runs, metric, mode = best_runs(uri, args.experiment, metric=args.metric, mode=args.mode,
-                                      max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=top)
+                                      max_params=args.max_params, max_latency_ms=args.max_latency_ms, top=top,
+                                      without_tag=RETRAIN_TAG if args.retrain else None)  # not a retrain's runs
     rows = [_row(r, metric) for r in runs]
     if args.retrain:
         return cmd_retrain(args, uri, rows, metric, mode, seeds)

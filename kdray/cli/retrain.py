@@ -4,8 +4,6 @@ its seed's luck?"""
 
 from __future__ import annotations
 
-import time
-
 from kdray.cli.common import emit_json, log, workdir
 from kdray.cli.train import group_json
 from kdray.core.errors import KdrayError
@@ -53,11 +51,32 @@ def retrain(args, uri: str, rows: list, metric: str, mode: str, seeds: list) -> 
         for i, (row, cfg) in enumerate(zip(rows, configs), 1):
             name = f"retrain-{row['run_name']}"
             log(f"retrain {i}/{len(rows)}: run {row['run_id']} ({row['run_name']}) as seed group {name!r}")
-            folder = workdir(args) / "runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            group = train_seeds(cfg, seeds=seeds, out=folder, name=name, workdir=workdir(args), tracking_uri=uri,
-                                experiment=args.experiment, group_tags={RETRAIN_TAG: row["run_id"]}, log=log)
+            group = _retrain_one(args, uri, row, cfg, name, seeds, train_seeds, {RETRAIN_TAG: row["run_id"]})
             groups.append({"source": {**row, "seed": cfg.seed}, "group": group_json(group)})
     return {"experiment": args.experiment, "metric": metric, "mode": mode, "seeds": seeds, "retrained": groups}
+
+
+def retrain_folder(args, row: dict, seeds: list):
+    """One folder per (source run, seeds): the same command finds an earlier attempt there."""
+    return workdir(args) / "runs" / f"retrain-{row['run_id'][:12]}-s{'-'.join(str(s) for s in seeds)}"
+
+
+def _retrain_one(args, uri: str, row: dict, cfg, name: str, seeds: list, train_seeds, tags: dict):
+    """One source run's seed group; an earlier attempt of the same retrain (interrupted, or done)
+    is continued: its finished seeds are kept, an interrupted one resumes from its checkpoint."""
+    from kdray.core.guards import Interrupted
+    from kdray.training.seed_group import GROUP_FILE
+
+    folder = retrain_folder(args, row, seeds)
+    again = (folder / GROUP_FILE).is_file()
+    if again:
+        log(f"retrain: continuing the earlier retrain of run {row['run_id']} in {folder} (finished seeds are kept)")
+    try:
+        return train_seeds(cfg, seeds=seeds, out=folder, name=name, resume=again, workdir=workdir(args),
+                           tracking_uri=uri, experiment=args.experiment, group_tags=tags, log=log)
+    except Interrupted as exc:
+        raise Interrupted(exc.signum, f"retrain of run {row['run_id']} interrupted by {exc.signal_name}; the same "
+                          f"`kdray best ... --retrain` command continues it from {folder}") from None
 
 
 def print_retrained(out: dict) -> None:

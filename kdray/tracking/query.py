@@ -39,10 +39,15 @@ def download_student(uri: str, run_id: str, dst: Optional[Path] = None) -> Path:
     return Path(local)
 
 
+#: the runs `kdray best` ranks: one student each
+RANKED_KINDS = ("train", "trial")
+
+
 def best_runs(uri: str, experiment: str, *, metric: Optional[str] = None, mode: Optional[str] = None,
               max_params: Optional[int] = None, max_latency_ms: Optional[float] = None, top: int = 5,
-              states: tuple = ("completed",)) -> tuple[list, str, str]:
-    """Top runs of ``experiment`` (trials and train runs, not sweep parents) by ``metric``."""
+              states: tuple = ("completed",), without_tag: Optional[str] = None) -> tuple[list, str, str]:
+    """Top runs of ``experiment`` (trials and train runs: not sweep or seed-group parents, nor
+    compare runs) by ``metric``; ``without_tag``: runs carrying that tag are not candidates."""
     c = client(uri)
     exp_id = experiment_id(uri, experiment, create=False)
     if metric is None or mode is None:
@@ -55,7 +60,8 @@ def best_runs(uri: str, experiment: str, *, metric: Optional[str] = None, mode: 
     candidates = c.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` != 'sweep'",
                                order_by=[f"metrics.{metric} {'DESC' if mode == 'max' else 'ASC'}"],
                                max_results=5000)
-    candidates = [r for r in candidates if r.data.tags.get(STATE_TAG) in states]
+    candidates = [r for r in candidates if r.data.tags.get(STATE_TAG) in states
+                  and r.data.tags.get(KIND_TAG) in RANKED_KINDS and not (without_tag and without_tag in r.data.tags)]
     if not candidates:
         raise KdrayError(f"experiment {experiment!r} has no {'/'.join(states)} run yet")
     with_metric = [r for r in candidates if metric in r.data.metrics]

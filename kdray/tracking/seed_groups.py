@@ -27,9 +27,11 @@ def seeds_text(seeds: Sequence[int]) -> str:
     return ",".join(str(s) for s in seeds)
 
 
-def child_tags(group_run_id: str) -> dict:
-    """The tags that nest a child under its group in MLflow (the UI's tree) and for kdray."""
-    return {"mlflow.parentRunId": group_run_id, SEED_GROUP_TAG: group_run_id}
+def child_tags(group_run_id: str, group_tags: Optional[dict] = None) -> dict:
+    """The tags that nest a child under its group in MLflow (the UI's tree) and for kdray, and the
+    group's ``kdray.retrain_of`` (a retrain's children are not candidates of the next retrain)."""
+    inherited = {k: v for k, v in (group_tags or {}).items() if k == RETRAIN_TAG}
+    return {"mlflow.parentRunId": group_run_id, SEED_GROUP_TAG: group_run_id, **inherited}
 
 
 def start_group(tracking: TrackingSettings, *, name: str, cfg, params: dict, seeds: Sequence[int], folder: Path,

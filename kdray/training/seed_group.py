@@ -239,7 +239,7 @@ def _one_seed(plan: SeedGroupPlan, result: SeedGroupResult, group: Optional[RunH
     log(f"seed {where}: seed {seed} as run {child!r} in {out}")
     try:
         return train_seed(plan.cfg.replace(seed=seed), out, child, plan.resume and out.is_dir(),
-                          child_tags(group.run_id) if group else {})
+                          child_tags(group.run_id, plan.group_tags) if group else {})
     except BaseException as exc:
         if out.is_dir():
             undo.began()  # the seed's run began and is recorded (failed, interrupted): so is the group
