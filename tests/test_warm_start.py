@@ -147,3 +147,19 @@ def test_fit_rules(tmp_path):
     assert fit_params(held, {"branches": 1}, space, dists) == (None, {**held, "branches": 1})
     assert fit_params(held, {}, space, dists)[0] == "lacking"
     assert fit_params(held, {"branches": 5}, space, dists)[0] == "outside"
+
+
+def test_warm_start_from_the_space_file_through_the_api(earlier, tmp_path):
+    """`warm_start:` / `warm_start_top:` in the space file, run through kdray.sweep."""
+    import kdray
+
+    space = tmp_path / "api.yaml"
+    space.write_text("name: api\n" + BASE + narrow(1) + "warm_start: first\nwarm_start_top: 1\n")
+    done = [t for t in study(earlier, "first").get_trials() if t.state == optuna.trial.TrialState.COMPLETE
+            and NARROW_LOW <= t.params["lr"] <= NARROW_HIGH]
+    best = max(done, key=lambda t: t.value)
+    result = kdray.sweep(str(space), workdir=earlier, track=False, log=lambda line: None)
+    (trial,) = result.study.trials
+    assert trial.user_attrs[TOP_ATTR] == f"first#{best.number}"
+    assert trial.params == {**best.params, "weight_decay": 0.0005}
+    assert result.summary["warm_start"]["sources"] == ["first"] and result.summary["warm_start"]["top"] == 1

@@ -174,10 +174,13 @@ def run_seed_group(plan: SeedGroupPlan, train_seed: TrainSeed, load_seed: LoadSe
         with _library_log(plan, name, undo):
             group = _open_group(plan, name, earlier, undo, log)
         result.run_id = group.run_id if group else None
-        for i, seed in enumerate(plan.seeds, 1):
-            result.runs.append(_one_seed(plan, result, group, seed, f"{i}/{len(plan.seeds)}", undo,
-                                         train_seed, load_seed, log))
-            undo.began()  # a seed finished: the group is real, whatever happens next
+        try:
+            for i, seed in enumerate(plan.seeds, 1):
+                result.runs.append(_one_seed(plan, result, group, seed, f"{i}/{len(plan.seeds)}", undo,
+                                             train_seed, load_seed, log))
+                undo.began()  # a seed finished: the group is real, whatever happens next
+        except Interrupted as exc:  # during a seed or between two: the group's run says so
+            raise _interrupted(plan, result, group, exc) from None
     if group:
         from kdray.tracking.seed_groups import end_group
 
@@ -243,14 +246,22 @@ def _one_seed(plan: SeedGroupPlan, result: SeedGroupResult, group: Optional[RunH
     except BaseException as exc:
         if out.is_dir():
             undo.began()  # the seed's run began and is recorded (failed, interrupted): so is the group
-        if undo.refused(exc) or group is None:
+        if undo.refused(exc) or group is None or isinstance(exc, Interrupted):
             raise
         _end_unfinished(group, result, seed, exc)
-        if isinstance(exc, Interrupted):
-            raise Interrupted(exc.signum, f"seed group {result.name!r} interrupted by {exc.signal_name} during seed "
-                              f"{seed}; the same command with --resume (its folder: {plan.folder}) continues it: "
-                              "finished seeds are kept, this one resumes from its last checkpoint") from None
         raise
+
+
+def _interrupted(plan: SeedGroupPlan, result: SeedGroupResult, group: Optional[RunHandle], exc: Interrupted):
+    """The group's run ended as interrupted (the seed in progress, or none between two seeds), and
+    the one line saying how to go on."""
+    seed = plan.seeds[len(result.runs)] if len(result.runs) < len(plan.seeds) else None
+    if group is not None:
+        _end_unfinished(group, result, seed, exc)
+    where = f"during seed {seed}" if seed is not None else "after its last seed"
+    return Interrupted(exc.signum, f"seed group {result.name!r} interrupted by {exc.signal_name} {where}; the same "
+                       f"command with --resume (its folder: {plan.folder}) continues it: finished seeds are kept, "
+                       "an interrupted one resumes from its last checkpoint")
 
 
 def _finished_earlier(group: Optional[RunHandle], seed: int, out: Path, load_seed: LoadSeed):
@@ -266,13 +277,14 @@ def _finished_earlier(group: Optional[RunHandle], seed: int, out: Path, load_see
     return run
 
 
-def _end_unfinished(group: RunHandle, result: SeedGroupResult, seed: int, exc: BaseException) -> None:
+def _end_unfinished(group: RunHandle, result: SeedGroupResult, seed: Optional[int], exc: BaseException) -> None:
     """The group's run ended as its seed did: interrupted, or failed with the seed's reason."""
     from kdray.core.outcome import failure_reason
     from kdray.tracking.seed_groups import end_group
 
     if isinstance(exc, Interrupted):
-        state, reason = "interrupted", f"seed {seed} interrupted by {exc.signal_name}"
+        state, reason = "interrupted", (f"seed {seed}" if seed is not None else "after the last seed") + \
+            f" interrupted by {exc.signal_name}"
     else:
         state, reason = "failed", f"seed {seed} failed: {failure_reason(exc)}"
     try:
