@@ -264,3 +264,31 @@ def test_cli_builds_shows_and_trains_from_a_store(fake_teachers, tmp_path, capsy
         got = json.loads(out)
         assert got["test_acc"] == first["test_acc"] and got["teacher_images"] == 0, damage
         shard = _shards(folder)[0]
+
+
+def test_a_second_build_of_the_same_store_waits_for_the_first(fake_teachers, tmp_path):
+    """Two builds of one store at once (two sweeps over one teacher set) would remove each other's
+    new shards when saving: the second waits for the first's lock, says so, then adds its rows."""
+    import threading
+    import time
+
+    from kdray.core.guards import held_exclusively
+
+    cfg = small_cfg(method="kd", teachers=str(fake_teachers))
+    first = open_teacher_store(cfg, root=tmp_path, **QUIET)
+    folder = tmp_path / first.meta["digest"]
+    lock = tmp_path / ".locks" / f"{folder.name}.lock"
+    assert lock.is_file() and len(list_stores(tmp_path)) == 1  # the lock folder is no store
+    logs, built = [], []
+    second = threading.Thread(target=lambda: built.append(
+        open_teacher_store(cfg.replace(epochs=4), root=tmp_path, log=logs.append)))
+    with held_exclusively(lock, lambda: None):  # another process is building this store
+        second.start()
+        deadline = time.monotonic() + 60
+        while not any("waiting for another kdray process building" in line for line in logs):
+            assert time.monotonic() < deadline, logs
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert not built and load(folder).rows == first.rows  # nothing computed while it waits
+    second.join(120)
+    assert built and load(folder).rows == built[0].rows > first.rows

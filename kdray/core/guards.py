@@ -158,6 +158,24 @@ def stores_initialising(workdir: Path, timeout_s: float = 120.0):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def held_exclusively(path: Path, waiting):
+    """An exclusive flock on the file ``path`` while inside (released by the kernel however the
+    process dies); when another process holds it, ``waiting()`` is called once and the lock waited
+    for, however long (a stop signal still interrupts the wait)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _lock_within(fd: int, timeout_s: float) -> bool:
     """An exclusive flock on ``fd``, waiting at most ``timeout_s``; whether it was taken."""
     deadline = time.monotonic() + timeout_s

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from kdray.core.errors import KdrayError
+from kdray.core.guards import held_exclusively
 from kdray.data.access import train_view_images
 from kdray.data.bundle import DataBundle
 from kdray.data.views import normalisation, to_float
@@ -143,6 +144,18 @@ def ensure_store(req: StoreRequest, source, build: Optional[Builder] = None, log
     codec = req.encoding.resolve(int(sample["logits"].shape[-1]), sample["logits"].dtype)
     key = store_key(read_manifest(req.teachers_dir), req.data, req.views, req.precision, codec)
     folder, remote = req.folder(key), req.remote(key)
+    # one build of a store at a time on this machine: a save removes the shard files its meta does
+    # not name, and two drivers extending one store (two sweeps over one teacher set) would remove
+    # each other's new shards; the second waits, then finds the rows the first computed
+    with held_exclusively(folder.parent / ".locks" / f"{folder.name}.lock",
+                          lambda: log(f"teacher store: waiting for another kdray process building {folder}")):
+        return _fill(req, key, codec, folder, remote, codes, sample, source, build, log)
+
+
+def _fill(req: StoreRequest, key: dict, codec: LogitCodec, folder: Path, remote, codes: torch.Tensor, sample: dict,
+          source, build: Optional[Builder], log) -> TeacherStore:
+    """The store in ``folder`` (pulled from ``remote`` first) with every pair of ``codes``: what is
+    missing computed and saved."""
     if remote and (fetched := pull(remote_folder(*remote), folder)):
         log(f"teacher store: fetched {fetched} shard(s) from {remote_folder(*remote)} into {folder}")
     store, codes = _open(req, key, folder, codes, sample, source.info, log)
