@@ -25,9 +25,9 @@ def cmd_tune(args) -> int:
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(result["study_counts"].items()))
     warm = result.get("warm_start")
     if warm:
-        given = (f"the best {len(warm['queued'])} configuration(s) run first" if warm["top"] else
-                 f"{warm['history']} earlier trial(s) as its starting history")
-        counts += f" (warm-started from {', '.join(warm['sources'])}: {given})"
+        from kdray.tracking.sweeps import warm_start_given
+
+        counts += f" (warm-started from {', '.join(warm['sources'])}: {warm_start_given(warm)})"
     print(f"sweep {result['experiment']}: {counts}")
     if (result.get("time_budget") or {}).get("ended_sweep"):
         from kdray.tune.budget import budget_line

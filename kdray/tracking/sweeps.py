@@ -134,6 +134,24 @@ def record_sweep_seed(track: SweepTracking, value: int, source: str, sampler: in
 WARM_NOTE_TAG = "kdray.warm_start_note"  # the description's line naming and linking the sources
 
 
+def warm_start_given(record: dict) -> str:
+    """What a warm start gave its study (``record``: :meth:`kdray.tune.warm_start.WarmStart.record`)."""
+    if record["top"]:
+        return f"the best {len(record['queued'])} configuration(s) run first"
+    return f"{record['history']} earlier trial(s) as its starting history"
+
+
+def _source_links(c, source: str) -> tuple[str, list]:
+    """A warm start's source as a description entry linking its sweep runs, and their ids."""
+    exp = c.get_experiment_by_name(source)
+    if exp is None:
+        return f"`{source}` (not tracked in this store)", []
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
+                         order_by=["attributes.start_time ASC"])
+    links = ", ".join(f"[{r.info.run_name}](#/experiments/{exp.experiment_id}/runs/{r.info.run_id})" for r in runs)
+    return f"`{source}` ({links or f'[its experiment]({ui_path(exp.experiment_id)})'})", [r.info.run_id for r in runs]
+
+
 def record_warm_start(track: SweepTracking, record: dict) -> None:
     """Where the sweep's study started from (``record``: :meth:`kdray.tune.warm_start.WarmStart.record`)
     on its parent run: params, the sources' names and sweep runs as tags, a description line
@@ -141,17 +159,10 @@ def record_warm_start(track: SweepTracking, record: dict) -> None:
     c = client(track.uri)
     links, run_ids = [], []
     for source in record["sources"]:
-        exp = c.get_experiment_by_name(source)
-        runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
-                             order_by=["attributes.start_time ASC"]) if exp else []
-        run_ids += [r.info.run_id for r in runs]
-        where = (", ".join(f"[{r.info.run_name}](#/experiments/{exp.experiment_id}/runs/{r.info.run_id})"
-                           for r in runs) or f"[its experiment]({ui_path(exp.experiment_id)})") if exp else \
-            "not tracked in this store"
-        links.append(f"`{source}` ({where})")
-    given = (f"its best {len(record['queued'])} configuration(s) run first" if record["top"] else
-             f"{record['history']} of their trials given to the study as its starting history")
-    note = f"Warm-started from {', '.join(links)}: {given}."
+        link, ids = _source_links(c, source)
+        links.append(link)
+        run_ids += ids
+    note = f"Warm-started from {', '.join(links)}: {warm_start_given(record)}."
     params = {"warm_start": ",".join(record["sources"]), "warm_start_history": record["history"]}
     if record["top"]:
         params["warm_start_top"] = record["top"]

@@ -8,7 +8,6 @@ seeds whose run finished are skipped, the interrupted one resumes from its check
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -16,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 from kdray.core.errors import KdrayError
 from kdray.core.guards import Interrupted
 from kdray.core.io import Undo, atomic_write, first_line, undone_on_refusal
+from kdray.tracking.comparison import mean_std
 from kdray.tracking.seed_groups import GROUP_METRICS, seeds_text
 from kdray.tracking.state import RunHandle, TrackingSettings
 from kdray.tracking.tags import RUNTIME_KEYS
@@ -58,9 +58,9 @@ def aggregate(rows: Sequence[dict]) -> dict:
         values = [r[m] for r in rows if r.get(m) is not None]
         if not values or len(values) != len(rows):
             continue
-        out[f"{m}_mean"] = statistics.mean(values)
-        if len(values) > 1:
-            out[f"{m}_std"] = statistics.stdev(values)
+        out[f"{m}_mean"], std = mean_std(values)
+        if std is not None:
+            out[f"{m}_std"] = std
     return out
 
 
