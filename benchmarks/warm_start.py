@@ -10,7 +10,8 @@ Optuna storage and MLflow store):
 - ``first-r``: T trials with the same seed: its proposals, and so its scores, are cold-r's first T
   (checked: the benchmark exits 2 when they differ, since the comparison would then not be the
   one it names);
-- ``second-r``: T trials, ``--warm-start first-r``: a new study given first-r's trials as history.
+- ``second-r``: T trials, ``--warm-start first-r``: a new study given first-r's trials as history
+  (checked: exit 2 unless its study holds every finished trial of first-r as history).
 - ``solo-r``: T trials with second-r's seed and no warm start.
 So the two arms differ only in trials T+1..2T: the same study going on, or a new one starting
 from the first's trials. A second table sets second-r's own trials beside solo-r's: what the
@@ -79,6 +80,22 @@ def study_trials(workdir: Path, name: str) -> list:
     return [(t.number, t.state.name, t.value) for t in sorted(own_trials(study), key=lambda t: t.number)]
 
 
+def check_history(workdir: Path, name: str, first: list) -> None:
+    """Exit 2 unless sweep ``name``'s study started from every finished trial of ``first``: a warm
+    start that silently gave nothing would make this a cold-against-cold comparison."""
+    import optuna
+
+    from kdray.tune.warm_start import STUDY_ATTR, is_history
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / 'optuna.db'}")
+    given = sum(is_history(t) for t in study.get_trials(deepcopy=False))
+    finished = sum(state in ("COMPLETE", "PRUNED") for _, state, _ in first)
+    if given != finished or (study.user_attrs.get(STUDY_ATTR) or {}).get("history") != finished:
+        print(f"{name}: its study holds {given} warm-start trial(s), not the {finished} its source finished",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def best_by_count(trials: list) -> list:
     """The best completed val_acc after each trial (None until one completed)."""
     best, out = None, []
@@ -97,6 +114,7 @@ def repeat(args, r: int) -> dict:
         print(f"first-{r} did not repeat cold-{r}'s first {args.trials} trials: {first} vs {cold}", file=sys.stderr)
         raise SystemExit(2)
     second = sweep(args, f"second-{r}", args.trials, seed + 1000, "--warm-start", f"first-{r}")
+    check_history(args.workdir, f"second-{r}", first)
     solo = sweep(args, f"solo-{r}", args.trials, seed + 1000)
     return {"seed": seed, "cold": best_by_count(cold), "warm": best_by_count(first + second),
             "second": best_by_count(second), "solo": best_by_count(solo),
